@@ -1,0 +1,27 @@
+"""relayops: fast, tested kernels and samplers for relay diffusion (RDM, ICLR 2024).
+
+The public API is re-exported here; see README.md and SPEC.md for the formulas.
+"""
+from . import reference, schedules
+from .ops import (
+    available_backends,
+    block_noise,
+    blur_response,
+    choose_backend,
+    linear_relay_blur,
+    linear_relay_step,
+    patch_blur,
+    patch_dct,
+    patch_idct,
+    relay_corrupt,
+    relay_noise,
+    relay_step,
+)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "available_backends", "block_noise", "blur_response", "choose_backend", "linear_relay_blur",
+    "linear_relay_step", "patch_blur", "patch_dct", "patch_idct", "relay_corrupt", "relay_noise",
+    "relay_step", "reference", "schedules",
+]

@@ -1,0 +1,87 @@
+"""Public block noise, relay noise and the relay corruption (SPEC 3, 4, 6)."""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from .._validate import check_image, check_patch_size, check_real, check_same, check_seed, per_sample
+from ._backend import kernel
+
+
+def block_noise(g: torch.Tensor, s: int = 4, *, backend: str | None = None) -> torch.Tensor:
+    """Wraparound s x s box sum of ``g`` scaled by 1/s (SPEC 3); deterministic in g.
+
+    g: ``[B, C, H, W]`` floating, H and W multiples of s. Same shape and dtype out. For
+    ``g ~ N(0, I)`` the result has variance 1 and covariance
+    ``max(0, s - |dx|) max(0, s - |dy|) / s^2`` at wraparound distances (dx, dy).
+    """
+    s = check_patch_size(s)
+    check_image("g", g, s)
+    return kernel("block_noise", backend, g.device)(g, s)
+
+
+def noise_scale(alpha: float, normalize: bool) -> float:
+    """``k = 1/sqrt(1 + alpha^2)`` with ``normalize`` (the paper), else 1 (the authors' code)."""
+    return 1.0 / math.sqrt(1.0 + alpha * alpha) if normalize else 1.0
+
+
+def resolve_noise_args(like: torch.Tensor, alpha, normalize, seed, offset, eps, eps2):
+    """Validate the noise keywords shared by relay_noise, relay_corrupt and relay_step.
+
+    Returns ``(alpha, k, seed, offset, eps, eps2)``. Without ``eps`` a missing seed is drawn
+    from torch's default CPU generator (no device round trip).
+    """
+    alpha = check_real("alpha", alpha, low=0.0)
+    if not isinstance(normalize, bool):
+        raise TypeError(f"normalize must be a bool, got {normalize!r}")
+    offset = check_seed("offset", offset)
+    if eps is None and eps2 is not None:
+        raise ValueError("eps2 was given without eps: pass both noise tensors, or neither")
+    if eps is not None:
+        check_same("eps", eps, "the image", like)
+        if eps2 is None and alpha != 0.0:
+            raise ValueError("eps was given without eps2: pass both (eps2 may be left out only when alpha = 0)")
+        if eps2 is not None:
+            check_same("eps2", eps2, "the image", like)
+        seed = None
+    elif seed is None:
+        seed = int(torch.randint(0, 2**63 - 1, (), dtype=torch.int64))
+    else:
+        seed = check_seed("seed", seed)
+    return alpha, noise_scale(alpha, normalize), seed, offset, eps, eps2
+
+
+def relay_noise(like: torch.Tensor, s: int = 4, alpha: float = 0.15, normalize: bool = True,
+                seed: int | None = None, offset: int = 0, eps: torch.Tensor | None = None,
+                eps2: torch.Tensor | None = None, *, backend: str | None = None) -> torch.Tensor:
+    """Relay noise ``k (eps + alpha block_noise(eps2, s))`` shaped like ``like`` (SPEC 3, 4).
+
+    like: ``[B, C, H, W]`` floating; only its shape, dtype and device are used. ``eps``/``eps2``:
+    caller-supplied standard normals of like's shape; otherwise they are drawn in the kernel from
+    the Philox stream of SPEC 4 at ``(seed, offset)`` (ints in [0, 2^64); a missing seed is drawn
+    from torch's generator). ``normalize=True`` gives unit variance (k = 1/sqrt(1 + alpha^2)),
+    ``normalize=False`` the authors' k = 1.
+    """
+    s = check_patch_size(s)
+    check_image("like", like, s)
+    alpha, k, seed, offset, eps, eps2 = resolve_noise_args(like, alpha, normalize, seed, offset, eps, eps2)
+    return kernel("relay_noise", backend, like.device)(like, s, alpha, k, seed, offset, eps, eps2)
+
+
+def relay_corrupt(y: torch.Tensor, sigma, tau, s: int = 4, alpha: float = 0.15, normalize: bool = True,
+                  seed: int | None = None, offset: int = 0, eps: torch.Tensor | None = None,
+                  eps2: torch.Tensor | None = None, *, d_min: float = 0.001,
+                  backend: str | None = None) -> torch.Tensor:
+    """Training corruption of the relay stage: ``patch_blur(y, tau) + sigma * relay_noise`` (SPEC 6).
+
+    y: ``[B, C, H, W]`` clean images. sigma, tau: floats or ``[B]`` tensors (sigma >= 0,
+    tau >= 0). Noise keywords as in :func:`relay_noise`. Returns y's shape and dtype.
+    """
+    s = check_patch_size(s)
+    check_image("y", y, s)
+    d_min = check_real("d_min", d_min, low=0.0, high=1.0)
+    sigma_b = per_sample("sigma", sigma, y)
+    tau_b = per_sample("tau", tau, y)
+    alpha, k, seed, offset, eps, eps2 = resolve_noise_args(y, alpha, normalize, seed, offset, eps, eps2)
+    return kernel("relay_corrupt", backend, y.device)(y, sigma_b, tau_b, s, d_min, alpha, k, seed, offset, eps, eps2)

@@ -1,0 +1,81 @@
+"""Philox4x32-10 and Box-Muller in plain PyTorch (SPEC 4).
+
+Counter layout (the same in every backend, so a seed gives the same noise everywhere):
+
+* key     ``(k0, k1)``           = low and high 32 bits of the 64-bit ``seed``;
+* counter ``(c0, c1, c2, c3)``   = low and high 32 bits of the element index ``e``, then
+  low and high 32 bits of the 64-bit ``offset``.
+
+``e`` is the element's index in the logical contiguous NCHW order,
+``((b * C + c) * H + h) * W + w``, whatever the tensor's memory format. One Philox call per
+element gives four 32-bit words ``(x0, x1, x2, x3)``; stream 0 is ``box_muller(x0, x1)`` and
+stream 1 is ``box_muller(x2, x3)``. Relay noise takes ``eps`` from stream 0 and ``eps2`` from
+stream 1. Successive draws (sampler steps, the Heun correction) use different offsets.
+
+Box-Muller keeps only the cosine branch and uses the top 24 bits of each word, so that its
+uniforms are exact in float32: ``u1 = ((x0 >> 8) + 1) / 2^24`` in (0, 1] and
+``u2 = (x1 >> 8) / 2^24`` in [0, 1); ``z = sqrt(-2 ln u1) cos(2 pi u2)``.
+
+uint32 arithmetic is emulated in int64 tensors; the 32 x 32 -> 64-bit product is split into
+16-bit halves so that nothing overflows int64. Works on any device, no host round trip.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+MASK32 = 0xFFFFFFFF
+PHILOX_M0 = 0xD2511F53
+PHILOX_M1 = 0xCD9E8D57
+PHILOX_W0 = 0x9E3779B9
+PHILOX_W1 = 0xBB67AE85
+PHILOX_ROUNDS = 10
+
+
+def _mulhilo(a: int, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(hi, lo) 32-bit words of the 64-bit product of constant ``a`` and words ``b``."""
+    a_hi, a_lo = a >> 16, a & 0xFFFF
+    t = a_lo * b  # < 2^48
+    x = a_hi * b + (t >> 16)  # product = x * 2^16 + (t mod 2^16)
+    hi = x >> 16
+    lo = ((x & 0xFFFF) << 16) | (t & 0xFFFF)
+    return hi, lo
+
+
+def philox4x32(counter, key) -> tuple[torch.Tensor, ...]:
+    """Philox4x32-10 on int64 tensors holding uint32 words.
+
+    ``counter``: four broadcastable int64 tensors; ``key``: two ints or int64 tensors.
+    Returns four int64 tensors of uint32 words.
+    """
+    c0, c1, c2, c3 = counter
+    k0, k1 = key
+    for r in range(PHILOX_ROUNDS):
+        if r:
+            k0 = (k0 + PHILOX_W0) & MASK32
+            k1 = (k1 + PHILOX_W1) & MASK32
+        hi0, lo0 = _mulhilo(PHILOX_M0, c0)
+        hi1, lo1 = _mulhilo(PHILOX_M1, c2)
+        c0, c1, c2, c3 = hi1 ^ c1 ^ k0, lo1, hi0 ^ c3 ^ k1, lo0
+    return c0, c1, c2, c3
+
+
+def box_muller(w0: torch.Tensor, w1: torch.Tensor, dtype=torch.float64) -> torch.Tensor:
+    """One standard normal from two uint32 words (cosine branch, 24-bit uniforms)."""
+    u1 = ((w0 >> 8) + 1).to(dtype) * 2.0**-24
+    u2 = (w1 >> 8).to(dtype) * 2.0**-24
+    return torch.sqrt(-2.0 * torch.log(u1)) * torch.cos((2.0 * math.pi) * u2)
+
+
+def philox_normal_pair(shape, seed: int, offset: int, device=None, dtype=torch.float64):
+    """Streams 0 and 1 of the relay-noise layout for a tensor of logical NCHW ``shape``."""
+    n = math.prod(shape)
+    e = torch.arange(n, dtype=torch.int64, device=device)
+    counter = (e & MASK32, e >> 32,
+               torch.full_like(e, offset & MASK32), torch.full_like(e, (offset >> 32) & MASK32))
+    key = (seed & MASK32, (seed >> 32) & MASK32)
+    x0, x1, x2, x3 = philox4x32(counter, key)
+    z0 = box_muller(x0, x1, dtype).reshape(shape)
+    z1 = box_muller(x2, x3, dtype).reshape(shape)
+    return z0, z1
