@@ -128,7 +128,10 @@ LOGSNR_MIN, LOGSNR_MAX = -15.0, 15.0
 def logsnr_cosine(t):
     """``logsnr(t) = -2 ln tan(pi t / 2)``, clipped to [-15, 15] (SPEC 11)."""
     x, scalar = _tensor(t)
-    v = -2 * torch.log(torch.tan(math.pi * x / 2))
+    # clamp t to where the clip bounds are reached first, so tan stays finite and positive
+    t_lo = 2 / math.pi * math.atan(math.exp(-LOGSNR_MAX / 2))
+    t_hi = 2 / math.pi * math.atan(math.exp(-LOGSNR_MIN / 2))
+    v = -2 * torch.log(torch.tan(math.pi * x.clamp(t_lo, t_hi) / 2))
     return _out(v.clamp(LOGSNR_MIN, LOGSNR_MAX), scalar)
 
 
