@@ -11,6 +11,8 @@ from __future__ import annotations
 import os
 from typing import Callable
 
+import torch
+
 from .. import reference
 
 BACKENDS = ("reference", "cpu", "cuda", "triton")
@@ -56,8 +58,11 @@ def _device_ok(name: str, device_type: str) -> bool:
     return device_type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1"
 
 
-def choose_backend(backend: str | None, device) -> str:
-    """The backend a call on ``device`` uses; raises ``ValueError`` for an unusable request."""
+def choose_backend(backend: str | None, device, dtype=None) -> str:
+    """The backend a call on ``device`` uses; raises ``ValueError`` for an unusable request.
+
+    The automatic choice skips Triton for float64 (its kernels compute in float32).
+    """
     device_type = device.type if hasattr(device, "type") else str(device)
     requested = backend if backend is not None else os.environ.get("RELAYOPS_BACKEND") or None
     if requested is not None and requested != "auto":
@@ -70,14 +75,16 @@ def choose_backend(backend: str | None, device) -> str:
         return requested
     order = ("cuda", "triton") if device_type == "cuda" else ("cpu",)
     for name in order:
+        if name == "triton" and dtype == torch.float64:
+            continue
         if name in _tables and _device_ok(name, device_type):
             return name
     return "reference"
 
 
-def kernel(op: str, backend: str | None, device) -> Callable:
-    """The kernel-level function implementing ``op`` for a call on ``device``."""
-    return _tables[choose_backend(backend, device)][op]
+def kernel(op: str, backend: str | None, like) -> Callable:
+    """The kernel-level function implementing ``op`` for a call on tensor ``like``'s device and dtype."""
+    return _tables[choose_backend(backend, like.device, like.dtype)][op]
 
 
 _load_optional_backends()

@@ -17,14 +17,14 @@ def patch_dct(x: torch.Tensor, s: int = 4, *, backend: str | None = None) -> tor
     """
     s = check_patch_size(s)
     check_image("x", x, s)
-    return kernel("patch_dct", backend, x.device)(x, s)
+    return kernel("patch_dct", backend, x)(x, s)
 
 
 def patch_idct(u: torch.Tensor, s: int = 4, *, backend: str | None = None) -> torch.Tensor:
     """Inverse of :func:`patch_dct`: ``X = C^T U C`` per s x s patch (SPEC 1). Same shapes/dtypes."""
     s = check_patch_size(s)
     check_image("u", u, s)
-    return kernel("patch_idct", backend, u.device)(u, s)
+    return kernel("patch_idct", backend, u)(u, s)
 
 
 def blur_response(tau, s: int = 4, d_min: float = 0.001) -> torch.Tensor:
@@ -59,4 +59,4 @@ def patch_blur(x: torch.Tensor, tau, s: int = 4, d_min: float = 0.001, *,
     check_image("x", x, s)
     d_min = check_real("d_min", d_min, low=0.0, high=1.0)
     tau_b = per_sample("tau", tau, x)
-    return kernel("patch_blur", backend, x.device)(x, tau_b, s, d_min)
+    return kernel("patch_blur", backend, x)(x, tau_b, s, d_min)

@@ -18,7 +18,7 @@ def block_noise(g: torch.Tensor, s: int = 4, *, backend: str | None = None) -> t
     """
     s = check_patch_size(s)
     check_image("g", g, s)
-    return kernel("block_noise", backend, g.device)(g, s)
+    return kernel("block_noise", backend, g)(g, s)
 
 
 def noise_scale(alpha: float, normalize: bool) -> float:
@@ -66,7 +66,7 @@ def relay_noise(like: torch.Tensor, s: int = 4, alpha: float = 0.15, normalize: 
     s = check_patch_size(s)
     check_image("like", like, s)
     alpha, k, seed, offset, eps, eps2 = resolve_noise_args(like, alpha, normalize, seed, offset, eps, eps2)
-    return kernel("relay_noise", backend, like.device)(like, s, alpha, k, seed, offset, eps, eps2)
+    return kernel("relay_noise", backend, like)(like, s, alpha, k, seed, offset, eps, eps2)
 
 
 def relay_corrupt(y: torch.Tensor, sigma, tau, s: int = 4, alpha: float = 0.15, normalize: bool = True,
@@ -84,4 +84,4 @@ def relay_corrupt(y: torch.Tensor, sigma, tau, s: int = 4, alpha: float = 0.15, 
     sigma_b = per_sample("sigma", sigma, y)
     tau_b = per_sample("tau", tau, y)
     alpha, k, seed, offset, eps, eps2 = resolve_noise_args(y, alpha, normalize, seed, offset, eps, eps2)
-    return kernel("relay_corrupt", backend, y.device)(y, sigma_b, tau_b, s, d_min, alpha, k, seed, offset, eps, eps2)
+    return kernel("relay_corrupt", backend, y)(y, sigma_b, tau_b, s, d_min, alpha, k, seed, offset, eps, eps2)

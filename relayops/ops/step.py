@@ -46,7 +46,7 @@ def relay_step(x: torch.Tensor, x0_hat: torch.Tensor, sigma, sigma_next, tau, ta
                                                                offset, eps, eps2)
     else:
         alpha, k, seed, offset, eps, eps2 = resolve_noise_args(x, alpha, normalize, seed, offset, eps, eps2)
-    return kernel("relay_step", backend, x.device)(
+    return kernel("relay_step", backend, x)(
         x, x0_hat, sigma_b, sigma_next_b, tau_b, tau_next_b, eta, s, d_min, alpha, k, seed, offset,
         eps, eps2, x_prop, x0_hat_prop)
 
