@@ -2,7 +2,7 @@
 
 The public API is re-exported here; see README.md and SPEC.md for the formulas.
 """
-from . import reference, schedules
+from . import analysis, multires, reference, sampling, schedules
 from .ops import (
     available_backends,
     block_noise,
@@ -23,5 +23,5 @@ __version__ = "0.1.0"
 __all__ = [
     "available_backends", "block_noise", "blur_response", "choose_backend", "linear_relay_blur",
     "linear_relay_step", "patch_blur", "patch_dct", "patch_idct", "relay_corrupt", "relay_noise",
-    "relay_step", "reference", "schedules",
+    "relay_step", "reference", "schedules", "sampling", "analysis", "multires",
 ]
