@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: setup test demo bench clean
+.PHONY: setup build test demo bench clean
 
 $(STAMP): requirements.txt pyproject.toml setup.py
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -15,13 +15,18 @@ $(STAMP): requirements.txt pyproject.toml setup.py
 
 setup: $(STAMP)
 
-test: setup
+# (Re)build relayops._C and, where nvcc is found, relayops._C_cuda in place; a no-op when
+# csrc/ is unchanged.
+build: setup
+	$(BIN)/python setup.py build_ext --inplace
+
+test: build
 	$(BIN)/python -m pytest
 
-demo: setup
+demo: build
 	$(BIN)/relayops demo
 
-bench: setup
+bench: build
 	$(BIN)/python -m pytest bench
 
 clean:

@@ -1,0 +1,75 @@
+"""Turn pytest-benchmark JSON from bench/ into a Markdown table.
+
+    pytest bench --benchmark-json=bench/results/cpu.json
+    python bench/report.py [--stat min] bench/results/cpu.json [more.json ...] > table.md
+
+One row per (op, device, dtype, size): median (or, with ``--stat min``, fastest round's) time of the compiled kernels, the reference and a
+copy of the same bytes, the compiled kernels' GB/s (bytes the op must move / median), their time
+as a multiple of the copy, and their speedup over the reference (all from the chosen statistic).
+"""
+from __future__ import annotations
+
+import json
+import sys
+from collections import defaultdict
+
+
+def load(paths, stat="median"):
+    rows = []
+    for path in paths:
+        with open(path) as f:
+            data = json.load(f)
+        for bench in data["benchmarks"]:
+            info = dict(bench.get("extra_info", {}))
+            if "op" in info:
+                info["median"] = bench["stats"][stat]
+                rows.append(info)
+    return rows
+
+
+def ms(seconds):
+    return "-" if seconds is None else f"{seconds * 1e3:.3g}"
+
+
+def table(rows, stat="median") -> str:
+    groups = defaultdict(dict)
+    for r in rows:
+        groups[(r["op"], r["device"], r["dtype"], r["size"])][r["impl"]] = r
+    lines = [
+        "| op | device | dtype | B x C x H x W | compiled ms | reference ms | copy ms (same bytes) | compiled GB/s"
+        " | compiled / copy | speedup vs reference |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    order = {"copy": 0, "randn": 1}
+    for key in sorted(groups, key=lambda k: (order.get(k[0], 2), k[0], k[1], k[2], k[3])):
+        op, device, dtype, size = key
+        impls = groups[key]
+        main = impls.get("compiled") or impls.get("copy") or impls.get("randn")
+        ref = impls.get("reference")
+        shape = "x".join(str(v) for v in main["shape"])
+        speedup = f"{ref['median'] / main['median']:.1f}x" if ref and "compiled" in impls else "-"
+        lines.append(
+            f"| {op} | {device} | {dtype} | {shape} | {ms(impls['compiled']['median']) if 'compiled' in impls else ms(main['median'])}"
+            f" | {ms(ref['median']) if ref else '-'} | {ms(main['copy_s'])} | {main['bytes'] / main['median'] / 1e9:.1f}"
+            f" | {main['median'] / main['copy_s']:.2f} | {speedup} |")
+    threads = sorted({r.get("threads") for r in rows})
+    lines.append("")
+    what = "Medians" if stat == "median" else "Fastest rounds"
+    lines.append(f"Threads: {', '.join(map(str, threads))}. {what} of pytest-benchmark rounds (ms); "
+                 "copy = median `dst.copy_(src)` moving the bytes the op must read and write.")
+    return "\n".join(lines)
+
+
+def main(argv):
+    stat = "median"
+    if argv[:1] == ["--stat"]:
+        stat, argv = argv[1], argv[2:]
+    if not argv or stat not in ("median", "min", "mean"):
+        print(__doc__)
+        return 2
+    print(table(load(argv, stat), stat))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

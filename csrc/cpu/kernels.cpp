@@ -1,0 +1,557 @@
+// CPU kernels (OpenMP). Work units are (sample, channel, run of patch rows). For s = 2, 4, 8 a
+// patch row is processed by loops over the whole image width that the compiler vectorises
+// (struct Strip); other s use the per-patch math of relayops/patch.h, as the CUDA kernels do.
+// Noise is produced row by row (struct RowNoise): each row of eps/eps2 is drawn (or read) once,
+// its horizontal wraparound box sums go into a ring of 2s rows, and the vertical sums over the
+// ring give the block noise of the current patch row, so Philox runs once per element (plus s - 1
+// halo rows per unit). Scratch memory is O(s * W) per thread, never proportional to the input.
+#include "kernels.h"
+
+#include <algorithm>
+#include <cstdlib>
+#include <cstring>
+#if defined(__x86_64__)
+#include <immintrin.h>
+#endif
+#include <vector>
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+
+namespace relayops {
+namespace cpu {
+namespace {
+
+// The Philox + Box-Muller row loop is the hot spot of the noise ops. Philox's 32 x 32 -> 64-bit
+// products vectorise badly when left to the compiler (64-bit lanes), so AVX-512 and AVX2 versions
+// with mul_epu32 on even/odd lanes compute the words when the CPU has them (checked at run time;
+// the build itself stays portable x86-64); Box-Muller is then a plain loop the compiler
+// vectorises, built for several instruction sets (GCC function multiversioning).
+#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
+#define RELAYOPS_X86 1
+#define RELAYOPS_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
+#else
+#define RELAYOPS_CLONES
+#endif
+
+void philox_words_scalar(const PhiloxKey& key, uint64_t base, int64_t from, int64_t W, uint32_t* w) {
+  for (int64_t y = from; y < W; ++y) {
+    const uint64_t e = base + uint64_t(y);
+    const Philox4 r = philox4x32_10(uint32_t(e), uint32_t(e >> 32), key.off0, key.off1, key.k0, key.k1);
+    w[y] = r.x0;
+    w[W + y] = r.x1;
+    w[2 * W + y] = r.x2;
+    w[3 * W + y] = r.x3;
+  }
+}
+
+#ifdef RELAYOPS_X86
+// GCC 12 warns about the intrinsics headers' own _mm512_undefined_* inside the masked builtins.
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+// hi and lo words of a * m for 8 lanes (m a constant in every lane).
+__attribute__((target("avx2"))) inline __m256i mulhilo8(__m256i a, __m256i m, __m256i& lo) {
+  const __m256i even = _mm256_mul_epu32(a, m);                         // lanes 0, 2, 4, 6 (64-bit)
+  const __m256i odd = _mm256_mul_epu32(_mm256_srli_epi64(a, 32), m);  // lanes 1, 3, 5, 7
+  lo = _mm256_blend_epi32(even, _mm256_slli_epi64(odd, 32), 0xAA);
+  return _mm256_blend_epi32(_mm256_srli_epi64(even, 32), odd, 0xAA);
+}
+
+// The same rounds as relayops::philox4x32_10 (philox.h), 8 counters per vector, 4 vectors in
+// flight (the rounds are a dependency chain; interleaving hides the multiply latency).
+__attribute__((target("avx2"))) void philox_words_avx2(const PhiloxKey& key, uint64_t base, int64_t W, uint32_t* w) {
+  constexpr int V = 4, L = 8;
+  const __m256i m0 = _mm256_set1_epi32(int(0xD2511F53u)), m1 = _mm256_set1_epi32(int(0xCD9E8D57u));
+  int64_t y = 0;
+  for (; y + V * L <= W; y += V * L) {
+    alignas(32) uint32_t lo[V * L], hi[V * L];
+    for (int i = 0; i < V * L; ++i) {
+      const uint64_t e = base + uint64_t(y + i);
+      lo[i] = uint32_t(e);
+      hi[i] = uint32_t(e >> 32);
+    }
+    __m256i c0[V], c1[V], c2[V], c3[V];
+    for (int v = 0; v < V; ++v) {
+      c0[v] = _mm256_load_si256(reinterpret_cast<const __m256i*>(lo + v * L));
+      c1[v] = _mm256_load_si256(reinterpret_cast<const __m256i*>(hi + v * L));
+      c2[v] = _mm256_set1_epi32(int(key.off0));
+      c3[v] = _mm256_set1_epi32(int(key.off1));
+    }
+    uint32_t k0 = key.k0, k1 = key.k1;
+    for (int r = 0; r < 10; ++r) {
+      const __m256i kk0 = _mm256_set1_epi32(int(k0)), kk1 = _mm256_set1_epi32(int(k1));
+      for (int v = 0; v < V; ++v) {
+        __m256i lo0, lo1;
+        const __m256i hi0 = mulhilo8(c0[v], m0, lo0), hi1 = mulhilo8(c2[v], m1, lo1);
+        c0[v] = _mm256_xor_si256(_mm256_xor_si256(hi1, c1[v]), kk0);
+        c1[v] = lo1;
+        c2[v] = _mm256_xor_si256(_mm256_xor_si256(hi0, c3[v]), kk1);
+        c3[v] = lo0;
+      }
+      k0 += 0x9E3779B9u;
+      k1 += 0xBB67AE85u;
+    }
+    for (int v = 0; v < V; ++v) {
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(w + y + v * L), c0[v]);
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(w + W + y + v * L), c1[v]);
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(w + 2 * W + y + v * L), c2[v]);
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(w + 3 * W + y + v * L), c3[v]);
+    }
+  }
+  philox_words_scalar(key, base, y, W, w);
+}
+
+// hi and lo words of a * m for 16 lanes.
+__attribute__((target("avx512f"))) inline __m512i mulhilo16(__m512i a, __m512i m, __m512i& lo) {
+  const __m512i even = _mm512_mul_epu32(a, m);
+  const __m512i odd = _mm512_mul_epu32(_mm512_srli_epi64(a, 32), m);
+  lo = _mm512_mask_blend_epi32(0xAAAA, even, _mm512_slli_epi64(odd, 32));
+  return _mm512_mask_blend_epi32(0xAAAA, _mm512_srli_epi64(even, 32), odd);
+}
+
+// philox_words_avx2 with 16 counters per vector and 4 independent vectors in flight (the rounds
+// are a dependency chain, so interleaving hides the multiply latency).
+__attribute__((target("avx512f"))) void philox_words_avx512(const PhiloxKey& key, uint64_t base, int64_t W, uint32_t* w) {
+  constexpr int V = 4, L = 16;
+  const __m512i m0 = _mm512_set1_epi32(int(0xD2511F53u)), m1 = _mm512_set1_epi32(int(0xCD9E8D57u));
+  int64_t y = 0;
+  for (; y + V * L <= W; y += V * L) {
+    alignas(64) uint32_t lo[V * L], hi[V * L];
+    for (int i = 0; i < V * L; ++i) {
+      const uint64_t e = base + uint64_t(y + i);
+      lo[i] = uint32_t(e);
+      hi[i] = uint32_t(e >> 32);
+    }
+    __m512i c0[V], c1[V], c2[V], c3[V];
+    for (int v = 0; v < V; ++v) {
+      c0[v] = _mm512_load_si512(lo + v * L);
+      c1[v] = _mm512_load_si512(hi + v * L);
+      c2[v] = _mm512_set1_epi32(int(key.off0));
+      c3[v] = _mm512_set1_epi32(int(key.off1));
+    }
+    uint32_t k0 = key.k0, k1 = key.k1;
+    for (int r = 0; r < 10; ++r) {
+      const __m512i kk0 = _mm512_set1_epi32(int(k0)), kk1 = _mm512_set1_epi32(int(k1));
+      for (int v = 0; v < V; ++v) {
+        __m512i lo0, lo1;
+        const __m512i hi0 = mulhilo16(c0[v], m0, lo0), hi1 = mulhilo16(c2[v], m1, lo1);
+        c0[v] = _mm512_xor_si512(_mm512_xor_si512(hi1, c1[v]), kk0);
+        c1[v] = lo1;
+        c2[v] = _mm512_xor_si512(_mm512_xor_si512(hi0, c3[v]), kk1);
+        c3[v] = lo0;
+      }
+      k0 += 0x9E3779B9u;
+      k1 += 0xBB67AE85u;
+    }
+    for (int v = 0; v < V; ++v) {
+      _mm512_storeu_si512(w + y + v * L, c0[v]);
+      _mm512_storeu_si512(w + W + y + v * L, c1[v]);
+      _mm512_storeu_si512(w + 2 * W + y + v * L, c2[v]);
+      _mm512_storeu_si512(w + 3 * W + y + v * L, c3[v]);
+    }
+  }
+  philox_words_scalar(key, base, y, W, w);
+}
+
+// 2: AVX-512, 1: AVX2, 0: scalar Philox. RELAYOPS_CPU_PHILOX=scalar|avx2 caps it (for tests).
+int philox_isa() {
+  static const int isa = [] {
+    __builtin_cpu_init();
+    int best = __builtin_cpu_supports("avx512f") ? 2 : __builtin_cpu_supports("avx2") ? 1 : 0;
+    const char* cap = std::getenv("RELAYOPS_CPU_PHILOX");
+    if (cap && std::strcmp(cap, "scalar") == 0) best = 0;
+    if (cap && std::strcmp(cap, "avx2") == 0 && best > 1) best = 1;
+    return best;
+  }();
+  return isa;
+}
+#endif
+
+RELAYOPS_CLONES void box_muller_row(const uint32_t* w, int64_t W, float* eps, float* eps2) {
+#pragma omp simd
+  for (int64_t y = 0; y < W; ++y) {
+    eps[y] = box_muller<float>(w[y], w[W + y]);
+    eps2[y] = box_muller<float>(w[2 * W + y], w[3 * W + y]);
+  }
+}
+
+// eps, eps2 of W consecutive elements from logical index base; w: 4 W words of scratch.
+void draw_row(const PhiloxKey& key, uint64_t base, int64_t W, float* eps, float* eps2, uint32_t* w) {
+#ifdef RELAYOPS_X86
+  const int isa = philox_isa();
+  if (isa == 2)
+    philox_words_avx512(key, base, W, w);
+  else if (isa == 1)
+    philox_words_avx2(key, base, W, w);
+  else
+#endif
+    philox_words_scalar(key, base, 0, W, w);
+  box_muller_row(w, W, eps, eps2);
+}
+
+void draw_row(const PhiloxKey& key, uint64_t base, int64_t W, double* eps, double* eps2, uint32_t*) {
+  for (int64_t y = 0; y < W; ++y) normal_pair<double>(key, base + uint64_t(y), eps[y], eps2[y]);
+}
+
+int max_threads() {
+#ifdef _OPENMP
+  return omp_get_max_threads();
+#else
+  return 1;
+#endif
+}
+
+template <int S, class T, class A>
+struct RowNoise {
+  const Params<A>& P;
+  int n, R;
+  int64_t W;
+  std::vector<A> eps_ring, h_ring, e2row;
+  std::vector<uint32_t> words;  // Philox output of one row
+
+  RowNoise(const Params<A>& P_, int n_) : P(P_), n(n_), R(2 * n_), W(P_.W) {
+    eps_ring.assign(size_t(R) * W, A(0));
+    h_ring.assign(size_t(R) * W, A(0));
+    e2row.assign(size_t(W), A(0));
+    if (P.draw) words.assign(size_t(4) * W, 0u);
+  }
+
+  // Draw or read logical row r (wrapped into [0, H)) into the rings.
+  RELAYOPS_CLONES
+  void gen_row(int64_t b, int64_t c, int64_t r) {
+    const int64_t h = wrap(r, P.H);
+    A* er = eps_ring.data() + wrap(r, R) * W;
+    A* hr = h_ring.data() + wrap(r, R) * W;
+    A* e2 = e2row.data();
+    if (P.draw) {
+      const uint64_t base = uint64_t(((b * P.C + c) * P.H + h) * W);
+      draw_row(P.key, base, W, er, e2, words.data());
+    } else {
+      if (P.has_eps)
+        for (int64_t y = 0; y < W; ++y) er[y] = load_elem<A>(P.eps.template at<const T>(b, c, h, y));
+      if (P.has_block)
+        for (int64_t y = 0; y < W; ++y) e2[y] = load_elem<A>(P.eps2.template at<const T>(b, c, h, y));
+    }
+    if (!P.has_block) return;
+    // hr[y] = sum_{j < s} e2[(y - j + shift) mod W]: one pass, wraparound only at the two ends.
+    const int m = S ? S : n;
+    const int64_t lo = std::min<int64_t>(W, std::max<int64_t>(0, m - 1 - P.shift));
+    const int64_t hi = std::max<int64_t>(lo, W - P.shift);
+    const A* e2s = e2 + P.shift;
+    for (int64_t y = 0; y < lo; ++y) hr[y] = wrapped_sum(e2, y);
+#pragma omp simd
+    for (int64_t y = lo; y < hi; ++y) {
+      A acc = 0;
+      for (int j = 0; j < m; ++j) acc += e2s[y - j];
+      hr[y] = acc;
+    }
+    for (int64_t y = hi; y < W; ++y) hr[y] = wrapped_sum(e2, y);
+  }
+
+  A wrapped_sum(const A* e2, int64_t y) const {
+    A acc = 0;
+    for (int j = 0; j < n; ++j) acc += e2[wrap(y - j + P.shift, W)];
+    return acc;
+  }
+
+  // Noise of logical row r into dst: k (eps + alpha/s * sum_{i < s} hsum[r - i + shift]).
+  RELAYOPS_CLONES
+  void combine(int64_t r, A* dst) const {
+    const int m = S ? S : n;
+    const A* er = eps_ring.data() + wrap(r, R) * W;
+    const A k = P.k, ka = P.k * P.alpha / A(m);
+    if (!P.has_block) {
+#pragma omp simd
+      for (int64_t y = 0; y < W; ++y) dst[y] = k * er[y];
+      return;
+    }
+    const A* rows[S ? S : kMaxS];
+    for (int i = 0; i < m; ++i) rows[i] = h_ring.data() + wrap(r - i + P.shift, R) * W;
+    const A keps = P.has_eps ? k : A(0);
+#pragma omp simd
+    for (int64_t y = 0; y < W; ++y) {
+      A acc = 0;
+      for (int i = 0; i < m; ++i) acc += rows[i][y];
+      dst[y] = keps * er[y] + ka * acc;
+    }
+  }
+};
+
+template <int S, class T, class A>
+struct Strip {
+  const Params<A>& P;
+  int64_t W;
+  std::vector<A> X, X0, Tb, Vb;  // S rows of W each
+  A R[S][S][S];  // R_k per row frequency k, for the current sample (relay_step)
+  A Ab[S][S];     // blur's 1-D map C^T diag(e) C, for the current sample (patch_blur, relay_corrupt)
+  A Cm[S][S], CmT[S][S];
+
+  Strip(const Params<A>& P_) : P(P_), W(P_.W) {
+    for (auto* v : {&X, &X0, &Tb, &Vb}) v->assign(size_t(S) * W, A(0));
+    for (int k = 0; k < S; ++k)
+      for (int n = 0; n < S; ++n) CmT[n][k] = Cm[k][n] = P.dct[k * S + n];
+  }
+
+  // R_k[j'][j] = sum_l C[l][j'] F[k][l] C[l][j] for the sample's factors F. For the blur, whose
+  // D_ij = (1 - d_min) e_i e_j + d_min with e_i = exp(-pi^2 i^2 tau / s^2) is separable,
+  // patch_blur(X) = (1 - d_min) A X A + d_min X with A = C^T diag(e) C: two passes, not three.
+  void set_sample(const SampleConsts<S, A>& sc, int64_t b) {
+    if (P.mode == kBlur || P.mode == kCorrupt) {
+      A e[S];
+      for (int l = 0; l < S; ++l) e[l] = exp(-A(9.869604401089358) * A(l * l) / A(S * S) * P.tau[b]);
+      for (int a = 0; a < S; ++a)
+        for (int c = 0; c < S; ++c) {
+          A acc = 0;
+          for (int l = 0; l < S; ++l) acc += Cm[l][a] * e[l] * Cm[l][c];
+          Ab[a][c] = acc;
+        }
+    }
+    for (int k = 0; k < S; ++k)
+      for (int a = 0; a < S; ++a)
+        for (int b = 0; b < S; ++b) {
+          A acc = 0;
+          for (int l = 0; l < S; ++l) acc += Cm[l][a] * sc.F[k * S + l] * Cm[l][b];
+          R[k][a][b] = acc;
+        }
+  }
+
+  RELAYOPS_CLONES
+  void load_rows(const View& v, int64_t b, int64_t c, int64_t h0, A* dst) const {
+    for (int i = 0; i < S; ++i) {
+      const T* src = v.template at<const T>(b, c, h0 + i, 0);
+      A* d = dst + i * W;
+      if (v.sw == 1) {
+#pragma omp simd
+        for (int64_t y = 0; y < W; ++y) d[y] = load_elem<A>(src + y);
+      } else {
+        for (int64_t y = 0; y < W; ++y) d[y] = load_elem<A>(src + y * v.sw);
+      }
+    }
+  }
+
+  RELAYOPS_CLONES
+  void store_rows(int64_t b, int64_t c, int64_t h0, const A* srcbuf) const {
+    for (int i = 0; i < S; ++i) {
+      T* dst = P.out.template at<T>(b, c, h0 + i, 0);
+      const A* s = srcbuf + i * W;
+      if (P.out.sw == 1) {
+#pragma omp simd
+        for (int64_t y = 0; y < W; ++y) store_elem<A>(dst + y, s[y]);
+      } else {
+        for (int64_t y = 0; y < W; ++y) store_elem<A>(dst + y * P.out.sw, s[y]);
+      }
+    }
+  }
+
+  // Heun (SPEC 8): x0 <- x - sigma (d + d') / 2, d = (x - x0)/sigma, d' = (x' - x0')/sigma', reading
+  // x' and x0' straight from memory in the same loop.
+  RELAYOPS_CLONES
+  void heun_rows(const SampleConsts<S, A>& sc, int64_t b, int64_t c, int64_t h0, const A* x, A* x0) const {
+    const A sg = sc.sigma, sn = sc.sigma_next;
+    for (int i = 0; i < S; ++i) {
+      const T* xp = P.xp.template at<const T>(b, c, h0 + i, 0);
+      const T* x0p = P.x0p.template at<const T>(b, c, h0 + i, 0);
+      const int64_t sp = P.xp.sw, s0p = P.x0p.sw;
+      const A* xr = x + i * W;
+      A* x0r = x0 + i * W;
+      if (sp == 1 && s0p == 1) {
+#pragma omp simd
+        for (int64_t y = 0; y < W; ++y) {
+          const A d = (xr[y] - x0r[y]) / sg, dp = (load_elem<A>(xp + y) - load_elem<A>(x0p + y)) / sn;
+          x0r[y] = xr[y] - sg * (d + dp) / A(2);
+        }
+      } else {
+        for (int64_t y = 0; y < W; ++y) {
+          const A d = (xr[y] - x0r[y]) / sg, dp = (load_elem<A>(xp + y * sp) - load_elem<A>(x0p + y * s0p)) / sn;
+          x0r[y] = xr[y] - sg * (d + dp) / A(2);
+        }
+      }
+    }
+  }
+
+  // out[k][y] = sum_i M[k][i] in[i][y] (M = C, C^T or the blur's A).
+  RELAYOPS_CLONES
+  void column_pass(const A* in, A* out, const A (*M)[S]) const {
+    for (int k = 0; k < S; ++k) {
+      A m[S];
+      for (int i = 0; i < S; ++i) m[i] = M[k][i];
+      A* o = out + k * W;
+#pragma omp simd
+      for (int64_t y = 0; y < W; ++y) {
+        A acc = 0;
+        for (int i = 0; i < S; ++i) acc += m[i] * in[i * W + y];
+        o[y] = acc;
+      }
+    }
+  }
+
+  // Per row k and patch q: out[q S + a] = sum_j M[a][j] in[q S + j] with M = R_k (which = 0),
+  // C (1), C^T (2) or the blur's A (3).
+  RELAYOPS_CLONES
+  void row_pass(const A* in, A* out, int which) const {
+    const int64_t nq = W / S;
+    for (int k = 0; k < S; ++k) {
+      A M[S][S];
+      for (int a = 0; a < S; ++a)
+        for (int j = 0; j < S; ++j)
+          M[a][j] = which == 0 ? R[k][a][j] : which == 1 ? Cm[a][j] : which == 2 ? Cm[j][a] : Ab[a][j];
+      const A* src = in + k * W;
+      A* dst = out + k * W;
+#pragma omp simd
+      for (int64_t q = 0; q < nq; ++q) {
+        A v[S];
+        for (int j = 0; j < S; ++j) v[j] = src[q * S + j];
+        for (int a = 0; a < S; ++a) {
+          A acc = 0;
+          for (int j = 0; j < S; ++j) acc += M[a][j] * v[j];
+          dst[q * S + a] = acc;
+        }
+      }
+    }
+  }
+
+  // One patch row p of plane (b, c); nz: its noise rows (row stride W) when needed.
+  RELAYOPS_CLONES
+  void process(const SampleConsts<S, A>& sc, int64_t b, int64_t c, int64_t p, const A* nz) {
+    const int64_t h0 = p * S, n = int64_t(S) * W;
+    A* x = X.data();
+    A* t = Tb.data();
+    A* v = Vb.data();
+    switch (P.mode) {
+      case kDct:
+        load_rows(P.x, b, c, h0, x);
+        column_pass(x, t, Cm);
+        row_pass(t, v, 1);
+        return store_rows(b, c, h0, v);
+      case kIdct:
+        load_rows(P.x, b, c, h0, x);
+        column_pass(x, t, CmT);
+        row_pass(t, v, 2);
+        return store_rows(b, c, h0, v);
+      case kNoise:
+        return store_rows(b, c, h0, nz);
+      case kBlur:
+      case kCorrupt: {
+        load_rows(P.x, b, c, h0, x);
+        column_pass(x, t, Ab);
+        row_pass(t, v, 3);
+        const A keep = A(1) - P.d_min, floor = P.d_min;
+        if (P.mode == kCorrupt) {
+          const A scale = sc.noise_scale;
+#pragma omp simd
+          for (int64_t e = 0; e < n; ++e) v[e] = keep * v[e] + floor * x[e] + scale * nz[e];
+        } else {
+#pragma omp simd
+          for (int64_t e = 0; e < n; ++e) v[e] = keep * v[e] + floor * x[e];
+        }
+        return store_rows(b, c, h0, v);
+      }
+      case kStep: {
+        A* x0 = X0.data();
+        load_rows(P.x, b, c, h0, x);
+        load_rows(P.x0, b, c, h0, x0);
+        if (P.xp.present()) heun_rows(sc, b, c, h0, x, x0);
+        column_pass(x0, t, Cm);
+        row_pass(t, v, 0);
+        column_pass(v, x0, CmT);
+        const A gamma = sc.gamma, scale = sc.noise_scale;
+        if (P.eta != A(0)) {
+#pragma omp simd
+          for (int64_t e = 0; e < n; ++e) x0[e] = gamma * x[e] + x0[e] + scale * nz[e];
+        } else {
+#pragma omp simd
+          for (int64_t e = 0; e < n; ++e) x0[e] = gamma * x[e] + x0[e];
+        }
+        return store_rows(b, c, h0, x0);
+      }
+    }
+  }
+};
+
+template <int S, class T, class A>
+void run(const Params<A>& P, bool patchwise) {
+  constexpr int N = S ? S : kMaxS;
+  const int n = S ? S : P.s;
+  const int64_t nstrips = P.H / n, nq = P.W / n, planes = P.B * P.C;
+  const bool noisy = needs_noise(P);
+  const bool rows = noisy && !patchwise;
+  const bool strips = S != 0 && !patchwise;  // the row-vectorised path
+  int64_t chunk = 1;
+  if (rows) {  // long runs of patch rows amortise the s - 1 halo rows each unit redraws
+    const int64_t want = (planes * nstrips + 8 * max_threads() - 1) / (8 * max_threads());
+    chunk = std::min<int64_t>(nstrips, std::max<int64_t>(4, want));
+  }
+  const int64_t nchunks = (nstrips + chunk - 1) / chunk, units = planes * nchunks;
+#pragma omp parallel
+  {
+    SampleConsts<S, A> sc;
+    int64_t sc_b = -1;
+    RowNoise<S, T, A>* rn = rows ? new RowNoise<S, T, A>(P, n) : nullptr;
+    // Strip<S> exists for compile-time S only; run-time s (S == 0) always takes the per-patch path.
+    using StripT = Strip<S ? S : 1, T, A>;
+    StripT* st = nullptr;
+    if constexpr (S != 0) st = strips ? new StripT(P) : nullptr;
+    std::vector<A> nzrows(rows ? size_t(n) * P.W : 0);
+#pragma omp for schedule(static)
+    for (int64_t u = 0; u < units; ++u) {
+      const int64_t b = u / (P.C * nchunks), c = (u / nchunks) % P.C, ch = u % nchunks;
+      const int64_t p0 = ch * chunk, p1 = std::min(nstrips, p0 + chunk);
+      if (b != sc_b) {
+        sample_consts<S, A>(P, b, sc);
+        if constexpr (S != 0)
+          if (st) st->set_sample(sc, b);
+        sc_b = b;
+      }
+      int64_t next = p0 * n - (n - 1) + P.shift;  // next noise row to draw (rows mode)
+      for (int64_t p = p0; p < p1; ++p) {
+        const A* nz = nullptr;
+        if (rows) {
+          for (; next <= p * n + n - 1 + P.shift; ++next) rn->gen_row(b, c, next);
+          for (int i = 0; i < n; ++i) rn->combine(p * n + i, nzrows.data() + i * P.W);
+          nz = nzrows.data();
+        }
+        if (st) {
+          if constexpr (S != 0) st->process(sc, b, c, p, nz);
+        } else if (rows) {
+          for (int64_t q = 0; q < nq; ++q) process_patch<S, T, A>(P, sc, b, c, p, q, nz + q * n, P.W);
+        } else if (noisy) {  // patchwise: the CUDA kernels' per-patch window noise
+          A w[N * N];
+          for (int64_t q = 0; q < nq; ++q) {
+            patch_noise_window<S, T, A>(P, b, c, p, q, w);
+            process_patch<S, T, A>(P, sc, b, c, p, q, w, N);
+          }
+        } else {
+          for (int64_t q = 0; q < nq; ++q) process_patch<S, T, A>(P, sc, b, c, p, q, nullptr, 0);
+        }
+      }
+    }
+    delete rn;
+    delete st;
+  }
+}
+
+template <class T, class A>
+void run_sizes(const Params<A>& P, bool patchwise) {
+  switch (P.s) {
+    case 2: return run<2, T, A>(P, patchwise);
+    case 4: return run<4, T, A>(P, patchwise);
+    case 8: return run<8, T, A>(P, patchwise);
+    default: return run<0, T, A>(P, patchwise);
+  }
+}
+
+}  // namespace
+
+int num_threads() { return max_threads(); }
+
+void launch(const CallArgs& a, bool patchwise) {
+  switch (a.dtype) {
+    case kFloat32: return run_sizes<float, float>(make_params<float>(a), patchwise);
+    case kFloat64: return run_sizes<double, double>(make_params<double>(a), patchwise);
+    case kFloat16: return run_sizes<half_t, float>(make_params<float>(a), patchwise);
+    case kBFloat16: return run_sizes<bfloat16_t, float>(make_params<float>(a), patchwise);
+    default: throw std::invalid_argument("relayops: unknown dtype code");
+  }
+}
+
+}  // namespace cpu
+}  // namespace relayops

@@ -1,0 +1,268 @@
+// Per-patch math shared by the CPU and CUDA kernels (SPEC 1-3, 6, 8): the s x s orthonormal DCT,
+// the blur response, the wraparound block sum over one patch's window, and the fused per-patch
+// updates of patch_dct / patch_idct / patch_blur / relay_noise / relay_corrupt / relay_step.
+//
+// Template parameter S is the patch size when it is known at compile time (2, 4, 8: fully
+// unrolled), or 0 for a run-time s <= kMaxS. T is the storage type, A the accumulation type
+// (float, or double for float64 data).
+#pragma once
+#include "common.h"
+#include "philox.h"
+
+namespace relayops {
+
+enum Mode : int { kDct = 0, kIdct = 1, kBlur = 2, kNoise = 3, kCorrupt = 4, kStep = 5 };
+
+// Everything one call needs; passed by value to CUDA kernels (under the 4 KB parameter limit).
+template <class A>
+struct Params {
+  int mode, s;
+  int64_t B, C, H, W;
+  View x, x0, xp, x0p, eps, eps2, out;  // ptr == nullptr: absent
+  const A* sigma;       // [B] contiguous, or nullptr
+  const A* sigma_next;  // [B]
+  const A* tau;         // [B]
+  const A* tau_next;    // [B]
+  A eta, d_min, alpha, k;
+  PhiloxKey key;
+  int draw;       // 1: eps/eps2 drawn from key (SPEC 4); 0: read from the eps/eps2 views
+  int has_eps;    // the eps term of the noise is present
+  int has_block;  // the alpha * block_noise(eps2) term is present
+  int shift;      // 0: box sum over (x - i, y - j) (block_noise); s - 1: its transpose (x + i, y + j)
+  A dct[kMaxS * kMaxS];  // DCT-II matrix, C[k * s + n]
+};
+
+// C[k, n] = c_k cos(pi (2n + 1) k / (2s)), c_0 = sqrt(1/s), c_k = sqrt(2/s) (SPEC 1). Host side.
+template <class A>
+inline void fill_dct_matrix(Params<A>& P) {
+  const int s = P.s;
+  for (int k = 0; k < s; ++k)
+    for (int n = 0; n < s; ++n) {
+      const double ck = std::sqrt((k == 0 ? 1.0 : 2.0) / s);
+      P.dct[k * s + n] = A(ck * std::cos(3.141592653589793 * (2 * n + 1) * k / (2.0 * s)));
+    }
+}
+
+template <class A>
+RELAYOPS_HD bool needs_noise(const Params<A>& P) {
+  return P.mode == kNoise || P.mode == kCorrupt || (P.mode == kStep && P.eta != A(0));
+}
+
+// U = C X C^T in place; X is row-major with row stride N = (S ? S : kMaxS).
+template <int S, class A>
+RELAYOPS_HD void dct2(const A* C, int s_rt, A* X) {
+  constexpr int N = S ? S : kMaxS;
+  const int n = S ? S : s_rt;
+  A T[N * N];
+  for (int i = 0; i < n; ++i)
+    for (int j = 0; j < n; ++j) {
+      A acc = 0;
+      for (int k = 0; k < n; ++k) acc += C[i * n + k] * X[k * N + j];
+      T[i * N + j] = acc;
+    }
+  for (int i = 0; i < n; ++i)
+    for (int j = 0; j < n; ++j) {
+      A acc = 0;
+      for (int k = 0; k < n; ++k) acc += T[i * N + k] * C[j * n + k];
+      X[i * N + j] = acc;
+    }
+}
+
+// X = C^T U C in place (the inverse of dct2).
+template <int S, class A>
+RELAYOPS_HD void idct2(const A* C, int s_rt, A* X) {
+  constexpr int N = S ? S : kMaxS;
+  const int n = S ? S : s_rt;
+  A T[N * N];
+  for (int i = 0; i < n; ++i)
+    for (int j = 0; j < n; ++j) {
+      A acc = 0;
+      for (int k = 0; k < n; ++k) acc += C[k * n + i] * X[k * N + j];
+      T[i * N + j] = acc;
+    }
+  for (int i = 0; i < n; ++i)
+    for (int j = 0; j < n; ++j) {
+      A acc = 0;
+      for (int k = 0; k < n; ++k) acc += T[i * N + k] * C[k * n + j];
+      X[i * N + j] = acc;
+    }
+}
+
+// D_ij(tau) = (1 - d_min) exp(-lambda_ij tau) + d_min, lambda_ij = pi^2 (i^2 + j^2) / s^2 (SPEC 2).
+template <class A>
+RELAYOPS_HD A blur_response(int i, int j, int s, A tau, A d_min) {
+  const A lam = A(9.869604401089358) * A(i * i + j * j) / A(s * s);
+  return (A(1) - d_min) * exp(-lam * tau) + d_min;
+}
+
+// Per-sample constants: the coefficient factor F applied between dct2 and idct2, and scalars.
+template <int S, class A>
+struct SampleConsts {
+  A F[(S ? S : kMaxS) * (S ? S : kMaxS)];
+  A gamma, sigma, sigma_next, noise_scale;
+};
+
+template <int S, class A>
+RELAYOPS_HD void sample_consts(const Params<A>& P, int64_t b, SampleConsts<S, A>& sc) {
+  constexpr int N = S ? S : kMaxS;
+  const int n = S ? S : P.s;
+  sc.gamma = 0;
+  sc.noise_scale = 1;
+  sc.sigma = P.sigma ? P.sigma[b] : A(1);
+  sc.sigma_next = P.sigma_next ? P.sigma_next[b] : A(1);
+  if (P.mode == kStep) {
+    // gamma = sqrt(1 - eta^2) sigma' / sigma; F = D(tau') - gamma D(tau) (SPEC 8)
+    sc.gamma = sqrt(A(1) - P.eta * P.eta) * sc.sigma_next / sc.sigma;
+    sc.noise_scale = P.eta * sc.sigma_next;
+    for (int i = 0; i < n; ++i)
+      for (int j = 0; j < n; ++j)
+        sc.F[i * N + j] = blur_response(i, j, n, P.tau_next[b], P.d_min) -
+                          sc.gamma * blur_response(i, j, n, P.tau[b], P.d_min);
+  } else if (P.mode == kBlur || P.mode == kCorrupt) {
+    for (int i = 0; i < n; ++i)
+      for (int j = 0; j < n; ++j) sc.F[i * N + j] = blur_response(i, j, n, P.tau[b], P.d_min);
+    if (P.mode == kCorrupt) sc.noise_scale = sc.sigma;
+  }
+}
+
+// eps (stream 0) and eps2 (stream 1) at pixel (h, w) of plane (b, c): drawn or read.
+template <class T, class A>
+RELAYOPS_HD void noise_at(const Params<A>& P, int64_t b, int64_t c, int64_t h, int64_t w, A& e1, A& e2) {
+  if (P.draw) {
+    normal_pair<A>(P.key, uint64_t(((b * P.C + c) * P.H + h) * P.W + w), e1, e2);
+  } else {
+    e1 = P.has_eps ? load_elem<A>(P.eps.template at<const T>(b, c, h, w)) : A(0);
+    e2 = P.has_block ? load_elem<A>(P.eps2.template at<const T>(b, c, h, w)) : A(0);
+  }
+}
+
+// Relay noise k (eps + alpha block_noise(eps2)) (SPEC 3) for patch (p, q), computed from the
+// (2s - 1)^2 window of eps2 the patch's box sums read. Used by the CUDA kernels (one thread per
+// patch) and by the CPU module's patchwise mode, which the tests run against the reference.
+template <int S, class T, class A>
+RELAYOPS_HD void patch_noise_window(const Params<A>& P, int64_t b, int64_t c, int64_t p, int64_t q, A* out) {
+  constexpr int N = S ? S : kMaxS;
+  constexpr int M = 2 * N - 1;
+  const int n = S ? S : P.s;
+  A E[N * N];   // eps of the patch's own pixels
+  A hs[M * N];  // per window row, the horizontal box sums ending at each patch column
+  const int64_t r0 = p * n - (n - 1) + P.shift, c0 = q * n - (n - 1) + P.shift;
+  if (P.has_block) {
+    for (int a = 0; a < 2 * n - 1; ++a) {
+      const int64_t h = wrap(r0 + a, P.H);
+      const int64_t i = r0 + a - p * n;  // row inside the patch, if the window row is one
+      A g[M];
+      for (int bc = 0; bc < 2 * n - 1; ++bc) {
+        const int64_t j = c0 + bc - q * n;
+        A e1, e2;
+        noise_at<T, A>(P, b, c, h, wrap(c0 + bc, P.W), e1, e2);
+        g[bc] = e2;
+        if (i >= 0 && i < n && j >= 0 && j < n) E[i * N + j] = e1;
+      }
+      for (int j = 0; j < n; ++j) {
+        A acc = 0;
+        for (int jj = 0; jj < n; ++jj) acc += g[j + jj];
+        hs[a * N + j] = acc;
+      }
+    }
+    // Window rows that are not patch rows did not fill E when shift != 0 (transposed box sum
+    // never has an eps term), and with shift == 0 every patch pixel is inside the window.
+  } else {
+    for (int i = 0; i < n; ++i)
+      for (int j = 0; j < n; ++j) {
+        A e2;
+        noise_at<T, A>(P, b, c, p * n + i, q * n + j, E[i * N + j], e2);
+      }
+  }
+  for (int i = 0; i < n; ++i)
+    for (int j = 0; j < n; ++j) {
+      A v = P.has_eps ? E[i * N + j] : A(0);
+      if (P.has_block) {
+        A acc = 0;
+        for (int ii = 0; ii < n; ++ii) acc += hs[(i + ii) * N + j];
+        v += P.alpha / A(n) * acc;
+      }
+      out[i * N + j] = P.k * v;
+    }
+}
+
+template <int S, class T, class A>
+RELAYOPS_HD void load_patch(const View& v, int64_t b, int64_t c, int64_t h0, int64_t w0, int n, A* X) {
+  constexpr int N = S ? S : kMaxS;
+  for (int i = 0; i < n; ++i)
+    for (int j = 0; j < n; ++j) X[i * N + j] = load_elem<A>(v.template at<const T>(b, c, h0 + i, w0 + j));
+}
+
+template <int S, class T, class A>
+RELAYOPS_HD void store_patch(const View& v, int64_t b, int64_t c, int64_t h0, int64_t w0, int n, const A* X) {
+  constexpr int N = S ? S : kMaxS;
+  for (int i = 0; i < n; ++i)
+    for (int j = 0; j < n; ++j) store_elem<A>(v.template at<T>(b, c, h0 + i, w0 + j), X[i * N + j]);
+}
+
+// The fused update of one patch (p, q) of plane (b, c). noise: the patch's relay noise (row
+// stride ns) when needs_noise(P), else unused.
+template <int S, class T, class A>
+RELAYOPS_HD void process_patch(const Params<A>& P, const SampleConsts<S, A>& sc, int64_t b, int64_t c,
+                               int64_t p, int64_t q, const A* noise, int64_t ns) {
+  constexpr int N = S ? S : kMaxS;
+  const int n = S ? S : P.s;
+  const int64_t h0 = p * n, w0 = q * n;
+  A X[N * N];
+  switch (P.mode) {
+    case kDct:
+      load_patch<S, T, A>(P.x, b, c, h0, w0, n, X);
+      dct2<S, A>(P.dct, n, X);
+      break;
+    case kIdct:
+      load_patch<S, T, A>(P.x, b, c, h0, w0, n, X);
+      idct2<S, A>(P.dct, n, X);
+      break;
+    case kBlur:
+    case kCorrupt:  // patch_idct(D(tau) patch_dct(y)) [+ sigma n] (SPEC 2, 6)
+      load_patch<S, T, A>(P.x, b, c, h0, w0, n, X);
+      dct2<S, A>(P.dct, n, X);
+      for (int i = 0; i < n; ++i)
+        for (int j = 0; j < n; ++j) X[i * N + j] *= sc.F[i * N + j];
+      idct2<S, A>(P.dct, n, X);
+      if (P.mode == kCorrupt)
+        for (int i = 0; i < n; ++i)
+          for (int j = 0; j < n; ++j) X[i * N + j] += sc.noise_scale * noise[i * ns + j];
+      break;
+    case kNoise:
+      for (int i = 0; i < n; ++i)
+        for (int j = 0; j < n; ++j) X[i * N + j] = noise[i * ns + j];
+      break;
+    case kStep: {  // gamma x + patch_idct(F patch_dct(x0)) + eta sigma' n (SPEC 8)
+      A Y[N * N];
+      load_patch<S, T, A>(P.x, b, c, h0, w0, n, X);
+      load_patch<S, T, A>(P.x0, b, c, h0, w0, n, Y);
+      if (P.xp.present()) {  // Heun: x0_eff = x - sigma (d + d') / 2
+        A Z[N * N], Zh[N * N];
+        load_patch<S, T, A>(P.xp, b, c, h0, w0, n, Z);
+        load_patch<S, T, A>(P.x0p, b, c, h0, w0, n, Zh);
+        for (int i = 0; i < n; ++i)
+          for (int j = 0; j < n; ++j) {
+            const int e = i * N + j;
+            const A d = (X[e] - Y[e]) / sc.sigma, dp = (Z[e] - Zh[e]) / sc.sigma_next;
+            Y[e] = X[e] - sc.sigma * (d + dp) / A(2);
+          }
+      }
+      dct2<S, A>(P.dct, n, Y);
+      for (int i = 0; i < n; ++i)
+        for (int j = 0; j < n; ++j) Y[i * N + j] *= sc.F[i * N + j];
+      idct2<S, A>(P.dct, n, Y);
+      const bool noisy = P.eta != A(0);
+      for (int i = 0; i < n; ++i)
+        for (int j = 0; j < n; ++j) {
+          A v = sc.gamma * X[i * N + j] + Y[i * N + j];
+          if (noisy) v += sc.noise_scale * noise[i * ns + j];
+          X[i * N + j] = v;
+        }
+      break;
+    }
+  }
+  store_patch<S, T, A>(P.out, b, c, h0, w0, n, X);
+}
+
+}  // namespace relayops
