@@ -1,0 +1,284 @@
+"""The ``relayops`` command line (also ``python -m relayops``).
+
+    relayops train --stage base --data builtin --resolution 16 --steps 2000 --out runs/base
+    relayops train --stage relay --data photos/ --resolution 64 --patch 4 --out runs/relay
+    relayops sample --base runs/base --relay runs/relay --num 16 --out runs/samples
+    relayops demo                       # the main job: both stages, samples and metrics
+    relayops spectrum ...               # DCT SNR spectra (relayops.analysis)
+    relayops bench                      # the benchmarks (pytest bench)
+
+User errors (bad options, missing data, wrong or corrupt checkpoints) print one line,
+``relayops: error: ...``, and exit with status 2, without a traceback.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import shlex
+import subprocess
+import sys
+from pathlib import Path
+
+USER_ERRORS = (ValueError, RuntimeError, FileNotFoundError, NotADirectoryError, TypeError)
+
+
+def _positive_int(text: str) -> int:
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+    if v < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {v}")
+    return v
+
+
+def _nonneg_int(text: str) -> int:
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+    if v < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {v}")
+    return v
+
+
+def _int_list(text: str) -> list[int]:
+    try:
+        return [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+
+
+def _add_model_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("model (UNet)")
+    g.add_argument("--channels", type=_positive_int, default=64, help="base channel count (default 64)")
+    g.add_argument("--channel-mult", type=_int_list, default=[1, 2, 2], metavar="M1,M2,...",
+                   help="channel multiplier per level; each level after the first halves the size (default 1,2,2)")
+    g.add_argument("--num-blocks", type=_positive_int, default=1, help="residual blocks per level (default 1)")
+    g.add_argument("--attn", type=_int_list, default=[], metavar="R1,R2,...",
+                   help="feature resolutions with self-attention (default none; the bottleneck always has one)")
+    g.add_argument("--dropout", type=float, default=0.0)
+    g.add_argument("--class-cond", action="store_true",
+                   help="condition on the class = first-level subfolder of --data (10%% label dropout for guidance)")
+
+
+def _build_train(sub) -> None:
+    p = sub.add_parser("train", help="train a base or relay stage",
+                       description="Train one stage of a relay diffusion model. Resumes from --out if a "
+                                   "checkpoint is there (exactly), unless --retrain.")
+    p.add_argument("--stage", choices=["base", "relay"], required=True,
+                   help="base: plain EDM at low resolution; relay: super-resolution by --patch (SPEC 6)")
+    p.add_argument("--data", default="builtin", help="a folder of PNG/JPEG images, or 'builtin' "
+                   "(scikit-image's photographs, no download) (default builtin)")
+    p.add_argument("--resolution", type=_positive_int, default=None,
+                   help="training crop size (default 16 for base, 64 for relay)")
+    p.add_argument("--patch", type=_positive_int, default=4, help="relay patch size s = upscaling factor (default 4)")
+    p.add_argument("--out", default=None, help="run directory (default runs/<stage>)")
+    p.add_argument("--steps", type=_nonneg_int, default=2000)
+    p.add_argument("--batch-size", type=_positive_int, default=32, help="global batch (split over processes)")
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--warmup", type=_nonneg_int, default=100, help="linear learning-rate warm-up steps")
+    p.add_argument("--weight-decay", type=float, default=0.0)
+    p.add_argument("--grad-clip", type=float, default=1.0, help="max gradient norm (0: off)")
+    p.add_argument("--ema-decay", type=float, default=0.999)
+    p.add_argument("--bf16", action="store_true", help="bf16 autocast for the network")
+    p.add_argument("--seed", type=_nonneg_int, default=0)
+    p.add_argument("--crop-scale", type=float, nargs=2, default=[1.0, 2.0], metavar=("MIN", "MAX"),
+                   help="random crop side as a multiple of the resolution, before resizing (default 1 2)")
+    g = p.add_argument_group("relay stage")
+    g.add_argument("--relay-mode", choices=["blur", "linear"], default="blur",
+                   help="blur: RDM's patch blur + block noise (SPEC 6); linear: CogView3's linear relay (SPEC 10)")
+    g.add_argument("--alpha", type=float, default=0.15, help="block-noise weight (SPEC 3)")
+    g.add_argument("--no-normalize", dest="normalize", action="store_false",
+                   help="relay noise without 1/sqrt(1 + alpha^2) (the authors' code)")
+    g.add_argument("--L", type=float, default=0.93, help="prob length of the u <-> sigma map (SPEC 5)")
+    g.add_argument("--sigma-b-max", type=float, default=3.0, help="maximum blur strength (SPEC 5)")
+    g = p.add_argument_group("base stage alternatives")
+    g.add_argument("--vpred", action="store_true",
+                   help="v-prediction with the resolution-shifted cosine schedule (SPEC 11)")
+    g.add_argument("--multiscale", action="store_true", help="with --vpred: the multiscale loss (SPEC 11)")
+    _add_model_args(p)
+    g = p.add_argument_group("run")
+    g.add_argument("--save-every", type=_nonneg_int, default=500)
+    g.add_argument("--sample-every", type=_nonneg_int, default=0, help="write a PNG grid of samples every N steps")
+    g.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1 ...")
+    g.add_argument("--retrain", action="store_true", help="ignore an existing checkpoint in --out")
+    g.add_argument("--no-progress", dest="progress", action="store_false")
+    p.set_defaults(func=_cmd_train)
+
+
+def _cmd_train(args) -> int:
+    from .training import TrainConfig, train
+
+    resolution = args.resolution or (16 if args.stage == "base" else 64)
+    if args.stage == "relay" and resolution % args.patch:
+        raise ValueError(f"--resolution {resolution} is not divisible by --patch {args.patch}")
+    model = dict(model_channels=args.channels, channel_mult=args.channel_mult, num_blocks=args.num_blocks,
+                 attn_resolutions=args.attn, dropout=args.dropout)
+    cfg = TrainConfig(stage=args.stage, data=args.data, out=args.out or f"runs/{args.stage}", resolution=resolution,
+                      patch=args.patch, crop_scale=list(args.crop_scale), steps=args.steps,
+                      batch_size=args.batch_size, lr=args.lr, warmup=args.warmup, weight_decay=args.weight_decay,
+                      grad_clip=args.grad_clip, ema_decay=args.ema_decay, bf16=args.bf16, seed=args.seed,
+                      relay_mode=args.relay_mode, alpha=args.alpha, normalize=args.normalize, L=args.L,
+                      sigma_b_max=args.sigma_b_max, parameterization="vpred" if args.vpred else "edm",
+                      multiscale=args.multiscale, class_cond=args.class_cond, save_every=args.save_every,
+                      sample_every=args.sample_every, progress=args.progress, device=args.device, model=model)
+    try:
+        result = train(cfg, resume=not args.retrain)
+    finally:
+        import torch.distributed as dist
+
+        if dist.is_initialized():
+            dist.destroy_process_group()
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(f"trained {cfg.stage} stage to step {result['step']} (loss {result['loss']:.4f}): "
+              f"{Path(cfg.out) / 'checkpoint.safetensors'}")
+    return 0
+
+
+def _build_sample(sub) -> None:
+    p = sub.add_parser("sample", help="generate images with a base stage and relay stages",
+                       description="Run the multi-stage pipeline: the base checkpoint's EDM sampler, then "
+                                   "each --relay checkpoint's relay sampler, in order.")
+    p.add_argument("--base", required=True, help="base-stage checkpoint (run directory or .safetensors)")
+    p.add_argument("--relay", action="append", default=[], help="relay-stage checkpoint (repeat for more stages)")
+    p.add_argument("--num", type=_positive_int, default=16, help="number of images (default 16)")
+    p.add_argument("--out", default="runs/samples", help="output folder (default runs/samples)")
+    p.add_argument("--seed", type=_nonneg_int, default=0, help="image b uses seed + b")
+    p.add_argument("--base-steps", type=_positive_int, default=18, help="EDM sampler steps (default 18)")
+    p.add_argument("--relay-steps", type=_positive_int, default=60,
+                   help="relay Karras grid size before truncation at sigma 0.9 (default 60: 21 steps)")
+    p.add_argument("--eta", type=float, default=0.2, help="relay sampler stochasticity (default 0.2)")
+    p.add_argument("--raw", action="store_true", help="use the raw weights instead of the EMA weights")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--no-progress", dest="progress", action="store_false")
+    p.set_defaults(func=_cmd_sample)
+
+
+def _cmd_sample(args) -> int:
+    import torch
+
+    from . import sampling
+    from .training import load_denoiser, save_grid
+    from .training.data import save_png
+
+    device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device)
+    base, base_rec = load_denoiser(args.base, "base", ema=not args.raw, device=device)
+    stages = [sampling.BaseStage(base, resolution=base_rec["train"]["resolution"],
+                                 channels=base_rec["unet"]["in_channels"], num_steps=args.base_steps)]
+    for path in args.relay:
+        relay, rec = load_denoiser(path, "relay", ema=not args.raw, device=device)
+        t = rec["train"]
+        if t.get("relay_mode", "blur") != "blur":
+            raise ValueError(f"checkpoint {path!r} is a linear-relay model; the pipeline runs blur relay stages")
+        stages.append(sampling.RelayStage(relay, s=t["patch"], num_steps=args.relay_steps,
+                                          options=dict(eta=args.eta, alpha=t["alpha"], L=t["L"],
+                                                       sigma_b_max=t["sigma_b_max"], normalize=t["normalize"])))
+    with torch.no_grad():
+        images = sampling.RelayPipeline(stages, device=device)(args.num, seed=args.seed, progress=args.progress)[-1]
+    images = images.cpu().clamp(-1, 1)
+    out = Path(args.out)
+    save_grid(images, out / "grid.png")
+    for b in range(images.shape[0]):
+        save_png(images[b], out / f"{args.seed + b:06d}.png")
+    print(f"wrote {images.shape[0]} images of {images.shape[-1]}x{images.shape[-2]} and grid.png to {out}")
+    return 0
+
+
+def _build_demo(sub) -> None:
+    from .training.demo import DemoConfig
+
+    d = DemoConfig()
+    p = sub.add_parser("demo", help="the main job: train both stages on builtin photos, sample, measure",
+                       description="Train a 16x16 base model and a 16 -> 64 relay model (s = 4) on scikit-image's "
+                                   "photographs (about 10 minutes on 2 CPU cores), then write samples.png, "
+                                   "sr_compare.png and metrics.json to --out. A second run reuses the checkpoints.")
+    p.add_argument("--out", default=d.out, help=f"output folder (default {d.out})")
+    p.add_argument("--data", default=d.data, help="'builtin' or a folder of PNG/JPEG images (default builtin)")
+    p.add_argument("--retrain", action="store_true", help="train from scratch even if checkpoints exist")
+    p.add_argument("--seed", type=_nonneg_int, default=d.seed)
+    p.add_argument("--base-steps", type=_nonneg_int, default=d.base_steps, help=f"default {d.base_steps}")
+    p.add_argument("--relay-steps", type=_nonneg_int, default=d.relay_steps, help=f"default {d.relay_steps}")
+    p.add_argument("--num-samples", type=_positive_int, default=d.num_samples)
+    p.add_argument("--num-eval", type=_positive_int, default=d.num_eval, help="held-out crops for metrics.json")
+    p.add_argument("--base-sample-steps", type=_positive_int, default=d.base_sample_steps)
+    p.add_argument("--relay-sample-steps", type=_positive_int, default=d.relay_sample_steps)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--no-progress", dest="progress", action="store_false")
+    p.set_defaults(func=_cmd_demo)
+
+
+def _cmd_demo(args) -> int:
+    from .training.demo import DemoConfig, format_metrics, run_demo
+
+    cfg = DemoConfig(out=args.out, data=args.data, retrain=args.retrain, seed=args.seed,
+                     base_steps=args.base_steps, relay_steps=args.relay_steps, num_samples=args.num_samples,
+                     num_eval=args.num_eval, base_sample_steps=args.base_sample_steps,
+                     relay_sample_steps=args.relay_sample_steps, progress=args.progress, device=args.device)
+    metrics = run_demo(cfg, command="relayops " + " ".join(shlex.quote(a) for a in args.argv))
+    out = Path(cfg.out)
+    print(format_metrics(metrics))
+    print(f"wrote {out / 'samples.png'}, {out / 'sr_compare.png'}, {out / 'metrics.json'} "
+          f"in {metrics['seconds']['total_s']:.0f} s")
+    return 0
+
+
+def _cmd_spectrum(args) -> int:
+    from . import analysis  # engineer C's module; imported only for this command
+
+    p = argparse.ArgumentParser(prog="relayops spectrum", description="SNR per DCT frequency (SPEC 12)")
+    analysis.add_spectrum_arguments(p)
+    result = analysis.run_spectrum(p.parse_args(args.rest))
+    return result if isinstance(result, int) else 0
+
+
+def _cmd_bench(args) -> int:
+    root = Path(__file__).resolve().parent.parent
+    bench = root / "bench"
+    if not bench.is_dir():
+        raise FileNotFoundError(f"no bench/ folder next to the package ({bench}): the benchmarks ship with the "
+                                "source checkout; run this from a clone of the repository")
+    return subprocess.call([sys.executable, "-m", "pytest", "bench", *args.rest], cwd=root)
+
+
+PASSTHROUGH = {"spectrum": _cmd_spectrum, "bench": _cmd_bench}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="relayops", description="Relay diffusion: train, sample, demo, "
+                                     "spectrum analysis and benchmarks.")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    _build_train(sub)
+    _build_sample(sub)
+    _build_demo(sub)
+    p = sub.add_parser("spectrum", help="SNR per DCT frequency of images under noise (SPEC 12)", add_help=False,
+                       description="See `relayops spectrum --help`.")
+    p.add_argument("rest", nargs=argparse.REMAINDER)
+    p.set_defaults(func=_cmd_spectrum)
+    p = sub.add_parser("bench", help="run the benchmarks (python -m pytest bench [ARGS])", add_help=False)
+    p.add_argument("rest", nargs=argparse.REMAINDER, help="extra pytest arguments")
+    p.set_defaults(func=_cmd_bench)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser()
+    if argv and argv[0] in PASSTHROUGH:
+        # These hand every later argument to another parser (analysis's, pytest's), options
+        # included, which argparse.REMAINDER would not do for a leading "--option".
+        args = argparse.Namespace(command=argv[0], rest=argv[1:], func=PASSTHROUGH[argv[0]])
+    else:
+        args = parser.parse_args(argv)
+    args.argv = argv
+    try:
+        return args.func(args)
+    except KeyboardInterrupt:
+        print("relayops: interrupted (the last saved checkpoint is intact)", file=sys.stderr)
+        return 130
+    except USER_ERRORS as e:
+        parser.exit(2, f"relayops {args.command}: error: {e}\n")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

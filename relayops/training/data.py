@@ -1,0 +1,196 @@
+"""Training images: a folder of PNG/JPEG files or the photographs bundled with scikit-image.
+
+Images are kept in memory as uint8 ``[3, H, W]`` tensors. A sample is a random square crop
+(side between ``crop_scale[0]`` and ``crop_scale[1]`` times the resolution, never more than the
+image), randomly flipped, resized to ``resolution x resolution`` with antialiasing and scaled to
+[-1, 1] (float32, ``[3, R, R]``). The randomness of sample ``index`` in ``epoch`` comes from a
+generator seeded by ``(seed, epoch, index)`` only, so a resumed run sees the same data in the
+same order, whichever process draws it.
+"""
+from __future__ import annotations
+
+import functools
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
+
+# scikit-image's bundled photographs (no download needed). Two are held out for evaluation.
+BUILTIN_TRAIN = ("astronaut", "rocket", "immunohistochemistry", "hubble_deep_field", "retina",
+                 "camera", "moon", "coins", "brick", "grass", "gravel")
+BUILTIN_HELDOUT = ("chelsea", "coffee")
+
+
+def _to_chw_uint8(array: np.ndarray) -> torch.Tensor:
+    """HxW (grey), HxWx3 or HxWx4 array -> uint8 ``[3, H, W]`` tensor (grey repeated, alpha dropped)."""
+    a = np.asarray(array)
+    if a.dtype == bool:
+        a = a.astype(np.uint8) * 255
+    if a.dtype != np.uint8:
+        a = np.clip(a, 0, 255).astype(np.uint8)
+    if a.ndim == 2:
+        a = np.repeat(a[:, :, None], 3, axis=2)
+    a = a[:, :, :3]
+    return torch.from_numpy(np.array(a, copy=True)).permute(2, 0, 1).contiguous()
+
+
+def builtin_images(split: str = "train") -> list[torch.Tensor]:
+    """scikit-image's photographs as uint8 ``[3, H, W]`` tensors; split "train" or "heldout"."""
+    names = {"train": BUILTIN_TRAIN, "heldout": BUILTIN_HELDOUT}.get(split)
+    if names is None:
+        raise ValueError(f"split must be 'train' or 'heldout', got {split!r}")
+    return list(_builtin(names))
+
+
+@functools.lru_cache(maxsize=4)
+def _builtin(names: tuple[str, ...]) -> tuple[torch.Tensor, ...]:
+    # Decoding the photographs takes about a second; the tensors are only ever read.
+    import skimage.data
+
+    return tuple(_to_chw_uint8(getattr(skimage.data, name)()) for name in names)
+
+
+def folder_images(path) -> tuple[list[torch.Tensor], list[int], list[str]]:
+    """All PNG/JPEG files under ``path`` (recursively, sorted) as uint8 ``[3, H, W]`` tensors.
+
+    Returns ``(images, labels, class_names)``: the label of a file is the index of the
+    first-level subfolder it lies in (files directly in ``path`` share class 0).
+    Raises ``FileNotFoundError`` for a missing folder and ``ValueError`` for one without images
+    or with an unreadable image.
+    """
+    from PIL import Image
+
+    root = Path(path)
+    if not root.exists():
+        raise FileNotFoundError(f"data folder {str(root)!r} does not exist")
+    if not root.is_dir():
+        raise ValueError(f"data path {str(root)!r} is not a folder")
+    files = sorted(p for p in root.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+    if not files:
+        raise ValueError(f"data folder {str(root)!r} contains no PNG or JPEG images")
+    class_of = lambda p: p.relative_to(root).parts[0] if len(p.relative_to(root).parts) > 1 else ""
+    class_names = sorted({class_of(p) for p in files})
+    images, labels = [], []
+    for p in files:
+        try:
+            with Image.open(p) as im:
+                images.append(_to_chw_uint8(np.asarray(im.convert("RGB"))))
+        except Exception as e:  # PIL raises several types for broken files
+            raise ValueError(f"cannot read image {str(p)!r}: {e}") from None
+        labels.append(class_names.index(class_of(p)))
+    return images, labels, class_names
+
+
+def load_images(data: str | os.PathLike, split: str = "train"):
+    """``data`` = "builtin" or a folder. Returns ``(images, labels, class_names)``."""
+    if str(data) == "builtin":
+        images = builtin_images(split)
+        return images, [0] * len(images), [""]
+    return folder_images(data)
+
+
+def area_downsample(x: torch.Tensor, s: int) -> torch.Tensor:
+    """Low-resolution input by area averaging over s x s blocks: ``[B, C, H, W] -> [B, C, H/s, W/s]``."""
+    if x.shape[-1] % s or x.shape[-2] % s:
+        raise ValueError(f"image size {tuple(x.shape[-2:])} is not divisible by the patch size {s}")
+    return F.avg_pool2d(x, s)
+
+
+def nearest_upsample(x: torch.Tensor, s: int) -> torch.Tensor:
+    """Each pixel becomes a constant s x s block: ``[B, C, h, w] -> [B, C, h*s, w*s]``."""
+    return x.repeat_interleave(s, dim=-2).repeat_interleave(s, dim=-1)
+
+
+class CropDataset:
+    """Random crops of in-memory images (see the module docstring).
+
+    ``len(dataset)`` is ``samples_per_epoch`` (a virtual epoch; sample i comes from image
+    ``i % len(images)``), so small image sets still give a useful distributed sampler.
+    """
+
+    def __init__(self, images: list[torch.Tensor], resolution: int, *, labels: list[int] | None = None,
+                 crop_scale: tuple[float, float] = (1.0, 2.0), flip: bool = True,
+                 samples_per_epoch: int | None = None, seed: int = 0):
+        if not images:
+            raise ValueError("no training images")
+        if not 1.0 <= crop_scale[0] <= crop_scale[1]:
+            raise ValueError(f"crop_scale must satisfy 1 <= min <= max, got {crop_scale}")
+        for i, im in enumerate(images):
+            if min(im.shape[-2:]) < resolution:
+                raise ValueError(f"image {i} is {im.shape[-1]}x{im.shape[-2]} pixels, smaller than the "
+                                 f"resolution {resolution}; use a smaller --resolution or larger images")
+        self.images = images
+        self.labels = labels if labels is not None else [0] * len(images)
+        self.resolution = resolution
+        self.crop_scale = crop_scale
+        self.flip = flip
+        self.samples_per_epoch = samples_per_epoch or max(len(images), 1024)
+        self.seed = seed
+
+    def __len__(self) -> int:
+        return self.samples_per_epoch
+
+    def sample(self, index: int, epoch: int = 0) -> tuple[torch.Tensor, int]:
+        """``(image [3, R, R] float32 in [-1, 1], label)`` for one index of one epoch."""
+        rng = np.random.default_rng([self.seed, epoch, index])
+        k = index % len(self.images)
+        im = self.images[k]
+        h, w = im.shape[-2:]
+        r = self.resolution
+        side = int(round(rng.uniform(r * self.crop_scale[0], r * self.crop_scale[1])))
+        side = max(r, min(side, h, w))
+        top = int(rng.integers(0, h - side + 1))
+        left = int(rng.integers(0, w - side + 1))
+        crop = im[:, top:top + side, left:left + side].float()[None] / 127.5 - 1.0
+        if side != r:
+            crop = F.interpolate(crop, size=(r, r), mode="bilinear", antialias=True, align_corners=False)
+        if self.flip and rng.random() < 0.5:
+            crop = crop.flip(-1)
+        return crop[0].clamp(-1, 1), self.labels[k]
+
+    def batch(self, indices, epoch: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+        """Stacked samples: ``([B, 3, R, R] float32, [B] int64 labels)``."""
+        items = [self.sample(int(i), epoch) for i in indices]
+        return torch.stack([x for x, _ in items]), torch.tensor([c for _, c in items], dtype=torch.long)
+
+
+def eval_crops(images: list[torch.Tensor], resolution: int, count: int, seed: int = 0) -> torch.Tensor:
+    """``count`` fixed crops (native scale, no resize) as ``[count, 3, R, R]`` in [-1, 1], for evaluation."""
+    rng = np.random.default_rng([seed, 12345])
+    out = []
+    for i in range(count):
+        im = images[i % len(images)]
+        h, w = im.shape[-2:]
+        top = int(rng.integers(0, h - resolution + 1))
+        left = int(rng.integers(0, w - resolution + 1))
+        out.append(im[:, top:top + resolution, left:left + resolution].float() / 127.5 - 1.0)
+    return torch.stack(out)
+
+
+def save_grid(images: torch.Tensor, path, nrow: int | None = None, pad: int = 2) -> None:
+    """Write ``[N, 3, H, W]`` images in [-1, 1] as one PNG grid (atomically)."""
+    n, c, h, w = images.shape
+    nrow = nrow or int(np.ceil(np.sqrt(n)))
+    ncol = int(np.ceil(n / nrow))
+    grid = torch.ones(c, ncol * (h + pad) + pad, nrow * (w + pad) + pad)
+    for i in range(n):
+        r, q = divmod(i, nrow)
+        grid[:, pad + r * (h + pad):pad + r * (h + pad) + h, pad + q * (w + pad):pad + q * (w + pad) + w] = images[i]
+    save_png(grid, path)
+
+
+def save_png(image: torch.Tensor, path) -> None:
+    """Write one ``[3, H, W]`` image in [-1, 1] to a PNG (temporary file, then rename)."""
+    from PIL import Image
+
+    arr = ((image.detach().float().cpu().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+    arr = arr.permute(1, 2, 0).numpy()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    Image.fromarray(arr).save(tmp, format="PNG")
+    os.replace(tmp, path)

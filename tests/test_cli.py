@@ -1,0 +1,126 @@
+"""The relayops command line on tiny settings, and its error messages."""
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from relayops.cli import main
+from relayops.training import load_checkpoint
+
+TINY = ["--channels", "8", "--channel-mult", "1,2", "--batch-size", "4", "--warmup", "1", "--no-progress"]
+
+
+def run_error(capsys, argv) -> str:
+    """Run a command that must fail with a one-line message (exit 2), never a traceback."""
+    with pytest.raises(SystemExit) as e:
+        main(argv)
+    err = capsys.readouterr().err
+    assert e.value.code == 2, err
+    assert "Traceback" not in err
+    return err
+
+
+def write_images(folder, n, size):
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(0)
+    for i in range(n):
+        Image.fromarray(rng.integers(0, 256, (size, size + 3, 3), dtype=np.uint8)).save(folder / f"{i}.png")
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """A tiny base (8x8) and relay (8 -> 32) pair trained through the CLI."""
+    root = tmp_path_factory.mktemp("cli")
+    data = root / "data"
+    write_images(data, 3, 40)
+    assert main(["train", "--stage", "base", "--data", str(data), "--resolution", "8", "--steps", "2",
+                 "--out", str(root / "base"), *TINY]) == 0
+    assert main(["train", "--stage", "relay", "--data", str(data), "--resolution", "16", "--steps", "2",
+                 "--out", str(root / "relay"), *TINY]) == 0
+    return root
+
+
+def test_train_writes_checkpoints(trained):
+    tensors, record = load_checkpoint(trained / "relay", "relay")
+    assert record["step"] == 2 and record["train"]["resolution"] == 16
+    assert any(k.startswith("ema.") for k in tensors)
+    assert json.loads((trained / "base" / "checkpoint.json").read_text())["stage"] == "base"
+
+
+def test_sample_pipeline_writes_pngs(trained, capsys):
+    out = trained / "samples"
+    assert main(["sample", "--base", str(trained / "base"), "--relay", str(trained / "relay" / "checkpoint.safetensors"),
+                 "--num", "3", "--out", str(out), "--base-steps", "3", "--relay-steps", "12", "--no-progress"]) == 0
+    assert "wrote 3 images of 32x32" in capsys.readouterr().out
+    for name in ("grid.png", "000000.png", "000002.png"):
+        assert (out / name).exists()
+    assert Image.open(out / "000001.png").size == (32, 32)
+
+
+def test_sample_rejects_a_checkpoint_of_the_other_stage(trained, capsys):
+    err = run_error(capsys, ["sample", "--base", str(trained / "relay"), "--out", str(trained / "x")])
+    assert "'relay' stage model; a 'base' stage checkpoint is needed" in err
+
+
+def test_corrupt_checkpoint(trained, capsys):
+    bad = trained / "bad"
+    bad.mkdir()
+    good = (trained / "base" / "checkpoint.safetensors").read_bytes()
+    (bad / "checkpoint.safetensors").write_bytes(good[: len(good) // 2])
+    assert "corrupt" in run_error(capsys, ["sample", "--base", str(bad), "--out", str(trained / "x")])
+    assert "does not exist" in run_error(capsys, ["sample", "--base", str(trained / "nothing.safetensors")])
+
+
+def test_train_errors(tmp_path, capsys):
+    out = ["--out", str(tmp_path / "run"), "--steps", "1", *TINY]
+    assert "does not exist" in run_error(capsys, ["train", "--stage", "base", "--data", str(tmp_path / "missing"), *out])
+    (tmp_path / "empty").mkdir()
+    assert "no PNG or JPEG" in run_error(capsys, ["train", "--stage", "base", "--data", str(tmp_path / "empty"), *out])
+    write_images(tmp_path / "small", 2, 12)
+    err = run_error(capsys, ["train", "--stage", "base", "--data", str(tmp_path / "small"), "--resolution", "16", *out])
+    assert "smaller than the resolution 16" in err
+    err = run_error(capsys, ["train", "--stage", "relay", "--resolution", "18", *out])
+    assert "not divisible by --patch 4" in err
+    assert "invalid choice" in run_error(capsys, ["train", "--stage", "middle"])
+    assert "must be >= 1" in run_error(capsys, ["train", "--stage", "base", "--batch-size", "0"])
+    assert not (tmp_path / "run").exists()   # no failed run leaves a checkpoint behind
+
+
+def test_demo_tiny_then_reuse(tmp_path, capsys):
+    argv = ["demo", "--out", str(tmp_path / "demo"), "--base-steps", "2", "--relay-steps", "2", "--num-samples", "2",
+            "--num-eval", "6", "--base-sample-steps", "3", "--relay-sample-steps", "12", "--no-progress"]
+    assert main(argv) == 0
+    demo = tmp_path / "demo"
+    assert Image.open(demo / "samples.png").size[0] > 2 * 64
+    assert Image.open(demo / "sr_compare.png").size[0] > 5 * 2 * 64
+    metrics = json.loads((demo / "metrics.json").read_text())
+    assert metrics["num_heldout_crops"] == 6
+    for method in ("nearest", "bicubic", "relay"):
+        assert np.isfinite(metrics[method]["psnr_db"])
+        assert len(metrics[method]["log_spectral_distance_db"]) == 4
+    ckpt = demo / "relay" / "checkpoint.safetensors"
+    stamp = ckpt.stat().st_mtime_ns
+    capsys.readouterr()
+    assert main(argv) == 0          # second run: the checkpoints are reused, not retrained
+    assert ckpt.stat().st_mtime_ns == stamp
+
+
+def test_help_and_module_entry_point():
+    proc = subprocess.run([sys.executable, "-m", "relayops", "--help"], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0
+    for command in ("train", "sample", "demo", "spectrum", "bench"):
+        assert command in proc.stdout
+
+
+def test_spectrum_and_bench_dispatch(monkeypatch, capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["spectrum", "--help"])          # relayops.analysis's own options
+    assert e.value.code == 0 and "--sigma" in capsys.readouterr().out
+    calls = []
+    monkeypatch.setattr("relayops.cli.subprocess.call", lambda cmd, cwd: calls.append((cmd, cwd)) or 0)
+    assert main(["bench", "-k", "blur"]) == 0
+    cmd, cwd = calls[0]
+    assert cmd[1:] == ["-m", "pytest", "bench", "-k", "blur"] and (cwd / "bench").is_dir()
