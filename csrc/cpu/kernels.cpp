@@ -1,6 +1,7 @@
 // CPU kernels (OpenMP). Work units are (sample, channel, run of patch rows). For s = 2, 4, 8 a
 // patch row is processed by loops over the whole image width that the compiler vectorises
 // (struct Strip); other s use the per-patch math of relayops/patch.h, as the CUDA kernels do.
+// patch_blur / relay_corrupt use a fused AVX-512 kernel when the CPU has it (BlurRows).
 // Noise is produced row by row (struct RowNoise): each row of eps/eps2 is drawn (or read) once,
 // its horizontal wraparound box sums go into a ring of 2s rows, and the vertical sums over the
 // ring give the block noise of the current patch row, so Philox runs once per element (plus s - 1
@@ -10,6 +11,7 @@
 #include <algorithm>
 #include <cstdlib>
 #include <cstring>
+#include <type_traits>
 #if defined(__x86_64__)
 #include <immintrin.h>
 #endif
@@ -247,9 +249,14 @@ struct RowNoise {
     for (int64_t y = hi; y < W; ++y) hr[y] = wrapped_sum(e2, y);
   }
 
+  // The columns near the ends: y - j + shift lies in [-W, 2W) (W >= s), so the wraparound is one
+  // compare instead of an integer division (with many small images these columns dominated).
   A wrapped_sum(const A* e2, int64_t y) const {
     A acc = 0;
-    for (int j = 0; j < n; ++j) acc += e2[wrap(y - j + P.shift, W)];
+    for (int j = 0; j < n; ++j) {
+      const int64_t i = y - j + P.shift;
+      acc += e2[i < 0 ? i + W : i >= W ? i - W : i];
+    }
     return acc;
   }
 
@@ -275,6 +282,234 @@ struct RowNoise {
     }
   }
 };
+
+// ---- Fused SIMD blur of one patch row (patch_blur / relay_corrupt, s = 2, 4, 8) ----
+// patch_blur(X) = keep * A X A + floor * X per s x s patch (keep = 1 - d_min, floor = d_min).
+// The column pass (A X) mixes the s rows of a patch row: plain vertical FMAs over the width. The
+// row pass (. A, A symmetric) mixes the s adjacent values of each patch inside a vector:
+// out[qs + j] = sum_l A[j][l] t[qs + l], i.e. for each l one fixed permutation (lane qs + j reads
+// lane qs + l) times a vector of coefficients (lane qs + j holds A[j][l]). Both passes are fused,
+// so each input element is loaded once and each output stored once, straight from / to the
+// tensor when its rows are contiguous. AVX-512 only (float: 16 lanes, double: 8); other CPUs keep
+// the compiler-vectorised two-pass path of Strip.
+#ifdef RELAYOPS_X86
+#define RELAYOPS_AVX512 __attribute__((target("avx512f")))
+
+// RELAYOPS_CPU_BLUR=generic turns it off (to test the portable path on an AVX-512 machine).
+bool blur_avx512() {
+  static const bool yes = [] {
+    __builtin_cpu_init();
+    const char* cap = std::getenv("RELAYOPS_CPU_BLUR");
+    return __builtin_cpu_supports("avx512f") && !(cap && std::strcmp(cap, "generic") == 0);
+  }();
+  return yes;
+}
+
+struct F32x16 {
+  using E = float;
+  using V = __m512;
+  using I = __m512i;
+  using M = __mmask16;
+  static constexpr int L = 16;
+  RELAYOPS_AVX512 static M mask(int64_t n) { return n >= L ? M(0xFFFF) : M((1u << n) - 1); }
+  RELAYOPS_AVX512 static V load(const E* p, M m) { return _mm512_maskz_loadu_ps(m, p); }
+  RELAYOPS_AVX512 static void store(E* p, V v, M m) { _mm512_mask_storeu_ps(p, m, v); }
+  RELAYOPS_AVX512 static V set1(E a) { return _mm512_set1_ps(a); }
+  RELAYOPS_AVX512 static V lanes(const E* a) { return _mm512_loadu_ps(a); }
+  RELAYOPS_AVX512 static I index(const int64_t* ix) {
+    alignas(64) int32_t t[L];
+    for (int i = 0; i < L; ++i) t[i] = int32_t(ix[i]);
+    return _mm512_load_si512(t);
+  }
+  RELAYOPS_AVX512 static V perm(I ix, V v) { return _mm512_permutexvar_ps(ix, v); }
+  // Lane g S + j <- lane g S + l for every group g: in-lane shuffles with immediates for s = 2, 4
+  // (cheaper than the general permutation), which the unrolled loops resolve at compile time.
+  template <int S>
+  RELAYOPS_AVX512 static V spread(V v, I ix, int l) {
+    if constexpr (S == 4) {
+      switch (l) {
+        case 0: return _mm512_permute_ps(v, 0x00);
+        case 1: return _mm512_permute_ps(v, 0x55);
+        case 2: return _mm512_permute_ps(v, 0xAA);
+        default: return _mm512_permute_ps(v, 0xFF);
+      }
+    } else if constexpr (S == 2) {
+      return l == 0 ? _mm512_permute_ps(v, 0xA0) : _mm512_permute_ps(v, 0xF5);
+    } else {
+      return perm(ix, v);
+    }
+  }
+  RELAYOPS_AVX512 static V fma(V a, V b, V c) { return _mm512_fmadd_ps(a, b, c); }
+  RELAYOPS_AVX512 static V mul(V a, V b) { return _mm512_mul_ps(a, b); }
+};
+
+struct F64x8 {
+  using E = double;
+  using V = __m512d;
+  using I = __m512i;
+  using M = __mmask8;
+  static constexpr int L = 8;
+  RELAYOPS_AVX512 static M mask(int64_t n) { return n >= L ? M(0xFF) : M((1u << n) - 1); }
+  RELAYOPS_AVX512 static V load(const E* p, M m) { return _mm512_maskz_loadu_pd(m, p); }
+  RELAYOPS_AVX512 static void store(E* p, V v, M m) { _mm512_mask_storeu_pd(p, m, v); }
+  RELAYOPS_AVX512 static V set1(E a) { return _mm512_set1_pd(a); }
+  RELAYOPS_AVX512 static V lanes(const E* a) { return _mm512_loadu_pd(a); }
+  RELAYOPS_AVX512 static I index(const int64_t* ix) { return _mm512_loadu_si512(ix); }
+  RELAYOPS_AVX512 static V perm(I ix, V v) { return _mm512_permutexvar_pd(ix, v); }
+  template <int S>
+  RELAYOPS_AVX512 static V spread(V v, I ix, int l) {
+    if constexpr (S == 4) {
+      switch (l) {
+        case 0: return _mm512_permutex_pd(v, 0x00);
+        case 1: return _mm512_permutex_pd(v, 0x55);
+        case 2: return _mm512_permutex_pd(v, 0xAA);
+        default: return _mm512_permutex_pd(v, 0xFF);
+      }
+    } else if constexpr (S == 2) {
+      return l == 0 ? _mm512_permute_pd(v, 0x00) : _mm512_permute_pd(v, 0xFF);
+    } else {
+      return perm(ix, v);
+    }
+  }
+  RELAYOPS_AVX512 static V fma(V a, V b, V c) { return _mm512_fmadd_pd(a, b, c); }
+  RELAYOPS_AVX512 static V mul(V a, V b) { return _mm512_mul_pd(a, b); }
+};
+
+template <class A> struct Simd512;
+template <> struct Simd512<float> { using type = F32x16; };
+template <> struct Simd512<double> { using type = F64x8; };
+
+// Full-vector loads / stores of L contiguous elements of storage type T, converted to / from the
+// vector's element type with the same results as load_elem / store_elem (common.h): bfloat16
+// rounds to nearest even, float16 uses the hardware conversion (also round to nearest even, with
+// subnormals and overflow to inf) and both write NaN as the scalar code does.
+template <class VT, class T>
+struct Io {
+  RELAYOPS_AVX512 static typename VT::V load(const T* p) { return VT::lanes(p); }
+  RELAYOPS_AVX512 static void store(T* p, typename VT::V v) { VT::store(p, v, VT::mask(VT::L)); }
+};
+
+template <>
+struct Io<F32x16, bfloat16_t> {
+  RELAYOPS_AVX512 static __m512 load(const bfloat16_t* p) {
+    const __m256i h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+  }
+  RELAYOPS_AVX512 static void store(bfloat16_t* p, __m512 v) {
+    const __m512i x = _mm512_castps_si512(v);
+    const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(x, 16), _mm512_set1_epi32(1));
+    __m512i r = _mm512_srli_epi32(_mm512_add_epi32(x, _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7fff))), 16);
+    const __mmask16 nan = _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q);  // quiet NaN, sign kept
+    r = _mm512_mask_or_epi32(r, nan, _mm512_srli_epi32(x, 16), _mm512_set1_epi32(0x40));
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), _mm512_cvtepi32_epi16(r));
+  }
+};
+
+template <>
+struct Io<F32x16, half_t> {
+  RELAYOPS_AVX512 static __m512 load(const half_t* p) {
+    return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+  }
+  RELAYOPS_AVX512 static void store(half_t* p, __m512 v) {
+    __m256i h = _mm512_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    const __mmask16 nan = _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q);
+    if (nan) {  // float_to_half writes every NaN as sign | 0x7e00
+      const __m512i sign = _mm512_and_si512(_mm512_srli_epi32(_mm512_castps_si512(v), 16), _mm512_set1_epi32(0x8000));
+      const __m512i w = _mm512_mask_or_epi32(_mm512_cvtepu16_epi32(h), nan, sign, _mm512_set1_epi32(0x7e00));
+      h = _mm512_cvtepi32_epi16(w);
+    }
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), h);
+  }
+};
+
+// in[i], out[i]: the s rows (W elements, contiguous) of one patch row; nz: its noise rows (row
+// stride W) or nullptr, added as scale * nz (relay_corrupt). Am: the blur's A.
+//
+// The kernel is bound by FP throughput (Zen 4 runs one 512-bit FMA per cycle), so keep is folded
+// into the row-pass coefficients: the output is floor x + sum_l (keep A)[j][l] t[qs + l].
+template <int S, class VT>
+struct BlurRows {
+  using E = typename VT::E;
+  using V = typename VT::V;
+  static constexpr int L = VT::L;
+  static_assert(L % S == 0, "a vector holds whole patches");
+  typename VT::I ix[S];  // row pass: lane i <- lane (i / S) S + l, for each l
+  V rc[S];               // row pass: lane i holds keep A[i % S][l], for each l
+  E ac[S][S];            // column pass: A (broadcast operands)
+  V vfloor, vscale;
+
+  RELAYOPS_AVX512 BlurRows(const E (*Am)[S], E keep, E floor, E scale) {
+    for (int l = 0; l < S; ++l) {
+      int64_t idx[L];
+      alignas(64) E co[L];
+      for (int i = 0; i < L; ++i) {
+        idx[i] = i / S * S + l;
+        co[i] = keep * Am[i % S][l];
+      }
+      ix[l] = VT::index(idx);
+      rc[l] = VT::lanes(co);
+    }
+    for (int k = 0; k < S; ++k)
+      for (int i = 0; i < S; ++i) ac[k][i] = Am[k][i];
+    vfloor = VT::set1(floor);
+    vscale = VT::set1(scale);
+  }
+
+  // Columns y .. y + L - 1 (Full) or the n < L columns left at the end of the rows, which go
+  // through a zero-padded buffer converted element by element (W is a multiple of S, so they
+  // hold whole patches).
+  template <bool Full, class T>
+  RELAYOPS_AVX512 __attribute__((always_inline)) inline void step(const T* const* in, T* const* out, int64_t W,
+                                                                  const E* nz, int64_t y, int64_t n) const {
+    const auto m = VT::mask(n);
+    alignas(64) E buf[L];
+    V x[S], t[S];
+    for (int i = 0; i < S; ++i) {
+      if constexpr (Full) {
+        x[i] = Io<VT, T>::load(in[i] + y);
+      } else {
+        for (int j = 0; j < L; ++j) buf[j] = j < n ? load_elem<E>(in[i] + y + j) : E(0);
+        x[i] = VT::lanes(buf);
+      }
+    }
+    // column pass: t_k = sum_i A[k][i] x_i, vertical FMAs (same order as Strip::column_pass)
+    for (int k = 0; k < S; ++k) {
+      t[k] = VT::mul(VT::set1(ac[k][0]), x[0]);
+      for (int i = 1; i < S; ++i) t[k] = VT::fma(VT::set1(ac[k][i]), x[i], t[k]);
+    }
+    for (int k = 0; k < S; ++k) {
+      // row pass inside each patch: floor x + sum_l keep A[j][l] t[qS + l] (+ scale * noise)
+      V r = VT::mul(vfloor, x[k]);
+      if (nz) r = VT::fma(vscale, VT::load(nz + k * W + y, m), r);
+      for (int l = 0; l < S; ++l) r = VT::fma(rc[l], VT::template spread<S>(t[k], ix[l], l), r);
+      if constexpr (Full) {
+        Io<VT, T>::store(out[k] + y, r);
+      } else {
+        VT::store(buf, r, m);
+        for (int j = 0; j < n; ++j) store_elem<E>(out[k] + y + j, buf[j]);
+      }
+    }
+  }
+};
+
+template <int S, class VT, class T>
+RELAYOPS_AVX512 void blur_rows_avx512(const T* const* in, T* const* out, int64_t W,
+                                      const typename VT::E (*Am)[S], typename VT::E keep, typename VT::E floor,
+                                      const typename VT::E* nz, typename VT::E scale) {
+  constexpr int L = VT::L;
+  const BlurRows<S, VT> k(Am, keep, floor, scale);
+  // local copies of the row pointers: the stores cannot alias them, so they stay in registers
+  const T* ip[S];
+  T* op[S];
+  for (int i = 0; i < S; ++i) {
+    ip[i] = in[i];
+    op[i] = out[i];
+  }
+  int64_t y = 0;
+  for (; y + L <= W; y += L) k.template step<true>(ip, op, W, nz, y, L);
+  if (y < W) k.template step<false>(ip, op, W, nz, y, W - y);
+}
+#endif
 
 template <int S, class T, class A>
 struct Strip {
@@ -409,6 +644,38 @@ struct Strip {
     }
   }
 
+#ifdef RELAYOPS_X86
+  // Blur (+ noise) of the patch row at image row h0 with the fused AVX-512 kernel; false when it
+  // does not apply. Contiguous rows (any dtype) are read and written in place.
+  bool blur_simd(int64_t b, int64_t c, int64_t h0, const A* nz, A scale) {
+    // float64 with s = 8 holds one patch per vector: the row pass would be a shuffle per element,
+    // slower than Strip's two passes.
+    if (!blur_avx512() || (std::is_same_v<A, double> && S == 8)) return false;
+    using VT = typename Simd512<A>::type;
+    const bool direct_in = P.x.sw == 1, direct_out = P.out.sw == 1;
+    const T* in[S];
+    T* out[S];
+    const A* in_s[S];
+    A* out_s[S];
+    for (int i = 0; i < S; ++i) {
+      in[i] = P.x.template at<const T>(b, c, h0 + i, 0);
+      out[i] = P.out.template at<T>(b, c, h0 + i, 0);
+      in_s[i] = X.data() + i * W;
+      out_s[i] = Vb.data() + i * W;
+    }
+    const A keep = A(1) - P.d_min, floor = P.d_min;
+    if (direct_in && direct_out) {
+      blur_rows_avx512<S, VT, T>(in, out, W, Ab, keep, floor, nz, scale);
+      return true;
+    }
+    // strided rows (e.g. channels_last) go through the X / Vb scratch rows
+    load_rows(P.x, b, c, h0, X.data());
+    blur_rows_avx512<S, VT, A>(in_s, out_s, W, Ab, keep, floor, nz, scale);
+    store_rows(b, c, h0, Vb.data());
+    return true;
+  }
+#endif
+
   // One patch row p of plane (b, c); nz: its noise rows (row stride W) when needed.
   RELAYOPS_CLONES
   void process(const SampleConsts<S, A>& sc, int64_t b, int64_t c, int64_t p, const A* nz) {
@@ -431,6 +698,9 @@ struct Strip {
         return store_rows(b, c, h0, nz);
       case kBlur:
       case kCorrupt: {
+#ifdef RELAYOPS_X86
+        if (blur_simd(b, c, h0, P.mode == kCorrupt ? nz : nullptr, sc.noise_scale)) return;
+#endif
         load_rows(P.x, b, c, h0, x);
         column_pass(x, t, Ab);
         row_pass(t, v, 3);
@@ -467,6 +737,16 @@ struct Strip {
   }
 };
 
+// The per-sample constants (sample_consts, Strip::set_sample) depend only on the sample's sigma,
+// sigma_next, tau and tau_next. With many small images sharing one value (a scalar broadcast to
+// [B]), recomputing their exps and the s^4 maps for every sample cost more than the pixels.
+template <class A>
+bool same_sample_params(const Params<A>& P, int64_t b, int64_t b0) {
+  for (const A* v : {P.sigma, P.sigma_next, P.tau, P.tau_next})
+    if (v && !(v[b] == v[b0])) return false;
+  return true;
+}
+
 template <int S, class T, class A>
 void run(const Params<A>& P, bool patchwise) {
   constexpr int N = S ? S : kMaxS;
@@ -496,9 +776,11 @@ void run(const Params<A>& P, bool patchwise) {
       const int64_t b = u / (P.C * nchunks), c = (u / nchunks) % P.C, ch = u % nchunks;
       const int64_t p0 = ch * chunk, p1 = std::min(nstrips, p0 + chunk);
       if (b != sc_b) {
-        sample_consts<S, A>(P, b, sc);
-        if constexpr (S != 0)
-          if (st) st->set_sample(sc, b);
+        if (sc_b < 0 || !same_sample_params(P, b, sc_b)) {
+          sample_consts<S, A>(P, b, sc);
+          if constexpr (S != 0)
+            if (st) st->set_sample(sc, b);
+        }
         sc_b = b;
       }
       int64_t next = p0 * n - (n - 1) + P.shift;  // next noise row to draw (rows mode)
