@@ -48,45 +48,38 @@ RELAYOPS_HD bool needs_noise(const Params<A>& P) {
   return P.mode == kNoise || P.mode == kCorrupt || (P.mode == kStep && P.eta != A(0));
 }
 
-// U = C X C^T in place; X is row-major with row stride N = (S ? S : kMaxS).
-template <int S, class A>
-RELAYOPS_HD void dct2(const A* C, int s_rt, A* X) {
+// Entry (r, c) of M = C, or of M = C^T when Transposed.
+template <bool Transposed, class A>
+RELAYOPS_HD A dct_entry(const A* C, int n, int r, int c) {
+  return Transposed ? C[c * n + r] : C[r * n + c];
+}
+
+// X <- M X M^T in place with M = C (Inverse = false: U = C X C^T) or M = C^T (Inverse = true:
+// X = C^T U C). X is row-major with row stride N = (S ? S : kMaxS).
+template <int S, bool Inverse, class A>
+RELAYOPS_HD void transform2(const A* C, int s_rt, A* X) {
   constexpr int N = S ? S : kMaxS;
   const int n = S ? S : s_rt;
   A T[N * N];
   for (int i = 0; i < n; ++i)
     for (int j = 0; j < n; ++j) {
       A acc = 0;
-      for (int k = 0; k < n; ++k) acc += C[i * n + k] * X[k * N + j];
+      for (int k = 0; k < n; ++k) acc += dct_entry<Inverse>(C, n, i, k) * X[k * N + j];
       T[i * N + j] = acc;
     }
   for (int i = 0; i < n; ++i)
     for (int j = 0; j < n; ++j) {
       A acc = 0;
-      for (int k = 0; k < n; ++k) acc += T[i * N + k] * C[j * n + k];
+      for (int k = 0; k < n; ++k) acc += T[i * N + k] * dct_entry<Inverse>(C, n, j, k);
       X[i * N + j] = acc;
     }
 }
 
-// X = C^T U C in place (the inverse of dct2).
 template <int S, class A>
-RELAYOPS_HD void idct2(const A* C, int s_rt, A* X) {
-  constexpr int N = S ? S : kMaxS;
-  const int n = S ? S : s_rt;
-  A T[N * N];
-  for (int i = 0; i < n; ++i)
-    for (int j = 0; j < n; ++j) {
-      A acc = 0;
-      for (int k = 0; k < n; ++k) acc += C[k * n + i] * X[k * N + j];
-      T[i * N + j] = acc;
-    }
-  for (int i = 0; i < n; ++i)
-    for (int j = 0; j < n; ++j) {
-      A acc = 0;
-      for (int k = 0; k < n; ++k) acc += T[i * N + k] * C[k * n + j];
-      X[i * N + j] = acc;
-    }
-}
+RELAYOPS_HD void dct2(const A* C, int s_rt, A* X) { transform2<S, false>(C, s_rt, X); }
+
+template <int S, class A>
+RELAYOPS_HD void idct2(const A* C, int s_rt, A* X) { transform2<S, true>(C, s_rt, X); }
 
 // D_ij(tau) = (1 - d_min) exp(-lambda_ij tau) + d_min, lambda_ij = pi^2 (i^2 + j^2) / s^2 (SPEC 2).
 template <class A>
