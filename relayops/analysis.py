@@ -6,8 +6,8 @@ times more power into the low frequencies than high-resolution white noise. Bloc
 kernel s at the high resolution restores the low-resolution spectrum there.
 
 :func:`snr_spectrum` measures it on real photographs (by default those that scikit-image ships,
-so it runs offline); :func:`add_spectrum_arguments` / :func:`run_spectrum` are the
-``relayops spectrum`` command, writing a PNG plot and a JSON of the numbers.
+so it runs offline); :func:`write_spectrum` saves a PNG plot and a JSON of the numbers, which
+is what the ``relayops spectrum`` command does.
 """
 from __future__ import annotations
 
@@ -19,6 +19,7 @@ import torch.nn.functional as F
 
 from . import reference
 from .ops import block_noise
+from .training.data import read_image, skimage_image
 
 # Colour photographs bundled with scikit-image (no download needed).
 DEFAULT_IMAGES = ("astronaut", "coffee", "chelsea", "rocket", "immunohistochemistry", "hubble_deep_field")
@@ -43,21 +44,16 @@ def load_images(names_or_paths=None, resolution: int = 256) -> torch.Tensor:
     ``names_or_paths``: scikit-image sample names (``skimage.data.<name>``) or image file paths;
     default :data:`DEFAULT_IMAGES`. Grey images are repeated to 3 channels.
     """
-    import numpy as np
-
     out = []
     for item in names_or_paths or DEFAULT_IMAGES:
         if Path(str(item)).is_file():
-            from PIL import Image
-            arr = np.asarray(Image.open(item).convert("RGB"))
+            img = read_image(item)
         else:
-            import skimage.data
-            if not hasattr(skimage.data, str(item)):
-                raise ValueError(f"{item!r} is neither an image file nor a scikit-image sample name")
-            arr = getattr(skimage.data, str(item))()
-        arr = arr[..., None].repeat(3, -1) if arr.ndim == 2 else arr[..., :3]
-        img = torch.from_numpy(np.ascontiguousarray(arr)).permute(2, 0, 1).to(torch.float64) / 255.0
-        out.append(_square_resize(img, resolution))
+            try:
+                img = skimage_image(str(item))
+            except ValueError:
+                raise ValueError(f"{item!r} is neither an image file nor a scikit-image sample name") from None
+        out.append(_square_resize(img.to(torch.float64) / 255.0, resolution))
     return torch.stack(out)
 
 
@@ -165,33 +161,20 @@ def plot_spectrum(result: dict, path) -> None:
     fig.savefig(path, format="png")
 
 
-# --- command line (wired as `relayops spectrum` by relayops/cli.py) --------------------------------
-
-def add_spectrum_arguments(parser) -> None:
-    """Options of ``relayops spectrum`` on an ``argparse`` parser."""
-    parser.add_argument("--images", nargs="*", default=None,
-                        help=f"image files or scikit-image sample names (default: {' '.join(DEFAULT_IMAGES)})")
-    parser.add_argument("--sigma", type=float, default=0.5, help="noise level (default 0.5)")
-    parser.add_argument("--s", type=int, default=4, help="block size = resolution ratio (default 4)")
-    parser.add_argument("--resolution", type=int, default=256, help="high resolution (default 256)")
-    parser.add_argument("--draws", type=int, default=8, help="noise draws per image (default 8)")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--out", default="spectrum", help="output prefix: writes PREFIX.png and PREFIX.json")
-
-
-def run_spectrum(args) -> int:
-    """Compute :func:`snr_spectrum` from parsed arguments and write ``<out>.png`` and ``<out>.json``."""
-    images = load_images(args.images, args.resolution)
-    result = snr_spectrum(images, sigma=args.sigma, s=args.s, resolution=args.resolution, draws=args.draws,
-                          seed=args.seed)
-    out = Path(args.out)
+def write_spectrum(result: dict, out_prefix) -> tuple[Path, Path]:
+    """Write :func:`snr_spectrum`'s ``result`` as ``<out_prefix>.png`` (:func:`plot_spectrum`) and
+    ``<out_prefix>.json`` (everything but the full maps), creating the folder. Returns both paths."""
+    out = Path(out_prefix)
     out.parent.mkdir(parents=True, exist_ok=True)
     png, js = out.with_suffix(".png"), out.with_suffix(".json")
     plot_spectrum(result, png)
-    summary = {k: v for k, v in result.items() if not k.endswith("_map")}  # full maps stay out of the JSON
+    summary = {k: v for k, v in result.items() if not k.endswith("_map")}  # the maps would dwarf the rest
     js.write_text(json.dumps(summary, indent=1))
-    low = [r for r, f in enumerate(result["frequency"]) if 0 < f < 1 / (2 * args.s)]
-    gap = {name: sum(result["snr_db"][name][r] for r in low) / len(low) for name in CURVES}
-    print(f"wrote {png} and {js}; mean SNR (dB) below 1/(2s) of the band: "
-          + ", ".join(f"{k} {v:.2f}" for k, v in gap.items()))
-    return 0
+    return png, js
+
+
+def low_band_snr_db(result: dict) -> dict[str, float]:
+    """Mean SNR in dB per curve over the rings with 0 < frequency < 1/(2s) (the lower half of the
+    low-resolution band, where block noise should match low-resolution white noise)."""
+    low = [r for r, f in enumerate(result["frequency"]) if 0 < f < 1 / (2 * result["s"])]
+    return {name: sum(result["snr_db"][name][r] for r in low) / len(low) for name in CURVES}

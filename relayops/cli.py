@@ -220,13 +220,35 @@ def _cmd_demo(args) -> int:
     return 0
 
 
-def _cmd_spectrum(args) -> int:
-    from . import analysis  # engineer C's module; imported only for this command
+def _build_spectrum(sub) -> None:
+    from .analysis import DEFAULT_IMAGES
 
-    p = argparse.ArgumentParser(prog="relayops spectrum", description="SNR per DCT frequency (SPEC 12)")
-    analysis.add_spectrum_arguments(p)
-    result = analysis.run_spectrum(p.parse_args(args.rest))
-    return result if isinstance(result, int) else 0
+    p = sub.add_parser("spectrum", help="SNR per DCT frequency of images under noise (SPEC 12)",
+                       description="SNR per DCT frequency (SPEC 12) of photographs under high-resolution white "
+                                   "noise, upsampled low-resolution white noise and block noise; writes "
+                                   "PREFIX.png and PREFIX.json.")
+    p.add_argument("--images", nargs="*", default=None,
+                   help=f"image files or scikit-image sample names (default: {' '.join(DEFAULT_IMAGES)})")
+    p.add_argument("--sigma", type=float, default=0.5, help="noise level (default 0.5)")
+    p.add_argument("--s", type=int, default=4, help="block size = resolution ratio (default 4)")
+    p.add_argument("--resolution", type=int, default=256, help="high resolution (default 256)")
+    p.add_argument("--draws", type=int, default=8, help="noise draws per image (default 8)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default="spectrum", help="output prefix: writes PREFIX.png and PREFIX.json")
+    p.set_defaults(func=_cmd_spectrum)
+
+
+def _cmd_spectrum(args) -> int:
+    from . import analysis
+
+    images = analysis.load_images(args.images, args.resolution)
+    result = analysis.snr_spectrum(images, sigma=args.sigma, s=args.s, resolution=args.resolution,
+                                   draws=args.draws, seed=args.seed)
+    png, js = analysis.write_spectrum(result, args.out)
+    low_band = analysis.low_band_snr_db(result)
+    print(f"wrote {png} and {js}; mean SNR (dB) below 1/(2s) of the band: "
+          + ", ".join(f"{k} {v:.2f}" for k, v in low_band.items()))
+    return 0
 
 
 def _cmd_bench(args) -> int:
@@ -238,7 +260,7 @@ def _cmd_bench(args) -> int:
     return subprocess.call([sys.executable, "-m", "pytest", "bench", *args.rest], cwd=root)
 
 
-PASSTHROUGH = {"spectrum": _cmd_spectrum, "bench": _cmd_bench}
+PASSTHROUGH = {"bench": _cmd_bench}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -248,10 +270,7 @@ def build_parser() -> argparse.ArgumentParser:
     _build_train(sub)
     _build_sample(sub)
     _build_demo(sub)
-    p = sub.add_parser("spectrum", help="SNR per DCT frequency of images under noise (SPEC 12)", add_help=False,
-                       description="See `relayops spectrum --help`.")
-    p.add_argument("rest", nargs=argparse.REMAINDER)
-    p.set_defaults(func=_cmd_spectrum)
+    _build_spectrum(sub)
     p = sub.add_parser("bench", help="run the benchmarks (python -m pytest bench [ARGS])", add_help=False)
     p.add_argument("rest", nargs=argparse.REMAINDER, help="extra pytest arguments")
     p.set_defaults(func=_cmd_bench)
@@ -262,8 +281,8 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser()
     if argv and argv[0] in PASSTHROUGH:
-        # These hand every later argument to another parser (analysis's, pytest's), options
-        # included, which argparse.REMAINDER would not do for a leading "--option".
+        # These hand every later argument to another program (pytest), options included,
+        # which argparse.REMAINDER would not do for a leading "--option".
         args = argparse.Namespace(command=argv[0], rest=argv[1:], func=PASSTHROUGH[argv[0]])
     else:
         args = parser.parse_args(argv)

@@ -1,7 +1,6 @@
 """SPEC 12: per-DCT-frequency SNR; block noise at high resolution reproduces low-resolution white noise."""
 from __future__ import annotations
 
-import argparse
 import json
 
 import numpy as np
@@ -9,7 +8,7 @@ import pytest
 import scipy.fft
 import torch
 
-from relayops.analysis import add_spectrum_arguments, dct_power, load_images, run_spectrum, snr_spectrum
+from relayops.analysis import dct_power, load_images, low_band_snr_db, snr_spectrum, write_spectrum
 
 RES, S = 64, 4
 
@@ -87,19 +86,27 @@ def test_block_noise_reproduces_low_resolution_snr(result):
     assert (snr["high_res_white"] - snr["low_res_white"])[quarter].min() > 10.0
 
 
-def test_command_writes_png_and_json(tmp_path, capsys):
-    parser = argparse.ArgumentParser()
-    add_spectrum_arguments(parser)
-    out = tmp_path / "sub" / "fig2"
-    args = parser.parse_args(["--images", "astronaut", "coffee", "--resolution", "32", "--draws", "2",
-                              "--sigma", "0.3", "--out", str(out)])
-    assert run_spectrum(args) == 0
-    assert (tmp_path / "sub" / "fig2.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    data = json.loads((tmp_path / "sub" / "fig2.json").read_text())
+def test_write_spectrum_writes_png_and_json(tmp_path):
+    result = snr_spectrum(load_images(["astronaut", "coffee"], 32), sigma=0.3, resolution=32, draws=2)
+    png, js = write_spectrum(result, tmp_path / "sub" / "fig2")
+    assert (png, js) == (tmp_path / "sub" / "fig2.png", tmp_path / "sub" / "fig2.json")
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    data = json.loads(js.read_text())
     assert data["sigma"] == 0.3 and data["resolution"] == 32 and data["num_images"] == 2
     assert set(data["snr_db"]) == {"low_res_white", "high_res_white", "high_res_block"}
     assert len(data["frequency"]) == 32 and all(len(v) == 32 for v in data["snr"].values())
-    assert "wrote" in capsys.readouterr().out
+    assert not any(k.endswith("_map") for k in data)
+
+
+def test_low_band_snr(result):
+    """Rings 1 .. R/(2s) - 1; there the two high-resolution curves share the signal and the white
+    noise has over 10 dB less power (test above), so its SNR is over 10 dB higher."""
+    low_band = low_band_snr_db(result)
+    expected = {k: np.mean(v[1:RES // (2 * S)]) for k, v in result["snr_db"].items()}
+    assert low_band.keys() == expected.keys()
+    for k in expected:
+        assert low_band[k] == pytest.approx(expected[k], rel=1e-12)
+    assert low_band["high_res_white"] - low_band["high_res_block"] > 10.0
 
 
 def test_bad_input():

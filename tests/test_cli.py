@@ -115,10 +115,24 @@ def test_help_and_module_entry_point():
         assert command in proc.stdout
 
 
+def test_spectrum_command_writes_png_and_json(tmp_path, capsys):
+    out = tmp_path / "sub" / "fig2"
+    assert main(["spectrum", "--images", "astronaut", "coffee", "--resolution", "32", "--draws", "2",
+                 "--sigma", "0.3", "--out", str(out)]) == 0
+    assert (tmp_path / "sub" / "fig2.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    data = json.loads((tmp_path / "sub" / "fig2.json").read_text())
+    assert data["sigma"] == 0.3 and data["resolution"] == 32 and data["num_images"] == 2
+    printed = capsys.readouterr().out
+    assert "wrote" in printed and "mean SNR (dB) below 1/(2s) of the band: low_res_white" in printed
+
+
 def test_spectrum_and_bench_dispatch(monkeypatch, capsys):
     with pytest.raises(SystemExit) as e:
-        main(["spectrum", "--help"])          # relayops.analysis's own options
-    assert e.value.code == 0 and "--sigma" in capsys.readouterr().out
+        main(["spectrum", "--help"])
+    help_text = capsys.readouterr().out
+    assert e.value.code == 0
+    for option in ("--images", "--sigma", "--s", "--resolution", "--draws", "--seed", "--out"):
+        assert option in help_text
     calls = []
     monkeypatch.setattr("relayops.cli.subprocess.call", lambda cmd, cwd: calls.append((cmd, cwd)) or 0)
     assert main(["bench", "-k", "blur"]) == 0

@@ -4,8 +4,9 @@
     train(TrainConfig(stage="base", data="builtin", resolution=16, steps=2000, out="runs/base"))
     denoiser, record = load_denoiser("runs/base", expected_stage="base")
 """
+from ..sampling import nearest_upsample  # re-exported from its home, relayops.sampling
 from .checkpoint import load_checkpoint, read_record, save_checkpoint
-from .data import CropDataset, area_downsample, builtin_images, eval_crops, load_images, nearest_upsample, save_grid
+from .data import CropDataset, area_downsample, builtin_images, eval_crops, load_images, save_grid
 from .losses import edm_base_loss, linear_relay_loss, relay_loss, vpred_loss
 from .trainer import TrainConfig, Trainer, build_denoiser, load_denoiser, train
 from .unet import EDMPrecond, UNet, UNetConfig, VPredPrecond

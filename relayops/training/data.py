@@ -1,5 +1,8 @@
 """Training images: a folder of PNG/JPEG files or the photographs bundled with scikit-image.
 
+:func:`read_image` (one file) and :func:`skimage_image` (one bundled sample) are the package's
+only image readers; ``relayops.analysis`` uses them too.
+
 Images are kept in memory as uint8 ``[3, H, W]`` tensors. A sample is a random square crop
 (side between ``crop_scale[0]`` and ``crop_scale[1]`` times the resolution, never more than the
 image), randomly flipped, resized to ``resolution x resolution`` with antialiasing and scaled to
@@ -38,20 +41,35 @@ def _to_chw_uint8(array: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(np.array(a, copy=True)).permute(2, 0, 1).contiguous()
 
 
+def read_image(path) -> torch.Tensor:
+    """One image file (any format PIL reads) as a uint8 ``[3, H, W]`` tensor."""
+    from PIL import Image
+
+    with Image.open(path) as im:
+        return _to_chw_uint8(np.asarray(im.convert("RGB")))
+
+
+@functools.cache
+def skimage_image(name: str) -> torch.Tensor:
+    """scikit-image's bundled image ``skimage.data.<name>()`` as a uint8 ``[3, H, W]`` tensor.
+
+    Raises ``ValueError`` for a name that is not one. Cached: decoding takes up to a second
+    and callers only ever read the tensor.
+    """
+    import skimage.data
+
+    load = getattr(skimage.data, name, None)
+    if not callable(load):
+        raise ValueError(f"scikit-image has no sample image {name!r}")
+    return _to_chw_uint8(load())
+
+
 def builtin_images(split: str = "train") -> list[torch.Tensor]:
     """scikit-image's photographs as uint8 ``[3, H, W]`` tensors; split "train" or "heldout"."""
     names = {"train": BUILTIN_TRAIN, "heldout": BUILTIN_HELDOUT}.get(split)
     if names is None:
         raise ValueError(f"split must be 'train' or 'heldout', got {split!r}")
-    return list(_builtin(names))
-
-
-@functools.lru_cache(maxsize=4)
-def _builtin(names: tuple[str, ...]) -> tuple[torch.Tensor, ...]:
-    # Decoding the photographs takes about a second; the tensors are only ever read.
-    import skimage.data
-
-    return tuple(_to_chw_uint8(getattr(skimage.data, name)()) for name in names)
+    return [skimage_image(name) for name in names]
 
 
 def folder_images(path) -> tuple[list[torch.Tensor], list[int], list[str]]:
@@ -62,8 +80,6 @@ def folder_images(path) -> tuple[list[torch.Tensor], list[int], list[str]]:
     Raises ``FileNotFoundError`` for a missing folder and ``ValueError`` for one without images
     or with an unreadable image.
     """
-    from PIL import Image
-
     root = Path(path)
     if not root.exists():
         raise FileNotFoundError(f"data folder {str(root)!r} does not exist")
@@ -77,8 +93,7 @@ def folder_images(path) -> tuple[list[torch.Tensor], list[int], list[str]]:
     images, labels = [], []
     for p in files:
         try:
-            with Image.open(p) as im:
-                images.append(_to_chw_uint8(np.asarray(im.convert("RGB"))))
+            images.append(read_image(p))
         except Exception as e:  # PIL raises several types for broken files
             raise ValueError(f"cannot read image {str(p)!r}: {e}") from None
         labels.append(class_names.index(class_of(p)))
@@ -98,11 +113,6 @@ def area_downsample(x: torch.Tensor, s: int) -> torch.Tensor:
     if x.shape[-1] % s or x.shape[-2] % s:
         raise ValueError(f"image size {tuple(x.shape[-2:])} is not divisible by the patch size {s}")
     return F.avg_pool2d(x, s)
-
-
-def nearest_upsample(x: torch.Tensor, s: int) -> torch.Tensor:
-    """Each pixel becomes a constant s x s block: ``[B, C, h, w] -> [B, C, h*s, w*s]``."""
-    return x.repeat_interleave(s, dim=-2).repeat_interleave(s, dim=-1)
 
 
 class CropDataset:

@@ -32,7 +32,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from .data import CropDataset, area_downsample, builtin_images, load_images, nearest_upsample, save_grid
+from .. import sampling
+from .data import CropDataset, area_downsample, builtin_images, load_images, save_grid
 from .metrics import log_spectral_distance, psnr
 from .trainer import TrainConfig, load_denoiser, train
 
@@ -96,7 +97,7 @@ def _side_by_side(columns: list[torch.Tensor], size: int) -> torch.Tensor:
 
 
 def _zoom(x: torch.Tensor, k: int) -> torch.Tensor:
-    return nearest_upsample(x, k) if k > 1 else x
+    return sampling.nearest_upsample(x, k) if k > 1 else x
 
 
 def _half_the_cores() -> int:
@@ -150,8 +151,6 @@ def train_both(base_cfg: TrainConfig, relay_cfg: TrainConfig, resume: bool) -> N
 
 def run_demo(cfg: DemoConfig, command: str | None = None) -> dict:
     """Train (or reuse) both stages, then write samples.png, sr_compare.png and metrics.json."""
-    from .. import sampling
-
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     hi = cfg.base_resolution * cfg.scale
@@ -193,7 +192,7 @@ def run_demo(cfg: DemoConfig, command: str | None = None) -> dict:
         evalset = CropDataset(held, hi, crop_scale=tuple(cfg.crop_scale), flip=False, seed=cfg.seed + 1)
         truth, _ = evalset.batch(range(n_eval), epoch=0)
         low = area_downsample(truth, cfg.scale)
-        nearest = nearest_upsample(low, cfg.scale)
+        nearest = sampling.nearest_upsample(low, cfg.scale)
         bicubic = F.interpolate(low, scale_factor=cfg.scale, mode="bicubic", align_corners=False).clamp(-1, 1)
         t0 = time.time()
         with torch.no_grad():

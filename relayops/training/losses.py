@@ -11,7 +11,8 @@ import torch
 
 from .. import schedules
 from ..ops import linear_relay_blur, relay_corrupt
-from .data import area_downsample, nearest_upsample
+from ..sampling import nearest_upsample
+from .data import area_downsample
 
 
 def _col(t: torch.Tensor) -> torch.Tensor:
@@ -85,7 +86,7 @@ def vpred_loss(denoiser, y: torch.Tensor, class_labels=None, *, generator: torch
     z = alpha * yf + sigma * eps
     v_hat = denoiser.predict_v(z, logsnr, class_labels)
     if multiscale:
-        from ..multires import multiscale_loss  # SPEC 11, engineer C's module
+        from ..multires import multiscale_loss  # SPEC 11
 
         return multiscale_loss(schedules.eps_from_v(z, v_hat, alpha, sigma), eps)
     return ((v_hat - schedules.v_from_eps(yf, eps, alpha, sigma)) ** 2).mean()

@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .. import schedules
+from .._validate import per_sample
 
 
 @dataclass
@@ -190,15 +191,9 @@ class UNet(nn.Module):
         return self.conv_out(F.silu(self.norm_out(h)))
 
 
-def _per_sample(sigma, x: torch.Tensor) -> torch.Tensor:
-    """sigma as a float32 ``[B]`` tensor on x's device."""
-    sigma = torch.as_tensor(sigma, dtype=torch.float32, device=x.device)
-    return sigma.expand(x.shape[0]) if sigma.dim() == 0 else sigma.reshape(x.shape[0]).float()
-
-
 class EDMPrecond(nn.Module):
     """``D(x; sigma) = c_skip x + c_out F(c_in x, c_noise)`` (SPEC 6, coefficients from
-    ``relayops.schedules.edm_precond``). x: ``[B, C, H, W]``; sigma: float or ``[B]``.
+    ``relayops.schedules.edm_precond``). x: ``[B, C, H, W]``; sigma: float or ``[B]``, > 0.
     Computes in float32 (the net itself may run under autocast) and returns x's dtype."""
 
     def __init__(self, net: UNet, sigma_data: float = schedules.SIGMA_DATA):
@@ -207,7 +202,7 @@ class EDMPrecond(nn.Module):
         self.sigma_data = sigma_data
 
     def forward(self, x: torch.Tensor, sigma, class_labels: torch.Tensor | None = None) -> torch.Tensor:
-        sigma = _per_sample(sigma, x)
+        sigma = per_sample("sigma", sigma, x, positive=True).float()  # [B]; the wrapper computes in float32
         c_skip, c_out, c_in, c_noise = schedules.edm_precond(sigma, self.sigma_data)
         c_skip, c_out, c_in = (c[:, None, None, None] for c in (c_skip, c_out, c_in))
         xf = x.float()
@@ -221,7 +216,7 @@ class VPredPrecond(nn.Module):
     The variance-preserving state ``z = alpha x0 + sigma_t eps`` is the EDM state
     ``x = x0 + sigma eps`` scaled by ``alpha = 1 / sqrt(1 + sigma^2)``, with ``sigma_t = sigma alpha``
     and ``logsnr = -2 ln sigma``. The net sees ``z`` and ``c_noise = logsnr / 8`` and predicts
-    ``v``; ``x0 = alpha z - sigma_t v``.
+    ``v``; ``x0 = alpha z - sigma_t v``. x: ``[B, C, H, W]``; sigma: float or ``[B]``, > 0.
     """
 
     def __init__(self, net: UNet):
@@ -232,7 +227,7 @@ class VPredPrecond(nn.Module):
         return self.net(z, logsnr / 8, class_labels).float()
 
     def forward(self, x: torch.Tensor, sigma, class_labels: torch.Tensor | None = None) -> torch.Tensor:
-        sigma = _per_sample(sigma, x)
+        sigma = per_sample("sigma", sigma, x, positive=True).float()  # [B]; the wrapper computes in float32
         logsnr = -2 * torch.log(sigma)
         alpha, sigma_t = schedules.alpha_sigma_from_logsnr(logsnr)
         a, st = alpha[:, None, None, None], sigma_t[:, None, None, None]
