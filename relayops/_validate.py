@@ -1,7 +1,11 @@
-"""Input checks shared by every public op.
+"""Input checks and conversions shared by every public op and every op backend.
 
 Each check raises a ``ValueError`` or ``TypeError`` that names the argument and says what is
-allowed. Nothing is silently cropped, broadcast or cast.
+allowed. Nothing is silently cropped, broadcast or cast. The same functions serve the public
+ops (also while torch.compile traces them), the custom ops' real implementations (a direct
+``torch.ops.relayops.*`` call with bad input fails here, before any kernel sees a pointer) and
+their fake implementations (with symbolic shapes a check becomes a guard). The message is
+formatted only when a check fails.
 """
 from __future__ import annotations
 
@@ -10,29 +14,36 @@ import numbers
 import torch
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+U64 = 1 << 64
 
 
-def _is_compiling() -> bool:
-    return torch.compiler.is_compiling()
+def require(ok, error: type[Exception], message) -> None:
+    """Raise ``error(message())`` unless ``ok`` (a bool, or a symbolic bool under tracing)."""
+    if not ok:
+        raise error(message())
+
+
+def acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype the math runs in: float64 for float64 data, float32 for every other dtype."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 def check_image(name: str, x, s: int | None = None) -> torch.Tensor:
     """A floating ``[B, C, H, W]`` tensor whose H and W are multiples of ``s``."""
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor of shape [B, C, H, W], got {type(x).__name__}")
-    if x.dtype not in FLOAT_DTYPES:
-        raise TypeError(
-            f"{name} must have a floating dtype (float16, bfloat16, float32 or float64), got {x.dtype}"
-        )
-    if x.dim() != 4:
-        raise ValueError(f"{name} must be 4-D [B, C, H, W], got shape {tuple(x.shape)}")
+    require(x.dtype in FLOAT_DTYPES, TypeError, lambda: (
+        f"{name} must have a floating dtype (float16, bfloat16, float32 or float64), got {x.dtype}"))
+    require(x.dim() == 4, ValueError, lambda: f"{name} must be 4-D [B, C, H, W], got shape {tuple(x.shape)}")
     if s is not None:
         h, w = x.shape[-2:]
-        if h % s or w % s:
-            raise ValueError(
-                f"{name} has H x W = {h} x {w}; both must be multiples of the patch size s = {s}"
-            )
+        require(h % s == 0, ValueError, lambda: _not_multiple(name, h, w, s))
+        require(w % s == 0, ValueError, lambda: _not_multiple(name, h, w, s))
     return x
+
+
+def _not_multiple(name, h, w, s) -> str:
+    return f"{name} has H x W = {h} x {w}; both must be multiples of the patch size s = {s}"
 
 
 def check_patch_size(s) -> int:
@@ -43,15 +54,15 @@ def check_patch_size(s) -> int:
     return int(s)
 
 
-def check_same(name: str, t: torch.Tensor, ref_name: str, ref: torch.Tensor) -> torch.Tensor:
+def check_same(name: str, t, ref_name: str, ref: torch.Tensor) -> torch.Tensor:
     """``t`` must match ``ref`` in shape, dtype and device."""
     check_image(name, t)
-    if t.shape != ref.shape:
-        raise ValueError(f"{name} has shape {tuple(t.shape)}; it must match {ref_name}'s {tuple(ref.shape)}")
-    if t.device != ref.device:
-        raise ValueError(f"{name} is on {t.device}; it must be on {ref_name}'s device {ref.device}")
-    if t.dtype != ref.dtype:
-        raise TypeError(f"{name} has dtype {t.dtype}; it must match {ref_name}'s {ref.dtype}")
+    require(t.shape == ref.shape, ValueError, lambda: (
+        f"{name} has shape {tuple(t.shape)}; it must match {ref_name}'s {tuple(ref.shape)}"))
+    require(t.device == ref.device, ValueError, lambda: (
+        f"{name} is on {t.device}; it must be on {ref_name}'s device {ref.device}"))
+    require(t.dtype == ref.dtype, TypeError, lambda: (
+        f"{name} has dtype {t.dtype}; it must match {ref_name}'s {ref.dtype}"))
     return t
 
 
@@ -73,35 +84,56 @@ def check_real(name: str, value, *, low: float | None = None, high: float | None
 def check_seed(name: str, value) -> int:
     if isinstance(value, bool) or not isinstance(value, numbers.Integral):
         raise TypeError(f"{name} must be an int in [0, 2**64), got {value!r}")
-    if not 0 <= int(value) < 2**64:
+    if not 0 <= int(value) < U64:
         raise ValueError(f"{name} must be an int in [0, 2**64), got {value}")
     return int(value)
 
 
+def signed64(v: int) -> int:
+    """A value in [0, 2^64) as the int64 with the same bits (what an op schema's int carries)."""
+    return v - U64 if v >= 1 << 63 else v
+
+
+def _check_vector(name: str, t: torch.Tensor, ref: torch.Tensor, dtype_ok: bool, kind: str, shape_text: str):
+    """``t`` is a ``[B]`` tensor on the device of ``ref`` (the ``[B, C, H, W]`` image)."""
+    b = ref.shape[0]
+    require(dtype_ok, TypeError, lambda: f"{name} must be {kind}, got dtype {t.dtype}")
+    require(t.dim() == 1 and t.shape[0] == b, ValueError, lambda: (
+        f"{name} must be {shape_text} [B] = [{b}], got shape {tuple(t.shape)}"))
+    require(t.device == ref.device, ValueError, lambda: (
+        f"{name} is on {t.device}; it must be on the image's device {ref.device}"))
+    return t
+
+
+def check_per_sample_tensor(name: str, t: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
+    """A per-sample parameter: a floating ``[B]`` tensor on the image ``ref``'s device."""
+    return _check_vector(name, t, ref, t.dtype in FLOAT_DTYPES, "a float or a floating [B] tensor",
+                         "a float or a tensor of shape")
+
+
+def check_seeds_tensor(t: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
+    """Per-sample seeds: an int64 ``[B]`` tensor on the image ``ref``'s device (two's complement)."""
+    return _check_vector("seed", t, ref, t.dtype == torch.int64,
+                         "an int, a list of B ints or an int64 [B] tensor (values in [0, 2**64) as two's complement)",
+                         "a tensor of shape")
+
+
 def per_sample(name: str, value, ref: torch.Tensor, *, positive: bool = False) -> torch.Tensor:
-    """A per-sample parameter as a ``[B]`` tensor on ``ref``'s device.
+    """A per-sample parameter as a ``[B]`` tensor on ``ref``'s device, in ``acc_dtype(ref.dtype)``.
 
     ``value`` is a Python real or a ``[B]`` floating tensor (a 0-d tensor is taken as a scalar).
-    The result is float64 for float64 images and float32 otherwise, so the math runs in at least
-    float32 whatever the image dtype. Values must be >= 0 (> 0 with ``positive``): checked on
-    the host for Python numbers and CPU tensors; for device tensors the check is asynchronous
-    (no host round trip), and it is skipped while torch.compile traces.
+    Values must be >= 0 (> 0 with ``positive``): checked on the host for Python numbers and CPU
+    tensors; for device tensors the check is asynchronous (no host round trip), and it is
+    skipped while torch.compile traces. Gradients flow through the conversion.
     """
     b = ref.shape[0]
-    dtype = torch.float64 if ref.dtype == torch.float64 else torch.float32
+    dtype = acc_dtype(ref.dtype)
     bound = "> 0" if positive else ">= 0"
     if isinstance(value, torch.Tensor):
-        if value.dtype not in FLOAT_DTYPES:
-            raise TypeError(f"{name} must be a float or a floating [B] tensor, got dtype {value.dtype}")
-        if value.dim() == 0:
+        if value.dim() == 0 and value.dtype in FLOAT_DTYPES:
             value = value.reshape(1).expand(b)
-        if value.dim() != 1 or value.shape[0] != b:
-            raise ValueError(
-                f"{name} must be a float or a tensor of shape [B] = [{b}], got shape {tuple(value.shape)}"
-            )
-        if value.device != ref.device:
-            raise ValueError(f"{name} is on {value.device}; it must be on the image's device {ref.device}")
-        if not _is_compiling():
+        check_per_sample_tensor(name, value, ref)
+        if not torch.compiler.is_compiling():
             bad = (value <= 0) if positive else (value < 0)
             bad = bad | torch.isnan(value)
             if value.device.type == "cpu":
@@ -112,3 +144,21 @@ def per_sample(name: str, value, ref: torch.Tensor, *, positive: bool = False) -
         return value.to(dtype)
     v = check_real(name, value, low=0.0, low_open=positive)
     return torch.full((b,), v, dtype=dtype, device=ref.device)
+
+
+def seed_args(seed, ref: torch.Tensor) -> tuple[int, torch.Tensor | None]:
+    """The ops' ``(seed, seeds)`` arguments from a public ``seed`` (docs/spec.md section 4).
+
+    ``seed``: an int in [0, 2^64) (one Philox stream for the batch), or per-sample seeds: a list
+    or tuple of B such ints, or an int64 ``[B]`` tensor on ``ref``'s device. Returns
+    ``(signed seed, None)`` for an int and ``(0, int64 [B] tensor)`` for per-sample seeds.
+    """
+    if isinstance(seed, torch.Tensor):
+        return 0, check_seeds_tensor(seed, ref).contiguous()
+    if isinstance(seed, (list, tuple)):
+        b = ref.shape[0]
+        if len(seed) != b:
+            raise ValueError(f"seed is a list of {len(seed)} seeds; per-sample seeds need one per sample (B = {b})")
+        values = [signed64(check_seed("every per-sample seed", v)) for v in seed]
+        return 0, torch.tensor(values, dtype=torch.int64).to(ref.device, non_blocking=True)
+    return signed64(check_seed("seed", seed)), None

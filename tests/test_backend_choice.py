@@ -1,4 +1,4 @@
-"""Backend choice (DESIGN.md): backend=, then RELAYOPS_BACKEND, then automatic by device and dtype."""
+"""Backend choice (docs/design.md): backend=, then RELAYOPS_BACKEND, then automatic by device and dtype."""
 import pytest
 import torch
 

@@ -1,6 +1,6 @@
 """The Triton kernels compile for real GPUs (sm_90, and sm_80) on a machine without one.
 
-The interpreter tests (test_triton.py) run the kernels' Python semantics; this compiles them
+The interpreter tests (test_backends.py, test_triton.py) run the kernels' Python semantics; this compiles them
 through Triton's real front end and code generator down to a cubin (ptxas ships with Triton),
 catching what the interpreter would accept but the compiler would not. It runs in a subprocess
 without TRITON_INTERPRET, because under the interpreter ``@triton.jit`` builds no compilable
@@ -45,13 +45,19 @@ def compile_kernels(arch: int, only_relay: bool = False) -> list[str]:
         for s in (2, 4):
             build(kernels.block_noise_kernel, {"g_ptr": "*fp32", "out_ptr": "*fp32", **grid},
                   {"S": s, "SP": s, "ADJOINT": s == 2, "TILE": 1024}, f"block_noise s={s}")
-    relay = {**{p: "*fp32" for p in IMAGE_PTRS + VECTOR_PTRS}, "out_ptr": "*fp32", "n_patches": "i32", "C": "i32",
+    relay = {**{p: "*fp32" for p in IMAGE_PTRS + VECTOR_PTRS}, "seeds_ptr": "*i64", "out_ptr": "*fp32",
+             "n_patches": "i32", "C": "i32",
              "Hp": "i32", "Wp": "i32", "alpha": "fp32", "k": "fp32", "k0": "i64", "k1": "i32", "off0": "i32",
              "off1": "i32"}
     modes = {
-        "relay_step heun, philox": dict(HAS_X=True, HAS_BLUR=True, HEUN=True, NOISE=1, HAS_BLOCK=True),
-        "relay_corrupt, given noise": dict(HAS_X=False, HAS_BLUR=True, HEUN=False, NOISE=2, HAS_BLOCK=True),
-        "relay_noise, alpha 0": dict(HAS_X=False, HAS_BLUR=False, HEUN=False, NOISE=1, HAS_BLOCK=False),
+        "relay_step heun, philox, per-sample seeds": dict(HAS_X=True, HAS_BLUR=True, HEUN=True, NOISE=1,
+                                                          HAS_BLOCK=True, PER_SAMPLE_SEEDS=True),
+        "relay_step euler, philox": dict(HAS_X=True, HAS_BLUR=True, HEUN=False, NOISE=1, HAS_BLOCK=True,
+                                         PER_SAMPLE_SEEDS=False),
+        "relay_corrupt, given noise": dict(HAS_X=False, HAS_BLUR=True, HEUN=False, NOISE=2, HAS_BLOCK=True,
+                                           PER_SAMPLE_SEEDS=False),
+        "relay_noise, alpha 0": dict(HAS_X=False, HAS_BLUR=False, HEUN=False, NOISE=1, HAS_BLOCK=False,
+                                     PER_SAMPLE_SEEDS=False),
     }
     for name, flags in modes.items():
         build(kernels.relay_kernel, relay, {"S": 4, "SP": 4, "TILE": 1024, **flags}, name)
@@ -67,7 +73,7 @@ def test_kernels_compile_for_gpu():
     env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
     proc = subprocess.run([sys.executable, __file__], env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    assert proc.stdout.count("compiled sm_90") == 8 and proc.stdout.count("compiled sm_80") == 1, proc.stdout
+    assert proc.stdout.count("compiled sm_90") == 9 and proc.stdout.count("compiled sm_80") == 1, proc.stdout
 
 
 if __name__ == "__main__":

@@ -1,4 +1,4 @@
-"""Every bad input gets a ValueError or TypeError that names the argument (issue 2, item 4)."""
+"""Every bad input gets a ValueError or TypeError that names the argument."""
 import pytest
 import torch
 

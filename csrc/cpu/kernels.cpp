@@ -225,8 +225,8 @@ struct RowNoise {
     A* hr = h_ring.data() + wrap(r, R) * W;
     A* e2 = e2row.data();
     if (P.draw) {
-      const uint64_t base = uint64_t(((b * P.C + c) * P.H + h) * W);
-      draw_row(P.key, base, W, er, e2, words.data());
+      const NoiseStream ns = noise_stream(P, b, c);
+      draw_row(ns.key, ns.base + uint64_t(h * W), W, er, e2, words.data());
     } else {
       if (P.has_eps)
         for (int64_t y = 0; y < W; ++y) er[y] = load_elem<A>(P.eps.template at<const T>(b, c, h, y));

@@ -1,5 +1,7 @@
-// pybind11 module relayops._C: the CPU kernels. Arguments are plain integers and floats (data
-// pointers and element strides from tensor.data_ptr()/stride()); see relayops/ops/_compiled.py.
+// pybind11 module relayops._C: the CPU kernels, and the op-mode and dtype codes that both compiled
+// modules take (Python reads them from here, never from a copy). Arguments are plain integers and
+// floats (data pointers and element strides from tensor.data_ptr()/stride()); see
+// relayops/ops/_compiled.py.
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
@@ -10,17 +12,30 @@ using relayops::CallArgs;
 
 PYBIND11_MODULE(_C, m) {
   m.doc() = "relayops compiled CPU kernels (no torch headers; pointers passed as integers)";
+  py::enum_<relayops::Mode>(m, "Mode", "which op a kernel call runs")
+      .value("patch_dct", relayops::kDct)
+      .value("patch_idct", relayops::kIdct)
+      .value("patch_blur", relayops::kBlur)
+      .value("relay_noise", relayops::kNoise)
+      .value("relay_corrupt", relayops::kCorrupt)
+      .value("relay_step", relayops::kStep);
+  py::enum_<relayops::DType>(m, "DType", "storage dtype of the image tensors")
+      .value("float32", relayops::kFloat32)
+      .value("float64", relayops::kFloat64)
+      .value("float16", relayops::kFloat16)
+      .value("bfloat16", relayops::kBFloat16);
   m.def(
       "run",
       [](int mode, int dtype, int s, std::array<int64_t, 4> shape, std::vector<relayops::ViewArg> views,
-         std::array<int64_t, 4> per_sample, std::array<double, 4> scalars, uint64_t seed, uint64_t offset,
-         std::array<int, 4> flags, bool patchwise) {
-        CallArgs a{mode, dtype, s, shape, std::move(views), per_sample, scalars, seed, offset, flags};
+         std::array<int64_t, 4> per_sample, int64_t seeds, std::array<double, 4> scalars, uint64_t seed,
+         uint64_t offset, std::array<int, 4> flags, bool patchwise) {
+        CallArgs a{mode, dtype, s, shape, std::move(views), per_sample, seeds, scalars, seed, offset, flags};
         py::gil_scoped_release release;
         relayops::cpu::launch(a, patchwise);
       },
       py::arg("mode"), py::arg("dtype"), py::arg("s"), py::arg("shape"), py::arg("views"), py::arg("per_sample"),
-      py::arg("scalars"), py::arg("seed"), py::arg("offset"), py::arg("flags"), py::arg("patchwise") = false);
+      py::arg("seeds"), py::arg("scalars"), py::arg("seed"), py::arg("offset"), py::arg("flags"),
+      py::arg("patchwise") = false);
   m.def("num_threads", &relayops::cpu::num_threads, "OpenMP threads the kernels use (follows torch.set_num_threads when torch shares libgomp)");
   m.attr("max_s") = relayops::kMaxS;
 }

@@ -1,5 +1,6 @@
 // pybind11 module relayops._C_cuda: the CUDA kernels (built with nvcc when it is found). Same
-// arguments as relayops._C.run plus the CUDA stream handle as an integer.
+// arguments as relayops._C.run (whose Mode and DType enums give the codes) plus the CUDA stream
+// handle as an integer.
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
@@ -13,13 +14,13 @@ PYBIND11_MODULE(_C_cuda, m) {
   m.def(
       "run",
       [](int mode, int dtype, int s, std::array<int64_t, 4> shape, std::vector<relayops::ViewArg> views,
-         std::array<int64_t, 4> per_sample, std::array<double, 4> scalars, uint64_t seed, uint64_t offset,
-         std::array<int, 4> flags, int64_t stream) {
-        CallArgs a{mode, dtype, s, shape, std::move(views), per_sample, scalars, seed, offset, flags};
+         std::array<int64_t, 4> per_sample, int64_t seeds, std::array<double, 4> scalars, uint64_t seed,
+         uint64_t offset, std::array<int, 4> flags, int64_t stream) {
+        CallArgs a{mode, dtype, s, shape, std::move(views), per_sample, seeds, scalars, seed, offset, flags};
         relayops::cuda::launch(a, stream);
       },
       py::arg("mode"), py::arg("dtype"), py::arg("s"), py::arg("shape"), py::arg("views"), py::arg("per_sample"),
-      py::arg("scalars"), py::arg("seed"), py::arg("offset"), py::arg("flags"), py::arg("stream"));
+      py::arg("seeds"), py::arg("scalars"), py::arg("seed"), py::arg("offset"), py::arg("flags"), py::arg("stream"));
   m.def("device_count", &relayops::cuda::device_count);
   m.attr("max_s") = relayops::kMaxS;
 }

@@ -1,4 +1,4 @@
-"""Public ops: validation, backend choice, dispatch (DESIGN.md, layer 2)."""
+"""Public ops: validation, per-sample conversion, backend choice, dispatch (docs/design.md)."""
 from ._backend import available_backends, choose_backend
 from .blur import blur_response, patch_blur, patch_dct, patch_idct
 from .noise import block_noise, noise_scale, relay_corrupt, relay_noise

@@ -1,7 +1,8 @@
-"""Backend registry and choice (DESIGN.md, layer 4).
+"""Backend registry and choice (docs/design.md).
 
-A backend is a name plus a table of kernel-level functions with the signatures of
-``relayops.reference`` (validated arguments, per-sample parameters as ``[B]`` tensors).
+A backend is a name plus a table of forward functions with the op signatures of
+``ops/_library.py`` (validated arguments, per-sample parameters as ``[B]`` tensors): the
+reference (``relayops.reference``), or the custom ops that a kernel backend registered.
 Choice, first match wins: the ``backend=`` keyword of a call, then the ``RELAYOPS_BACKEND``
 environment variable, then automatic: CUDA tensors use the compiled CUDA backend if built,
 else Triton; CPU tensors use the compiled CPU backend if built, else the reference.
@@ -13,24 +14,25 @@ from typing import Callable
 
 import torch
 
-from .. import reference
+from .._validate import FLOAT_DTYPES
+from ._library import OPS, check_supported, reference_table
 
 BACKENDS = ("reference", "cpu", "cuda", "triton")
-OPS = ("patch_dct", "patch_idct", "patch_blur", "block_noise", "relay_noise", "relay_corrupt", "relay_step")
 
-_tables: dict[str, dict[str, Callable]] = {
-    "reference": {name: getattr(reference, name) for name in OPS},
-}
+_tables: dict[str, dict[str, Callable]] = {"reference": reference_table()}
+_dtypes: dict[str, tuple] = {"reference": FLOAT_DTYPES}
 
 
-def register_backend(name: str, table: dict[str, Callable]) -> None:
-    """Make a backend available; ``table`` maps op names to kernel-level functions."""
+def register_backend(name: str, table: dict[str, Callable], dtypes=FLOAT_DTYPES) -> None:
+    """Make a backend available; ``table`` maps op names to forward functions, ``dtypes`` lists
+    the storage dtypes it takes."""
     if name not in BACKENDS:
         raise ValueError(f"unknown backend {name!r}; known: {BACKENDS}")
     missing = set(OPS) - set(table)
     if missing:
         raise ValueError(f"backend {name!r} lacks ops {sorted(missing)}")
     _tables[name] = dict(table)
+    _dtypes[name] = tuple(dtypes)
 
 
 def _load_optional_backends() -> None:
@@ -61,7 +63,7 @@ def _device_ok(name: str, device_type: str) -> bool:
 def choose_backend(backend: str | None, device, dtype=None) -> str:
     """The backend a call on ``device`` uses; raises ``ValueError`` for an unusable request.
 
-    The automatic choice skips Triton for float64 (its kernels compute in float32).
+    The automatic choice skips backends that do not take ``dtype`` (Triton: float64).
     """
     device_type = device.type if hasattr(device, "type") else str(device)
     requested = backend if backend is not None else os.environ.get("RELAYOPS_BACKEND") or None
@@ -75,16 +77,17 @@ def choose_backend(backend: str | None, device, dtype=None) -> str:
         return requested
     order = ("cuda", "triton") if device_type == "cuda" else ("cpu",)
     for name in order:
-        if name == "triton" and dtype == torch.float64:
-            continue
-        if name in _tables and _device_ok(name, device_type):
+        if name in _tables and _device_ok(name, device_type) and (dtype is None or dtype in _dtypes[name]):
             return name
     return "reference"
 
 
-def kernel(op: str, backend: str | None, like) -> Callable:
-    """The kernel-level function implementing ``op`` for a call on tensor ``like``'s device and dtype."""
-    return _tables[choose_backend(backend, like.device, like.dtype)][op]
+def kernel(op: str, backend: str | None, like: torch.Tensor) -> Callable:
+    """The forward function implementing ``op`` for a call on tensor ``like``'s device and dtype;
+    a ``TypeError`` if the chosen backend does not take that dtype."""
+    name = choose_backend(backend, like.device, like.dtype)
+    check_supported(name, _dtypes[name], like)
+    return _tables[name][op]
 
 
 _load_optional_backends()

@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 
 from .. import reference
-from .._validate import check_image, check_patch_size, check_real, per_sample, FLOAT_DTYPES
+from .._validate import FLOAT_DTYPES, acc_dtype, check_image, check_patch_size, check_real, per_sample
 from ._backend import kernel
 
 
@@ -42,8 +42,7 @@ def blur_response(tau, s: int = 4, d_min: float = 0.001) -> torch.Tensor:
         raise TypeError(f"tau must be a float or a floating tensor, got dtype {tau.dtype}")
     elif tau.device.type == "cpu" and not torch.compiler.is_compiling() and bool((tau < 0).any()):
         raise ValueError("tau must be >= 0 everywhere")
-    compute = torch.float64 if tau.dtype == torch.float64 else torch.float32
-    return reference.blur_response(tau.to(compute), s, d_min).to(tau.dtype)
+    return reference.blur_response(tau.to(acc_dtype(tau.dtype)), s, d_min).to(tau.dtype)
 
 
 def patch_blur(x: torch.Tensor, tau, s: int = 4, d_min: float = 0.001, *,
@@ -52,8 +51,8 @@ def patch_blur(x: torch.Tensor, tau, s: int = 4, d_min: float = 0.001, *,
 
     x: ``[B, C, H, W]`` floating, H and W multiples of s. tau: a float >= 0 or a ``[B]`` tensor
     (one dissipation time per sample). Returns x's shape and dtype. Every patch keeps its mean;
-    ``tau = 0`` is the identity. Differentiable in x: the map is symmetric, so the gradient is
-    ``patch_blur(grad, tau)``.
+    ``tau = 0`` is the identity. Differentiable in x (the map is symmetric, so the gradient is
+    ``patch_blur(grad, tau)``) and in a ``[B]`` tau (docs/spec.md section 13), on every backend.
     """
     s = check_patch_size(s)
     check_image("x", x, s)

@@ -6,12 +6,13 @@ import torch
 from .. import reference
 from .._validate import check_image, check_patch_size, check_real, check_same, per_sample
 from ._backend import kernel
+from ._library import STEP_NOT_DIFFERENTIABLE
 from .noise import resolve_noise_args
 
 
 def relay_step(x: torch.Tensor, x0_hat: torch.Tensor, sigma, sigma_next, tau, tau_next,
                eta: float = 0.2, s: int = 4, alpha: float = 0.15, normalize: bool = True,
-               seed: int | None = None, offset: int = 0, eps: torch.Tensor | None = None,
+               seed=None, offset: int = 0, eps: torch.Tensor | None = None,
                eps2: torch.Tensor | None = None, x_prop: torch.Tensor | None = None,
                x0_hat_prop: torch.Tensor | None = None, *, d_min: float = 0.001,
                backend: str | None = None) -> torch.Tensor:
@@ -26,6 +27,8 @@ def relay_step(x: torch.Tensor, x0_hat: torch.Tensor, sigma, sigma_next, tau, ta
     x, x0_hat (and x_prop, x0_hat_prop): ``[B, C, H, W]`` of one shape, dtype and device.
     sigma, sigma_next: floats or ``[B]`` tensors, > 0 (the last step, sigma' = 0, returns x0_hat
     and is the sampler's business). tau, tau_next: floats or ``[B]``, >= 0. eta in [0, 1).
+    Differentiable in the image and noise tensors on every backend; not in sigma, sigma_next,
+    tau, tau_next (a ``NotImplementedError`` when one of them requires grad).
     """
     s = check_patch_size(s)
     check_image("x", x, s)
@@ -41,13 +44,14 @@ def relay_step(x: torch.Tensor, x0_hat: torch.Tensor, sigma, sigma_next, tau, ta
     sigma_next_b = per_sample("sigma_next", sigma_next, x, positive=True)
     tau_b = per_sample("tau", tau, x)
     tau_next_b = per_sample("tau_next", tau_next, x)
-    if eta == 0.0:  # no noise is drawn; still validate what was passed
-        alpha, k, seed, offset, eps, eps2 = resolve_noise_args(x, alpha, normalize, 0 if seed is None else seed,
-                                                               offset, eps, eps2)
-    else:
-        alpha, k, seed, offset, eps, eps2 = resolve_noise_args(x, alpha, normalize, seed, offset, eps, eps2)
+    if torch.is_grad_enabled() and any(isinstance(v, torch.Tensor) and v.requires_grad
+                                       for v in (sigma, sigma_next, tau, tau_next)):
+        raise NotImplementedError(STEP_NOT_DIFFERENTIABLE)
+    if eta == 0.0 and seed is None:  # no noise is drawn: no seed to draw either
+        seed = 0
+    alpha, k, seed, offset, seeds, eps, eps2 = resolve_noise_args(x, alpha, normalize, seed, offset, eps, eps2)
     return kernel("relay_step", backend, x)(
-        x, x0_hat, sigma_b, sigma_next_b, tau_b, tau_next_b, eta, s, d_min, alpha, k, seed, offset,
+        x, x0_hat, sigma_b, sigma_next_b, tau_b, tau_next_b, eta, s, d_min, alpha, k, seed, offset, seeds,
         eps, eps2, x_prop, x0_hat_prop)
 
 

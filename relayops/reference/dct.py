@@ -9,10 +9,7 @@ import math
 
 import torch
 
-
-def compute_dtype(dtype: torch.dtype) -> torch.dtype:
-    """float64 stays float64; every other floating dtype is computed in float32."""
-    return torch.float64 if dtype == torch.float64 else torch.float32
+from .._validate import acc_dtype
 
 
 def dct_matrix(s: int, dtype=torch.float64, device=None) -> torch.Tensor:
@@ -33,7 +30,7 @@ def _to_patches(x: torch.Tensor, s: int) -> torch.Tensor:
 
 def patch_dct(x: torch.Tensor, s: int = 4) -> torch.Tensor:
     """Per-patch orthonormal 2-D DCT-II, coefficients kept in image layout (SPEC 1)."""
-    dt = compute_dtype(x.dtype)
+    dt = acc_dtype(x.dtype)
     m = dct_matrix(s, dt, x.device)
     u = torch.einsum("ik,bcpkql,jl->bcpiqj", m, _to_patches(x.to(dt), s), m)
     return u.reshape(x.shape).to(x.dtype)
@@ -41,7 +38,7 @@ def patch_dct(x: torch.Tensor, s: int = 4) -> torch.Tensor:
 
 def patch_idct(u: torch.Tensor, s: int = 4) -> torch.Tensor:
     """Inverse of :func:`patch_dct`: ``X = C^T U C`` per patch (SPEC 1)."""
-    dt = compute_dtype(u.dtype)
+    dt = acc_dtype(u.dtype)
     m = dct_matrix(s, dt, u.device)
     x = torch.einsum("ki,bcpkql,lj->bcpiqj", m, _to_patches(u.to(dt), s), m)
     return x.reshape(u.shape).to(u.dtype)
@@ -59,6 +56,13 @@ def blur_response(tau: torch.Tensor, s: int = 4, d_min: float = 0.001) -> torch.
     return (1.0 - d_min) * torch.exp(-lam * tau[..., None, None]) + d_min
 
 
+def blur_response_grad(tau: torch.Tensor, s: int = 4, d_min: float = 0.001) -> torch.Tensor:
+    """``dD_ij/dtau = -(1 - d_min) lambda_ij exp(-lambda_ij tau)``, shape ``[*tau.shape, s, s]``
+    (the tau-gradient of patch_blur, docs/spec.md section 13)."""
+    lam = frequencies(s, tau.dtype, tau.device)
+    return -(1.0 - d_min) * lam * torch.exp(-lam * tau[..., None, None])
+
+
 def _tile(response: torch.Tensor) -> torch.Tensor:
     """[B, s, s] responses -> [B, 1, 1, s, 1, s], broadcastable over patches."""
     b, s, _ = response.shape
@@ -72,7 +76,7 @@ def scale_coefficients(u: torch.Tensor, factor: torch.Tensor, s: int) -> torch.T
 
 def patch_blur(x: torch.Tensor, tau: torch.Tensor, s: int = 4, d_min: float = 0.001) -> torch.Tensor:
     """``patch_idct(D(tau) * patch_dct(x))`` with ``tau`` a ``[B]`` tensor (SPEC 2)."""
-    dt = compute_dtype(x.dtype)
+    dt = acc_dtype(x.dtype)
     xd = x.to(dt)
     d = blur_response(tau.to(dt), s, d_min)
     return patch_idct(scale_coefficients(patch_dct(xd, s), d, s), s).to(x.dtype)

@@ -7,10 +7,11 @@ Counter layout (the same in every backend, so a seed gives the same noise everyw
   low and high 32 bits of the 64-bit ``offset``.
 
 ``e`` is the element's index in the logical contiguous NCHW order,
-``((b * C + c) * H + h) * W + w``, whatever the tensor's memory format. One Philox call per
-element gives four 32-bit words ``(x0, x1, x2, x3)``; stream 0 is ``box_muller(x0, x1)`` and
-stream 1 is ``box_muller(x2, x3)``. Relay noise takes ``eps`` from stream 0 and ``eps2`` from
-stream 1. Successive draws (sampler steps, the Heun correction) use different offsets.
+``((b * C + c) * H + h) * W + w``, whatever the tensor's memory format. With per-sample seeds
+the key of sample b is ``seeds[b]`` and ``e = (c * H + h) * W + w`` counts within the sample.
+One Philox call per element gives four 32-bit words ``(x0, x1, x2, x3)``; stream 0 is
+``box_muller(x0, x1)`` and stream 1 is ``box_muller(x2, x3)``. Relay noise takes ``eps`` from
+stream 0 and ``eps2`` from stream 1. Successive draws (sampler steps, the Heun correction) use different offsets.
 
 Box-Muller keeps only the cosine branch and uses the top 24 bits of each word, so that its
 uniforms are exact in float32: ``u1 = ((x0 >> 8) + 1) / 2^24`` in (0, 1] and
@@ -68,13 +69,23 @@ def box_muller(w0: torch.Tensor, w1: torch.Tensor, dtype=torch.float64) -> torch
     return torch.sqrt(-2.0 * torch.log(u1)) * torch.cos((2.0 * math.pi) * u2)
 
 
-def philox_normal_pair(shape, seed: int, offset: int, device=None, dtype=torch.float64):
-    """Streams 0 and 1 of the relay-noise layout for a tensor of logical NCHW ``shape``."""
-    n = math.prod(shape)
+def philox_normal_pair(shape, seed: int, offset: int, device=None, dtype=torch.float64, seeds=None):
+    """Streams 0 and 1 of the relay-noise layout for a tensor of logical NCHW ``shape``.
+
+    ``seeds``: None (one stream for the batch, keyed by ``seed``) or an int64 ``[B]`` tensor of
+    per-sample seeds (two's complement): sample b is keyed by ``seeds[b]`` and its elements are
+    indexed from 0, exactly as if it were drawn alone.
+    """
+    per_sample = seeds is not None
+    n = math.prod(shape[1:]) if per_sample else math.prod(shape)
     e = torch.arange(n, dtype=torch.int64, device=device)
     counter = (e & MASK32, e >> 32,
                torch.full_like(e, offset & MASK32), torch.full_like(e, (offset >> 32) & MASK32))
-    key = (seed & MASK32, (seed >> 32) & MASK32)
+    if per_sample:
+        seeds = seeds.to(device=device, dtype=torch.int64).reshape(-1, 1)  # [B, 1] keys against [n] counters
+    else:
+        seeds = seed
+    key = (seeds & MASK32, (seeds >> 32) & MASK32)
     x0, x1, x2, x3 = philox4x32(counter, key)
     z0 = box_muller(x0, x1, dtype).reshape(shape)
     z1 = box_muller(x2, x3, dtype).reshape(shape)

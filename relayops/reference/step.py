@@ -3,7 +3,8 @@ from __future__ import annotations
 
 import torch
 
-from .dct import blur_response, compute_dtype, patch_dct, patch_idct, scale_coefficients
+from .._validate import acc_dtype
+from .dct import blur_response, patch_dct, patch_idct, scale_coefficients
 from .noise import relay_noise
 
 
@@ -19,14 +20,15 @@ def heun_x0(x, x0_hat, sigma, x_prop, x0_hat_prop, sigma_next):
 
 
 def relay_step(x, x0_hat, sigma, sigma_next, tau, tau_next, eta: float, s: int, d_min: float,
-               alpha: float, k: float, seed, offset: int, eps, eps2, x_prop=None, x0_hat_prop=None):
+               alpha: float, k: float, seed: int, offset: int, seeds, eps, eps2, x_prop=None, x0_hat_prop=None):
     """One DDIM-blur update (SPEC 8, pixel form):
 
     ``gamma x + patch_idct((D' - gamma D) patch_dct(x0_hat)) + eta sigma' n``,
     ``gamma = sqrt(1 - eta^2) sigma' / sigma``; with ``x_prop``/``x0_hat_prop`` the Heun
-    correction replaces ``x0_hat`` by ``x0_eff``. sigma, sigma_next, tau, tau_next: ``[B]``.
+    correction replaces ``x0_hat`` by ``x0_eff``. sigma, sigma_next, tau, tau_next: ``[B]``;
+    noise as in :func:`relay_noise` (not drawn when eta = 0).
     """
-    dt = compute_dtype(x.dtype)
+    dt = acc_dtype(x.dtype)
     xd, x0d = x.to(dt), x0_hat.to(dt)
     sigma, sigma_next, tau, tau_next = (v.to(dt) for v in (sigma, sigma_next, tau, tau_next))
     if x_prop is not None:
@@ -35,19 +37,19 @@ def relay_step(x, x0_hat, sigma, sigma_next, tau, tau_next, eta: float, s: int, 
     factor = blur_response(tau_next, s, d_min) - gamma.view(-1, 1, 1) * blur_response(tau, s, d_min)
     out = _col(gamma) * xd + patch_idct(scale_coefficients(patch_dct(x0d, s), factor, s), s)
     if eta != 0.0:
-        out = out + (eta * _col(sigma_next)) * relay_noise(xd, s, alpha, k, seed, offset, eps, eps2)
+        out = out + (eta * _col(sigma_next)) * relay_noise(xd, s, alpha, k, seed, offset, seeds, eps, eps2)
     return out.to(x.dtype)
 
 
 def linear_relay_blur(z0, z_lr, t, t_relay: float):
     """``A_t(z0) = (1 - t/T_r) z0 + (t/T_r) z_L`` with ``t`` a ``[B]`` tensor (SPEC 10)."""
-    w = _col(t.to(compute_dtype(z0.dtype)) / t_relay)
+    w = _col(t.to(acc_dtype(z0.dtype)) / t_relay)
     return ((1 - w) * z0 + w * z_lr).to(z0.dtype)
 
 
 def linear_relay_step(z, z0_hat, z_lr, t, t_next, t_relay: float, sigma, sigma_next):
     """``A_{t'}(z0_hat) + (sigma'/sigma) (z - A_t(z0_hat))`` (SPEC 10); all per-sample ``[B]``."""
-    dt, out_dtype = compute_dtype(z.dtype), z.dtype
+    dt, out_dtype = acc_dtype(z.dtype), z.dtype
     z, z0_hat, z_lr = z.to(dt), z0_hat.to(dt), z_lr.to(dt)
     ratio = _col(sigma_next.to(dt) / sigma.to(dt))
     out = linear_relay_blur(z0_hat, z_lr, t_next, t_relay) + ratio * (z - linear_relay_blur(z0_hat, z_lr, t, t_relay))

@@ -1,62 +1,37 @@
-"""The Triton backend (DESIGN.md, layer 4): fused Triton kernels for every patch op.
+"""The Triton backend (docs/design.md): fused Triton kernels for every patch op.
 
-Importing this package is cheap: it only checks that ``triton`` is installed (``ImportError``
-otherwise, which ``relayops.ops._backend`` takes as "not available") and registers the
-backend table. The kernels and their ``torch.library.triton_op`` registrations
-(``relayops.triton.ops``) load on first use. Run ``TRITON_INTERPRET=1`` before anything
-imports them to execute the kernels on CPU tensors with Triton's interpreter.
-
-The table's functions have exactly the reference signatures (``relayops.reference``).
+Importing this package is cheap: it checks that ``triton`` is installed (``ImportError``
+otherwise, which ``relayops.ops._backend`` takes as "not available") and registers the ops of
+``relayops/ops/_library.py`` in the ``relayops_triton`` namespace. The kernels
+(``relayops.triton.ops`` and ``.kernels``) load on the first call. Set ``TRITON_INTERPRET=1``
+before anything imports them to execute the kernels on CPU tensors with Triton's interpreter.
 """
 from __future__ import annotations
 
 import importlib.util
+import os
 
 if importlib.util.find_spec("triton") is None:
     raise ImportError("relayops.triton needs the 'triton' package (pip install triton)")
 
-from ..ops._backend import OPS, register_backend  # noqa: E402
+import torch  # noqa: E402
 
-_ops = None
+from ..ops import _library  # noqa: E402
+from ..ops._backend import register_backend  # noqa: E402
+
+DTYPES = (torch.float32, torch.float16, torch.bfloat16)  # float32 math inside; no float64
+MAX_PATCH = 16  # the [tile, s, s, s] products in registers stop making sense beyond this
 
 
-def _impl():
-    """``relayops.triton.ops``, imported on first use (imports triton, defines the kernels)."""
-    global _ops
-    if _ops is None:
+def _forward(name: str):
+    """The forward function of op ``name``, importing the kernels on first use."""
+    def forward(*args):
         from . import ops
-        _ops = ops
-    return _ops
+        return getattr(ops, name)(*args)
+    return forward
 
 
-def patch_dct(x, s):
-    return _impl().patch_dct(x, s)
-
-
-def patch_idct(u, s):
-    return _impl().patch_idct(u, s)
-
-
-def patch_blur(x, tau_b, s, d_min):
-    return _impl().patch_blur(x, tau_b, s, d_min)
-
-
-def block_noise(g, s):
-    return _impl().block_noise(g, s)
-
-
-def relay_noise(like, s, alpha, k, seed, offset, eps, eps2):
-    return _impl().relay_noise(like, s, alpha, k, seed, offset, eps, eps2)
-
-
-def relay_corrupt(y, sigma_b, tau_b, s, d_min, alpha, k, seed, offset, eps, eps2):
-    return _impl().relay_corrupt(y, sigma_b, tau_b, s, d_min, alpha, k, seed, offset, eps, eps2)
-
-
-def relay_step(x, x0_hat, sigma_b, sigma_next_b, tau_b, tau_next_b, eta, s, d_min, alpha, k, seed, offset,
-               eps, eps2, x_prop=None, x0_hat_prop=None):
-    return _impl().relay_step(x, x0_hat, sigma_b, sigma_next_b, tau_b, tau_next_b, eta, s, d_min, alpha, k,
-                              seed, offset, eps, eps2, x_prop, x0_hat_prop)
-
-
-register_backend("triton", {name: globals()[name] for name in OPS})
+_DEVICES = ("cuda", "cpu") if os.environ.get("TRITON_INTERPRET") == "1" else ("cuda",)
+OPS = _library.define_ops("relayops_triton", {name: _forward(name) for name in _library.OPS}, backend="triton",
+                          device_types=_DEVICES, max_s=MAX_PATCH, dtypes=DTYPES)
+register_backend("triton", {name: getattr(OPS, name) for name in _library.OPS}, dtypes=DTYPES)

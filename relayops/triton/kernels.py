@@ -15,7 +15,8 @@ All arithmetic is float32 whatever the storage dtype; scalar arguments arrive as
   before). The adjoint (its gradient) transposes the matrices and looks at (p+1, q+1) instead.
 * Noise (SPEC 4): Philox4x32-10 with key = (seed lo, seed hi), counter = (e lo, e hi,
   offset lo, offset hi), e the element's NCHW index; Box-Muller of words (x0, x1) gives eps,
-  of (x2, x3) eps2, exactly as ``relayops.reference.philox``.
+  of (x2, x3) eps2, exactly as ``relayops.reference.philox``. With per-sample seeds the key of
+  sample b comes from ``seeds[b]`` and e counts from the sample's first element.
 """
 from __future__ import annotations
 
@@ -45,7 +46,8 @@ def tile_configs():
 
 def _autotune(fn):
     # Constexpr mode flags are in the key so that each specialisation is tuned on its own.
-    key = ["n_patches", "S", "INVERSE", "ADJOINT", "HAS_X", "HAS_BLUR", "HEUN", "NOISE", "HAS_BLOCK"]
+    key = ["n_patches", "S", "INVERSE", "ADJOINT", "HAS_X", "HAS_BLUR", "HEUN", "NOISE", "HAS_BLOCK",
+           "PER_SAMPLE_SEEDS"]
     return triton.autotune(configs=tile_configs(), key=[k for k in key if k in fn.arg_names])(fn)
 
 
@@ -174,21 +176,40 @@ def philox_words(e, k0, k1, off0, off1):
     zero = c0 * 0
     c2 = zero + off0.to(tl.uint32)
     c3 = zero + off1.to(tl.uint32)
-    return tl.philox_impl(c0, c1, c2, c3, k0.to(tl.uint32), k1.to(tl.uint32), 10)
+    return tl.philox_impl(c0, c1, c2, c3, k0.to(tl.uint32) + zero, k1.to(tl.uint32) + zero, 10)
 
 
 @triton.jit
 def _philox_normals(e, k0, k1, off0, off1):
-    """Streams 0 and 1 (eps, eps2) at NCHW element indices ``e`` (int64 tile), SPEC 4 layout."""
+    """Streams 0 and 1 (eps, eps2) at element indices ``e`` (int64 tile), SPEC 4 layout; the key
+    words k0, k1 are scalars or broadcast against ``e`` (per-sample seeds)."""
     x0, x1, x2, x3 = philox_words(e, k0, k1, off0, off1)
     return _box_muller(x0, x1), _box_muller(x2, x3)
 
 
 @triton.jit
-def _eps2_at(eps2_ptr, e, mask, k0, k1, off0, off1, NOISE: tl.constexpr):
-    """Stream-1 normals at elements ``e``: drawn with Philox (NOISE = 1) or loaded (NOISE = 2)."""
+def _noise_stream(seeds_ptr, b, valid, k0, k1, sample_size, PER_SAMPLE_SEEDS: tl.constexpr):
+    """The Philox key words of each patch's sample and the index of its first element: the
+    batch's (k0, k1) and 0, or with per-sample seeds the words of ``seeds[b]`` ([BLOCK_P, 1, 1])
+    and ``b * sample_size``, so a sample draws what it would draw alone (SPEC 4)."""
+    if PER_SAMPLE_SEEDS:
+        seed = tl.load(seeds_ptr + b, mask=valid, other=0)[:, None, None]
+        key0 = (seed & 0xFFFFFFFF).to(tl.uint32)
+        key1 = ((seed >> 32) & 0xFFFFFFFF).to(tl.uint32)
+        base = (b.to(tl.int64) * sample_size)[:, None, None]
+    else:
+        key0 = k0.to(tl.uint32)
+        key1 = k1.to(tl.uint32)
+        base = 0
+    return key0, key1, base
+
+
+@triton.jit
+def _eps2_at(eps2_ptr, e, base, mask, k0, k1, off0, off1, NOISE: tl.constexpr):
+    """Stream-1 normals at NCHW elements ``e``: drawn with Philox at stream index ``e - base``
+    (NOISE = 1) or loaded (NOISE = 2)."""
     if NOISE == 1:
-        _, z = _philox_normals(e, k0, k1, off0, off1)
+        _, z = _philox_normals(e - base, k0, k1, off0, off1)
     else:
         z = tl.load(eps2_ptr + e, mask=mask, other=0.0).to(tl.float32)
     return z
@@ -233,11 +254,12 @@ def block_noise_kernel(g_ptr, out_ptr, n_patches, Hp, Wp,
 @_autotune
 @triton.jit(do_not_specialize=["k0", "k1", "off0", "off1"])
 def relay_kernel(x_ptr, x0_ptr, xp_ptr, x0p_ptr, eps_ptr, eps2_ptr,
-                 factor_ptr, gamma_ptr, coef_ptr, sigma_ptr, sigma_next_ptr, out_ptr,
+                 factor_ptr, gamma_ptr, coef_ptr, sigma_ptr, sigma_next_ptr, seeds_ptr, out_ptr,
                  n_patches, C, Hp, Wp, alpha, k, k0, k1, off0, off1,
                  S: tl.constexpr, SP: tl.constexpr,
                  HAS_X: tl.constexpr, HAS_BLUR: tl.constexpr, HEUN: tl.constexpr,
-                 NOISE: tl.constexpr, HAS_BLOCK: tl.constexpr, TILE: tl.constexpr):
+                 NOISE: tl.constexpr, HAS_BLOCK: tl.constexpr, PER_SAMPLE_SEEDS: tl.constexpr,
+                 TILE: tl.constexpr):
     """The fused relay update, per patch and sample b (SPEC 2, 3, 6, 8):
 
     ``out = [gamma[b] x] + [idct(F[b] * dct(x0))] + [coef[b]] k (eps + alpha block_noise(eps2))``
@@ -246,7 +268,8 @@ def relay_kernel(x_ptr, x0_ptr, xp_ptr, x0p_ptr, eps_ptr, eps2_ptr,
     (``D(tau)`` for patch_blur / relay_corrupt, ``D' - gamma D`` for relay_step); noise is then
     scaled by ``coef[b]`` (sigma, or eta sigma'). HEUN: ``x0 = x - sigma (d + d')/2`` from x,
     x0_hat, x', x0_hat' (SPEC 8). NOISE: 0 none, 1 Philox at (seed, offset), 2 loaded eps/eps2.
-    HAS_BLOCK: alpha != 0 (the block-noise term is present).
+    HAS_BLOCK: alpha != 0 (the block-noise term is present). PER_SAMPLE_SEEDS: the seed of
+    sample b is ``seeds[b]`` instead of the words (k0, k1).
     """
     BLOCK_P: tl.constexpr = TILE // (SP * SP)
     plane, p, q, valid, mask = _tile(tl.program_id(0), n_patches, Hp, Wp, S, SP, BLOCK_P)
@@ -275,8 +298,9 @@ def relay_kernel(x_ptr, x0_ptr, xp_ptr, x0p_ptr, eps_ptr, eps2_ptr,
         u = _right(_left(fwd, x0), fwd) * factor
         acc += _right(_left(inv, u), inv)
     if NOISE != 0:
+        key0, key1, base = _noise_stream(seeds_ptr, b, valid, k0, k1, C * Hp * S * Wp * S, PER_SAMPLE_SEEDS)
         if NOISE == 1:
-            eps, g00 = _philox_normals(e, k0, k1, off0, off1)
+            eps, g00 = _philox_normals(e - base, key0, key1, off0, off1)
         else:
             eps = tl.load(eps_ptr + e, mask=mask, other=0.0).to(tl.float32)
         noise = eps
@@ -285,9 +309,12 @@ def relay_kernel(x_ptr, x0_ptr, xp_ptr, x0p_ptr, eps_ptr, eps2_ptr,
                 g00 = tl.load(eps2_ptr + e, mask=mask, other=0.0).to(tl.float32)
             pn = _wrap(p, -1, Hp)
             qn = _wrap(q, -1, Wp)
-            g01 = _eps2_at(eps2_ptr, _patch_offsets(plane, p, qn, Hp, Wp, S, SP), mask, k0, k1, off0, off1, NOISE)
-            g10 = _eps2_at(eps2_ptr, _patch_offsets(plane, pn, q, Hp, Wp, S, SP), mask, k0, k1, off0, off1, NOISE)
-            g11 = _eps2_at(eps2_ptr, _patch_offsets(plane, pn, qn, Hp, Wp, S, SP), mask, k0, k1, off0, off1, NOISE)
+            g01 = _eps2_at(eps2_ptr, _patch_offsets(plane, p, qn, Hp, Wp, S, SP), base, mask, key0, key1, off0,
+                          off1, NOISE)
+            g10 = _eps2_at(eps2_ptr, _patch_offsets(plane, pn, q, Hp, Wp, S, SP), base, mask, key0, key1, off0,
+                          off1, NOISE)
+            g11 = _eps2_at(eps2_ptr, _patch_offsets(plane, pn, qn, Hp, Wp, S, SP), base, mask, key0, key1, off0,
+                          off1, NOISE)
             noise = noise + alpha * _box_sum(g00, g01, g10, g11, S, SP, False)
         noise = k * noise
         if HAS_BLUR:

@@ -16,6 +16,7 @@ struct CallArgs {
   std::array<int64_t, 4> shape;       // B, C, H, W
   std::vector<ViewArg> views;         // x, x0, xp, x0p, eps, eps2, out
   std::array<int64_t, 4> per_sample;  // sigma, sigma_next, tau, tau_next data pointers (or 0)
+  int64_t seeds;                      // [B] int64 per-sample seeds data pointer, or 0
   std::array<double, 4> scalars;      // eta, d_min, alpha, k
   uint64_t seed, offset;
   std::array<int, 4> flags;           // draw, has_eps, has_block, shift
@@ -43,6 +44,7 @@ Params<A> make_params(const CallArgs& a) {
   P.tau_next = reinterpret_cast<const A*>(a.per_sample[3]);
   P.eta = A(a.scalars[0]); P.d_min = A(a.scalars[1]); P.alpha = A(a.scalars[2]); P.k = A(a.scalars[3]);
   P.key = make_key(a.seed, a.offset);
+  P.seeds = reinterpret_cast<const int64_t*>(a.seeds);
   P.draw = a.flags[0]; P.has_eps = a.flags[1]; P.has_block = a.flags[2]; P.shift = a.flags[3];
   fill_dct_matrix(P);
   return P;

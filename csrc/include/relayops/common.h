@@ -26,7 +26,7 @@ constexpr int kMaxS = 16;
 struct half_t { uint16_t bits; };      // IEEE binary16
 struct bfloat16_t { uint16_t bits; };  // bfloat16
 
-// Data-type codes shared with the Python layer (relayops/ops/_compiled.py).
+// Data-type codes; relayops._C exposes them (and patch.h's Mode) to Python as enums.
 enum DType : int { kFloat32 = 0, kFloat64 = 1, kFloat16 = 2, kBFloat16 = 3 };
 
 // Bit casts: CUDA intrinsics on the device; __builtin_bit_cast on the host, where (unlike memcpy)

@@ -24,7 +24,8 @@ struct Params {
   const A* tau;         // [B]
   const A* tau_next;    // [B]
   A eta, d_min, alpha, k;
-  PhiloxKey key;
+  PhiloxKey key;        // seed and offset words (SPEC 4)
+  const int64_t* seeds; // [B] per-sample seeds, or nullptr: one stream (key) for the whole batch
   int draw;       // 1: eps/eps2 drawn from key (SPEC 4); 0: read from the eps/eps2 views
   int has_eps;    // the eps term of the noise is present
   int has_block;  // the alpha * block_noise(eps2) term is present
@@ -118,11 +119,26 @@ RELAYOPS_HD void sample_consts(const Params<A>& P, int64_t b, SampleConsts<S, A>
   }
 }
 
+// Where plane (b, c) draws its noise (SPEC 4): the Philox key and the logical index of the plane's
+// first element. One int seed: the batch's key, indices over the whole batch. Per-sample seeds: the
+// key of seeds[b], indices within the sample, so a sample draws what it would draw alone.
+struct NoiseStream {
+  PhiloxKey key;
+  uint64_t base;
+};
+
+template <class A>
+RELAYOPS_HD NoiseStream noise_stream(const Params<A>& P, int64_t b, int64_t c) {
+  if (P.seeds) return {with_seed(P.key, uint64_t(P.seeds[b])), uint64_t(c * P.H * P.W)};
+  return {P.key, uint64_t((b * P.C + c) * P.H * P.W)};
+}
+
 // eps (stream 0) and eps2 (stream 1) at pixel (h, w) of plane (b, c): drawn or read.
 template <class T, class A>
-RELAYOPS_HD void noise_at(const Params<A>& P, int64_t b, int64_t c, int64_t h, int64_t w, A& e1, A& e2) {
+RELAYOPS_HD void noise_at(const Params<A>& P, const NoiseStream& ns, int64_t b, int64_t c, int64_t h, int64_t w,
+                          A& e1, A& e2) {
   if (P.draw) {
-    normal_pair<A>(P.key, uint64_t(((b * P.C + c) * P.H + h) * P.W + w), e1, e2);
+    normal_pair<A>(ns.key, ns.base + uint64_t(h * P.W + w), e1, e2);
   } else {
     e1 = P.has_eps ? load_elem<A>(P.eps.template at<const T>(b, c, h, w)) : A(0);
     e2 = P.has_block ? load_elem<A>(P.eps2.template at<const T>(b, c, h, w)) : A(0);
@@ -140,6 +156,7 @@ RELAYOPS_HD void patch_noise_window(const Params<A>& P, int64_t b, int64_t c, in
   A E[N * N];   // eps of the patch's own pixels
   A hs[M * N];  // per window row, the horizontal box sums ending at each patch column
   const int64_t r0 = p * n - (n - 1) + P.shift, c0 = q * n - (n - 1) + P.shift;
+  const NoiseStream ns = noise_stream(P, b, c);
   if (P.has_block) {
     for (int a = 0; a < 2 * n - 1; ++a) {
       const int64_t h = wrap(r0 + a, P.H);
@@ -148,7 +165,7 @@ RELAYOPS_HD void patch_noise_window(const Params<A>& P, int64_t b, int64_t c, in
       for (int bc = 0; bc < 2 * n - 1; ++bc) {
         const int64_t j = c0 + bc - q * n;
         A e1, e2;
-        noise_at<T, A>(P, b, c, h, wrap(c0 + bc, P.W), e1, e2);
+        noise_at<T, A>(P, ns, b, c, h, wrap(c0 + bc, P.W), e1, e2);
         g[bc] = e2;
         if (i >= 0 && i < n && j >= 0 && j < n) E[i * N + j] = e1;
       }
@@ -164,7 +181,7 @@ RELAYOPS_HD void patch_noise_window(const Params<A>& P, int64_t b, int64_t c, in
     for (int i = 0; i < n; ++i)
       for (int j = 0; j < n; ++j) {
         A e2;
-        noise_at<T, A>(P, b, c, p * n + i, q * n + j, E[i * N + j], e2);
+        noise_at<T, A>(P, ns, b, c, p * n + i, q * n + j, E[i * N + j], e2);
       }
   }
   for (int i = 0; i < n; ++i)

@@ -82,6 +82,13 @@ RELAYOPS_HD PhiloxKey make_key(uint64_t seed, uint64_t offset) {
   return {uint32_t(seed), uint32_t(seed >> 32), uint32_t(offset), uint32_t(offset >> 32)};
 }
 
+// The same offset under another seed (a per-sample seed).
+RELAYOPS_HD PhiloxKey with_seed(PhiloxKey key, uint64_t seed) {
+  key.k0 = uint32_t(seed);
+  key.k1 = uint32_t(seed >> 32);
+  return key;
+}
+
 // eps (stream 0) and eps2 (stream 1) for the element with logical NCHW index e.
 template <class A>
 RELAYOPS_HD void normal_pair(const PhiloxKey& key, uint64_t e, A& eps, A& eps2) {

@@ -1,0 +1,299 @@
+"""One definition per op: schema, input checks, fake implementation and autograd (docs/design.md).
+
+A kernel backend registers the ops of :data:`SCHEMAS` in its own ``torch.library`` namespace
+with :func:`define_ops`: ``relayops`` for the compiled CPU/CUDA kernels, ``relayops_triton`` for
+Triton. It supplies forward functions only, taking the schema's arguments. Everything else is
+written once here and shared by every backend:
+
+* the checks (``relayops._validate``), run by the real and the fake implementation alike, so a
+  direct ``torch.ops.relayops.*`` call with bad input raises the public ops' error;
+* the fake implementation (torch.compile): the output is ``torch.empty_like`` of the first
+  argument, which is also the layout every backend returns;
+* the fallback to the reference for patch sizes above the kernels' limit;
+* the autograd formulas, in terms of the namespace's own ops (adjoints and parameter
+  gradients of docs/spec.md section 13), so every backend gives the same gradients.
+
+The reference backend has the same signatures (``relayops.reference``) and differentiates
+through PyTorch; the public ops in this package validate, convert and dispatch to one of them.
+"""
+from __future__ import annotations
+
+import re
+from collections import namedtuple
+from typing import Callable
+
+import torch
+
+from .. import reference
+from .._validate import (FLOAT_DTYPES, acc_dtype, check_image, check_per_sample_tensor, check_real, check_same,
+                         check_seeds_tensor, require)
+
+# Per-sample parameters are [B] tensors; seed and offset are 64-bit values as int64 (two's
+# complement); seeds is None (one stream for the batch) or per-sample int64 seeds (SPEC 4).
+SCHEMAS = {
+    "patch_dct": "(Tensor x, int s) -> Tensor",
+    "patch_idct": "(Tensor u, int s) -> Tensor",
+    "patch_blur": "(Tensor x, Tensor tau, int s, float d_min) -> Tensor",
+    "block_noise": "(Tensor g, int s, bool adjoint) -> Tensor",
+    "relay_noise": "(Tensor like, int s, float alpha, float k, int seed, int offset, Tensor? seeds, Tensor? eps, "
+                   "Tensor? eps2) -> Tensor",
+    "relay_corrupt": "(Tensor y, Tensor sigma, Tensor tau, int s, float d_min, float alpha, float k, int seed, "
+                     "int offset, Tensor? seeds, Tensor? eps, Tensor? eps2) -> Tensor",
+    "relay_step": "(Tensor x, Tensor x0_hat, Tensor sigma, Tensor sigma_next, Tensor tau, Tensor tau_next, "
+                  "float eta, int s, float d_min, float alpha, float k, int seed, int offset, Tensor? seeds, "
+                  "Tensor? eps, Tensor? eps2, Tensor? x_prop, Tensor? x0_hat_prop) -> Tensor",
+}
+OPS = tuple(SCHEMAS)
+# Each op's arguments by name: ARGS["patch_blur"](x, tau, s, d_min).x
+ARGS = {name: namedtuple(name, re.findall(r"(\w+)(?=[,)])", schema.split("->")[0])) for name, schema in SCHEMAS.items()}
+
+STEP_PARAMETERS = ("sigma", "sigma_next", "tau", "tau_next")
+STEP_NOT_DIFFERENTIABLE = ("relay_step is not differentiable with respect to sigma, sigma_next, tau or tau_next; "
+                           "pass them without requires_grad (detach them)")
+
+_COMPANIONS = ("x0_hat", "x_prop", "x0_hat_prop", "eps", "eps2")  # tensors shaped like the image
+_PER_SAMPLE = ("sigma", "sigma_next", "tau", "tau_next")
+
+
+def check_args(name: str, args, dtypes=FLOAT_DTYPES, backend: str | None = None):
+    """Check the arguments of op ``name`` (as the schema orders them); returns them by name."""
+    a = ARGS[name](*args)
+    image_name, image = a._fields[0], args[0]
+    require(a.s >= 1, ValueError, lambda: f"s (patch size) must be an int >= 1, got {a.s}")
+    check_image(image_name, image, a.s)
+    check_supported(backend, dtypes, image)
+    for field in a._fields:
+        value = getattr(a, field)
+        if field in _COMPANIONS and value is not None:
+            check_same(field, value, "the image" if field.startswith("eps") else image_name, image)
+        elif field in _PER_SAMPLE:
+            check_per_sample_tensor(field, value, image)
+    if "seeds" in a._fields:
+        if a.seeds is not None:
+            check_seeds_tensor(a.seeds, image)
+        check_real("alpha", a.alpha, low=0.0)
+        require(a.eps is not None or a.eps2 is None, ValueError, lambda: (
+            "eps2 was given without eps: pass both noise tensors, or neither"))
+        require(a.eps is None or a.eps2 is not None or a.alpha == 0.0, ValueError, lambda: (
+            "eps was given without eps2: pass both (eps2 may be left out only when alpha = 0)"))
+    if "d_min" in a._fields:
+        check_real("d_min", a.d_min, low=0.0, high=1.0)
+    if "eta" in a._fields:
+        check_real("eta", a.eta, low=0.0, high=1.0, high_open=True)
+        require((a.x_prop is None) == (a.x0_hat_prop is None), ValueError, lambda: (
+            "x_prop and x0_hat_prop go together: pass both for the Heun step, or neither"))
+    return a
+
+
+def check_supported(backend: str | None, dtypes, image: torch.Tensor) -> None:
+    """The backend's storage dtypes (Triton has no float64)."""
+    require(image.dtype in dtypes, TypeError, lambda: (
+        f"the {backend!r} backend supports {', '.join(str(d).replace('torch.', '') for d in dtypes)} tensors, "
+        f"got {image.dtype}; use backend='reference' (or 'cpu'/'cuda' where built) for it"))
+
+
+def _kernel_args(a) -> tuple:
+    """The arguments as kernels take them: per-sample parameters contiguous in the accumulation
+    dtype of the image, per-sample seeds contiguous."""
+    acc = acc_dtype(a[0].dtype)
+    return tuple(v.to(acc).contiguous() if f in _PER_SAMPLE else v.contiguous() if f == "seeds" and v is not None
+                 else v for f, v in zip(a._fields, a))
+
+
+def _in_fake_layout(result: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """``result`` in the layout of ``torch.empty_like(like)``, the fake implementation's output
+    and so every backend's (channels_last in, channels_last out)."""
+    if like.is_contiguous() and result.is_contiguous():
+        return result
+    out = torch.empty_like(like)
+    return result if out.stride() == result.stride() else out.copy_(result)
+
+
+def reference_table() -> dict[str, Callable]:
+    """The reference backend's forward functions: ``relayops.reference`` with the same output
+    layout as the kernel backends (autograd runs through both)."""
+    def wrap(fn):
+        return lambda *args: _in_fake_layout(fn(*args), args[0])
+    return {name: wrap(getattr(reference, name)) for name in OPS}
+
+
+def define_ops(namespace: str, kernels: dict[str, Callable], *, backend: str, device_types, max_s: int,
+               dtypes=FLOAT_DTYPES):
+    """Register every op of :data:`SCHEMAS` as ``namespace::name`` with the forward function
+    ``kernels[name]`` and the shared checks, fake and autograd. A kernel gets checked arguments
+    (per-sample parameters and seeds contiguous, parameters in the accumulation dtype) and
+    returns a new tensor like the first argument. Patch sizes above ``max_s`` run the reference
+    instead. Returns the namespace's op set (``torch.ops.<namespace>``)."""
+    ops = getattr(torch.ops, namespace)
+    for name, schema in SCHEMAS.items():
+        def forward(*args, _name=name, _kernel=kernels[name], _fallback=getattr(reference, name)):
+            a = check_args(_name, args, dtypes, backend)
+            if a.s > max_s:
+                return _in_fake_layout(_fallback(*args), args[0])
+            return _in_fake_layout(_kernel(*_kernel_args(a)), args[0])
+
+        def fake(*args, _name=name):
+            check_args(_name, args, dtypes, backend)
+            return torch.empty_like(args[0])
+
+        op = torch.library.custom_op(f"{namespace}::{name}", forward, mutates_args=(), device_types=device_types,
+                                     schema=schema)
+        op.register_fake(fake)
+        backward = _BACKWARD[name]
+        op.register_autograd(lambda ctx, grad, _backward=backward: _backward(ops, ctx, grad),
+                             setup_context=_setup_context(name))
+    return ops
+
+
+# ----------------------------------------------------------------------------------------------
+# Autograd. setup_context keeps the tensors a formula reads (SAVED) and every non-tensor
+# argument; backward gets them back by name and returns one gradient (or None) per argument.
+
+def _saved_blur(wants):
+    return {"tau"} | ({"x"} if wants("tau") else set())
+
+
+def _saved_corrupt(wants):
+    return {"sigma", "tau"} | ({"y"} if wants("tau") else set()) | (
+        {"seeds", "eps", "eps2"} if wants("sigma") else set())
+
+
+SAVED = {"patch_blur": _saved_blur, "relay_corrupt": _saved_corrupt,
+         "relay_step": lambda wants: set(STEP_PARAMETERS)}
+
+
+class _Saved:
+    """The arguments of one op call as attributes; tensors the formula does not read are None.
+    ``given(name)``: the argument was a tensor (not None); ``wants(name)``: it needs a gradient."""
+
+    def __init__(self, ctx, values: dict):
+        self.__dict__.update(values)
+        self._ctx = ctx
+
+    def given(self, name: str) -> bool:
+        return name in self._ctx.given
+
+    def wants(self, name: str) -> bool:
+        return self._ctx.needs_input_grad[self._ctx.fields.index(name)]
+
+
+def _setup_context(name: str):
+    fields = ARGS[name]._fields
+
+    def setup(ctx, inputs, output):
+        ctx.fields = fields
+        wants = lambda f: ctx.needs_input_grad[fields.index(f)]  # noqa: E731
+        keep = SAVED.get(name, lambda w: set())(wants)
+        tensor_fields = [f for f, v in zip(fields, inputs) if isinstance(v, torch.Tensor)]
+        ctx.given = set(tensor_fields)
+        ctx.tensor_fields = [f for f in tensor_fields if f in keep]
+        ctx.save_for_backward(*(v for f, v in zip(fields, inputs) if f in ctx.tensor_fields))
+        ctx.scalars = {f: v for f, v in zip(fields, inputs) if not isinstance(v, torch.Tensor) and v is not None}
+
+    return setup
+
+
+def _load(ctx) -> _Saved:
+    values = dict.fromkeys(ctx.fields)
+    values.update(ctx.scalars)
+    values.update(zip(ctx.tensor_fields, ctx.saved_tensors))
+    return _Saved(ctx, values)
+
+
+def _grads(ctx, **grads) -> tuple:
+    """One entry per argument, in schema order: the given gradients, None elsewhere."""
+    return tuple(grads.get(f) for f in ctx.fields)
+
+
+def _col(v: torch.Tensor) -> torch.Tensor:
+    return v.view(-1, 1, 1, 1)
+
+
+def _tau_grad(ops, g: torch.Tensor, x: torch.Tensor, tau: torch.Tensor, s: int, d_min: float) -> torch.Tensor:
+    """d<g, patch_blur(x, tau)>/d tau_b = sum over sample b of patch_dct(g) D'(tau_b) patch_dct(x)
+    (the blur is diagonal in each patch's DCT basis; docs/spec.md section 13)."""
+    acc = acc_dtype(x.dtype)
+    b, c, h, w = x.shape
+    product = ops.patch_dct(g, s).to(acc) * ops.patch_dct(x, s).to(acc)
+    per_frequency = product.reshape(b, c, h // s, s, w // s, s).sum(dim=(1, 2, 4))  # [B, s, s]
+    d_response = reference.blur_response_grad(tau.to(acc), s, d_min)
+    return (per_frequency * d_response).sum(dim=(1, 2)).to(tau.dtype)
+
+
+def _noise_grads(ops, a: _Saved, g: torch.Tensor, scale):
+    """Gradients w.r.t. eps and eps2 of ``scale * k (eps + alpha block_noise(eps2))`` (scale: a
+    float or a [B, 1, 1, 1] tensor), in g's dtype; None for noise drawn in the kernel."""
+    if not a.given("eps"):
+        return None, None
+    g_eps = g.to(acc_dtype(g.dtype)) * (a.k * scale)
+    g_eps2 = a.alpha * ops.block_noise(g_eps, a.s, True) if a.given("eps2") else None
+    return g_eps.to(g.dtype), None if g_eps2 is None else g_eps2.to(g.dtype)
+
+
+def _dct_backward(ops, ctx, g):
+    return _grads(ctx, x=ops.patch_idct(g, _load(ctx).s))
+
+
+def _idct_backward(ops, ctx, g):
+    return _grads(ctx, u=ops.patch_dct(g, _load(ctx).s))
+
+
+def _block_backward(ops, ctx, g):
+    a = _load(ctx)
+    return _grads(ctx, g=ops.block_noise(g, a.s, not a.adjoint))
+
+
+def _blur_backward(ops, ctx, g):
+    a = _load(ctx)
+    g_x = ops.patch_blur(g, a.tau, a.s, a.d_min) if a.wants("x") else None  # self-adjoint per patch
+    g_tau = _tau_grad(ops, g, a.x, a.tau, a.s, a.d_min) if a.wants("tau") else None
+    return _grads(ctx, x=g_x, tau=g_tau)
+
+
+def _noise_backward(ops, ctx, g):
+    a = _load(ctx)
+    g_eps, g_eps2 = _noise_grads(ops, a, g, 1.0)
+    return _grads(ctx, eps=g_eps, eps2=g_eps2)
+
+
+def _corrupt_backward(ops, ctx, g):
+    """y -> patch_blur(y, tau) + sigma n: linear in y, eps, eps2; sigma's gradient is <g, n>."""
+    a = _load(ctx)
+    acc = acc_dtype(g.dtype)
+    grads = {}
+    if a.wants("y"):
+        grads["y"] = ops.patch_blur(g, a.tau, a.s, a.d_min)
+    if a.wants("tau"):
+        grads["tau"] = _tau_grad(ops, g, a.y, a.tau, a.s, a.d_min)
+    if a.wants("sigma"):
+        n = ops.relay_noise(g, a.s, a.alpha, a.k, a.seed, a.offset, a.seeds, a.eps, a.eps2)  # the same noise again
+        grads["sigma"] = (g.to(acc) * n.to(acc)).sum(dim=(1, 2, 3)).to(a.sigma.dtype)
+    grads["eps"], grads["eps2"] = _noise_grads(ops, a, g, _col(a.sigma.to(acc)))
+    return _grads(ctx, **grads)
+
+
+def _step_backward(ops, ctx, g):
+    """out = gamma x + patch_idct((D' - gamma D) patch_dct(x0_eff)) + eta sigma' n, linear in the
+    images and noise tensors; x0_eff = (x + x0_hat)/2 - (sigma/sigma')(x' - x0_hat')/2 for Heun."""
+    a = _load(ctx)
+    if any(a.wants(p) for p in STEP_PARAMETERS):
+        raise NotImplementedError(STEP_NOT_DIFFERENTIABLE)
+    acc = acc_dtype(g.dtype)
+    sigma, sigma_next = a.sigma.to(acc), a.sigma_next.to(acc)
+    gamma = (1.0 - a.eta * a.eta) ** 0.5 * sigma_next / sigma
+    # adjoint of x0_eff -> patch_idct((D' - gamma D) patch_dct(x0_eff)): the same map (symmetric)
+    m = (ops.patch_blur(g, a.tau_next, a.s, a.d_min).to(acc)
+         - _col(gamma) * ops.patch_blur(g, a.tau, a.s, a.d_min).to(acc))
+    grads = {"x": _col(gamma) * g.to(acc), "x0_hat": m}
+    if a.given("x_prop"):
+        half, ratio = m / 2, _col(sigma / sigma_next)
+        grads.update(x=grads["x"] + half, x0_hat=half, x_prop=-ratio * half, x0_hat_prop=ratio * half)
+    if a.eta != 0.0:
+        grads["eps"], grads["eps2"] = _noise_grads(ops, a, g, a.eta * _col(sigma_next))
+    cast = {f: v.to(g.dtype) if f in ("x", "x0_hat", "x_prop", "x0_hat_prop") else v for f, v in grads.items()}
+    return _grads(ctx, **cast)
+
+
+_BACKWARD = {"patch_dct": _dct_backward, "patch_idct": _idct_backward, "patch_blur": _blur_backward,
+             "block_noise": _block_backward, "relay_noise": _noise_backward, "relay_corrupt": _corrupt_backward,
+             "relay_step": _step_backward}
