@@ -14,14 +14,16 @@ import sys
 from collections import defaultdict
 
 
-def load(paths, stat="median"):
+def load(paths, stat="median", kind="op"):
+    """The benchmarks' extra_info with the chosen statistic as "median"; kind: "op" (the op
+    benchmarks) or "sampler" (test_bench_sampling.py)."""
     rows = []
     for path in paths:
         with open(path) as f:
             data = json.load(f)
         for bench in data["benchmarks"]:
             info = dict(bench.get("extra_info", {}))
-            if "op" in info:
+            if kind in info:
                 info["median"] = bench["stats"][stat]
                 rows.append(info)
     return rows
@@ -60,6 +62,24 @@ def table(rows, stat="median") -> str:
     return "\n".join(lines)
 
 
+def sampler_table(rows) -> str:
+    """Per-sample seeds against one int seed, per sampler step (test_bench_sampling.py)."""
+    groups = defaultdict(dict)
+    for r in rows:
+        groups[(r["sampler"], r["device"], tuple(r["shape"]))][r["seeds"]] = r
+    lines = ["| sampler | device | output B x C x H x W | steps | int seed ms/step | per-sample seeds ms/step | ratio |",
+             "|---|---|---|---|---|---|---|"]
+    for (sampler, device, shape), by_seeds in sorted(groups.items()):
+        one, each = by_seeds.get("int"), by_seeds.get("per_sample")
+        if one is None or each is None:
+            continue
+        ratio = each["median"] / one["median"]
+        lines.append(f"| {sampler} | {device} | {'x'.join(map(str, shape))} | {one['steps']} | "
+                     f"{one['median'] / one['steps'] * 1e3:.3g} | {each['median'] / each['steps'] * 1e3:.3g} | "
+                     f"{ratio:.2f} |")
+    return "\n".join(lines)
+
+
 def main(argv):
     stat = "median"
     if argv[:1] == ["--stat"]:
@@ -67,7 +87,12 @@ def main(argv):
     if not argv or stat not in ("median", "min", "mean"):
         print(__doc__)
         return 2
-    print(table(load(argv, stat), stat))
+    ops = load(argv, stat)
+    if ops:
+        print(table(ops, stat))
+    samplers = load(argv, stat, kind="sampler")
+    if samplers:
+        print("\n" + sampler_table(samplers))
     return 0
 
 

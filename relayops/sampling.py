@@ -6,15 +6,15 @@ a ``[B]`` tensor of x's dtype and device; when class labels are given the call i
 ``denoiser(x, sigma, class_labels)`` (and ``denoiser(x, sigma, None)`` for the unconditional
 branch of classifier-free guidance, ``x0_hat = w cond - (w - 1) uncond``).
 
-Random numbers. ``seed`` is an int or a list of B ints. An int seeds the whole batch through
-the in-kernel Philox noise of the ops (SPEC 4). A list gives every sample its own stream: sample
-b's noise is drawn as if it were a batch of one with seed ``seed[b]``, so an image regenerated
-alone (``seed=[seed[b]]``, or the int ``seed[b]``) matches its batch version. A
+Random numbers. ``seed`` is an int, per-sample seeds (a list or tuple of B ints, or an int64
+``[B]`` tensor) or a ``torch.Generator``. Ints and per-sample seeds go to the ops' in-kernel
+Philox noise (SPEC 4) on every backend: an int seeds one stream for the batch; per-sample seeds
+give sample b exactly the noise it would get as a batch of one seeded ``seed[b]``, so an image
+regenerated alone (``seed=[seed[b]]``, or the int ``seed[b]``) matches its batch version. A
 ``torch.Generator`` draws the batch's normals with ``torch.randn`` (on the generator's device)
-and passes them to the ops: fast where the in-kernel Philox runs on the slow reference backend,
-but not reproducible across devices. Philox noise draws use
-distinct Philox offsets: ``offset`` (the start noise), then ``offset + 2 i + 1`` and
-``offset + 2 i + 2`` for step i (Euler proposal, Heun correction).
+and passes them to the ops (not reproducible across devices). Philox noise draws use distinct
+offsets: ``offset`` (the start noise), then ``offset + 2 i + 1`` and ``offset + 2 i + 2`` for
+step i (Euler proposal, Heun correction).
 
 Everything runs on the state's device; the noise-level grid is computed once on the host and
 each step receives Python floats, so there is no host round trip per step. The samplers run
@@ -28,7 +28,8 @@ from typing import Callable, Sequence
 import torch
 from tqdm.auto import tqdm
 
-from . import reference, schedules
+from . import schedules
+from ._validate import check_image, seed_args
 from .ops import linear_relay_step, relay_noise, relay_step
 
 __all__ = ["edm_sample", "relay_sample", "linear_relay_sample", "nearest_upsample", "BaseStage",
@@ -43,46 +44,35 @@ RELAY_DEFAULTS = dict(num_steps=150, sigma_trunc=0.9, eta=0.2, alpha=0.15, L=0.9
 
 # --- helpers ------------------------------------------------------------------------------------
 
-def _seeds(seed, batch: int):
-    """An int seed, a list of ``batch`` per-sample seeds (validated), or a torch.Generator."""
+def _seeds(seed, like: torch.Tensor):
+    """The samplers' noise source for a state like ``like``: a torch.Generator as it is, an int
+    seed as it is, per-sample seeds as an int64 ``[B]`` tensor on like's device (made once per
+    sampler call). Raises the ops' TypeError/ValueError for anything else."""
     if isinstance(seed, torch.Generator):
         return seed
-    if isinstance(seed, (list, tuple)):
-        if len(seed) != batch:
-            raise ValueError(f"seed is a list of {len(seed)} seeds; it needs one per sample (B = {batch})")
-        out = []
-        for v in seed:
-            if isinstance(v, bool) or not isinstance(v, int) or not 0 <= v < 2**64:
-                raise ValueError(f"every per-sample seed must be an int in [0, 2**64), got {v!r}")
-            out.append(int(v))
-        return out
-    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**64:
-        raise ValueError(f"seed must be an int in [0, 2**64), a list of B such ints or a torch.Generator, "
-                         f"got {seed!r}")
-    return int(seed)
+    _, seeds = seed_args(seed, like)
+    return seed if seeds is None else seeds
 
 
-def _normals(like: torch.Tensor, seeds, offset: int):
-    """``(eps, eps2)`` shaped like ``like``: from a torch.Generator, or sample b drawn alone from
-    ``seeds[b]`` with the Philox layout of SPEC 4."""
+def _normals(like: torch.Tensor, generator: torch.Generator):
+    """``(eps, eps2)`` shaped like ``like`` from ``torch.randn`` on the generator's device."""
+    eps, eps2 = (torch.randn(like.shape, generator=generator, dtype=like.dtype, device=generator.device)
+                 for _ in range(2))
+    return eps.to(like.device), eps2.to(like.device)
+
+
+def _noise_args(seeds, like: torch.Tensor, offset: int) -> dict:
+    """The noise keywords of an op call: the seed (int or per-sample) and offset, or normals
+    drawn from a torch.Generator."""
     if isinstance(seeds, torch.Generator):
-        eps, eps2 = (torch.randn(like.shape, generator=seeds, dtype=like.dtype, device=seeds.device)
-                     for _ in range(2))
-        return eps.to(like.device), eps2.to(like.device)
-    pairs = [reference.draw_normals(like[b:b + 1], seeds[b], offset) for b in range(like.shape[0])]
-    eps = torch.cat([p[0] for p in pairs]).to(like.dtype)
-    eps2 = torch.cat([p[1] for p in pairs]).to(like.dtype)
-    return eps, eps2
+        eps, eps2 = _normals(like, seeds)
+        return {"eps": eps, "eps2": eps2}
+    return {"seed": seeds, "offset": offset}
 
 
 def _white_noise(like: torch.Tensor, seeds, offset: int, backend) -> torch.Tensor:
     """Standard normal noise shaped like ``like`` (relay noise with alpha = 0, s = 1, k = 1)."""
-    if isinstance(seeds, int):
-        return relay_noise(like, 1, alpha=0.0, seed=seeds, offset=offset, backend=backend)
-    if isinstance(seeds, torch.Generator):
-        return _normals(like, seeds, offset)[0]
-    return torch.cat([relay_noise(like[b:b + 1], 1, alpha=0.0, seed=seeds[b], offset=offset, backend=backend)
-                      for b in range(like.shape[0])])
+    return relay_noise(like, 1, alpha=0.0, backend=backend, **_noise_args(seeds, like, offset))
 
 
 def _denoise(denoiser: Denoiser, x: torch.Tensor, sigma: float, class_labels, cfg) -> torch.Tensor:
@@ -113,13 +103,6 @@ def _grid(sigmas) -> list[float]:
     return vals
 
 
-def _check_image(name: str, x) -> torch.Tensor:
-    if not isinstance(x, torch.Tensor) or x.dim() != 4 or not x.is_floating_point():
-        raise ValueError(f"{name} must be a floating tensor [B, C, H, W], got "
-                         f"{tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__}")
-    return x
-
-
 def nearest_upsample(x: torch.Tensor, s: int) -> torch.Tensor:
     """``[B, C, h, w] -> [B, C, h s, w s]``: every pixel becomes an s x s constant block (SPEC 8)."""
     return x.repeat_interleave(s, dim=-2).repeat_interleave(s, dim=-1)
@@ -146,8 +129,8 @@ def edm_sample(denoiser: Denoiser, shape, *, sigmas=None, num_steps: int = 18, s
     grid = _grid(sigmas) if sigmas is not None else _grid(
         schedules.karras_sigmas(num_steps, sigma_min, sigma_max, rho).tolist())
     n = len(grid) - 1
-    seeds = _seeds(seed, shape[0])
     x_like = torch.empty(shape, dtype=dtype, device=device)
+    seeds = _seeds(seed, x_like)
     x = grid[0] * _white_noise(x_like, seeds, offset, backend)
     for i in tqdm(range(n), disable=not progress, desc="edm", leave=False):
         t_cur, t_next = grid[i], grid[i + 1]
@@ -215,17 +198,15 @@ def relay_sample(denoiser: Denoiser, x_lr: torch.Tensor | None = None, s: int = 
     # tau for every level on the host, once (the last level, 0, is never blurred to)
     taus = [schedules.tau_from_sigma(v, opt["L"], opt["sigma_b_max"]) for v in grid[:-1]] + [0.0]
     if x_start is not None:
-        x = _check_image("x_start", x_start).to(dtype)
-        seeds = _seeds(seed, x.shape[0])
+        x = check_image("x_start", x_start, s).to(dtype)
+        seeds = _seeds(seed, x)
     else:
-        up = nearest_upsample(_check_image("x_lr", x_lr).to(dtype), s)
-        seeds = _seeds(seed, up.shape[0])
-        x = up + grid[0] * _relay_noise(up, seeds, offset, s, alpha, normalize, backend)
+        up = nearest_upsample(check_image("x_lr", x_lr).to(dtype), s)
+        seeds = _seeds(seed, up)
+        x = up + grid[0] * relay_noise(up, s, alpha, normalize, backend=backend, **_noise_args(seeds, up, offset))
 
     def step(x, x0_hat, i, off, **heun_args):
-        noise = {"seed": seeds, "offset": off} if isinstance(seeds, int) else {}
-        if eta > 0 and not isinstance(seeds, int):
-            noise["eps"], noise["eps2"] = _normals(x, seeds, off)
+        noise = _noise_args(seeds, x, off) if eta > 0 else {"seed": 0}
         return relay_step(x, x0_hat, grid[i], grid[i + 1], taus[i], taus[i + 1], eta=eta, s=s, alpha=alpha,
                           normalize=normalize, d_min=d_min, backend=backend, **noise, **heun_args)
 
@@ -245,14 +226,6 @@ def relay_sample(denoiser: Denoiser, x_lr: torch.Tensor | None = None, s: int = 
     return x
 
 
-def _relay_noise(like, seeds, offset, s, alpha, normalize, backend):
-    """Relay noise (SPEC 3) for the start state: in-kernel for an int seed, per sample for a list."""
-    if isinstance(seeds, int):
-        return relay_noise(like, s, alpha, normalize, seed=seeds, offset=offset, backend=backend)
-    eps, eps2 = _normals(like, seeds, offset)
-    return relay_noise(like, s, alpha, normalize, eps=eps, eps2=eps2, backend=backend)
-
-
 # --- SPEC 10: latent linear relay (CogView3) --------------------------------------------------
 
 @torch.no_grad()
@@ -268,7 +241,7 @@ def linear_relay_sample(denoiser: Denoiser, z_lr: torch.Tensor, *, t_relay: floa
     step ``z' = A_{t'}(z0_hat) + (sigma'/sigma)(z - A_t(z0_hat))``, the last one returning z0_hat.
     The denoiser is called as ``denoiser(z, sigma)`` (it knows z_L through its conditioning).
     """
-    z_lr = _check_image("z_lr", z_lr).to(dtype)
+    z_lr = check_image("z_lr", z_lr).to(dtype)
     raw = [float(v) for v in (sigmas.tolist() if isinstance(sigmas, torch.Tensor) else sigmas)]
     grid = _grid(raw)
     if ts is None:
@@ -281,7 +254,7 @@ def linear_relay_sample(denoiser: Denoiser, z_lr: torch.Tensor, *, t_relay: floa
             raise ValueError(f"ts has {len(ts)} times for {len(grid)} noise levels")
     if ts[0] != float(t_relay):
         raise ValueError(f"the grid must start at t = t_relay = {t_relay} (where A_t(z0) = z_L), got {ts[0]}")
-    seeds = _seeds(seed, z_lr.shape[0])
+    seeds = _seeds(seed, z_lr)
     z = z_lr + grid[0] * _white_noise(z_lr, seeds, offset, backend)
     with tqdm(total=len(grid) - 1, disable=not progress, desc="linear relay", leave=False) as bar:
         for i in range(len(grid) - 1):
@@ -341,10 +314,7 @@ class RelayPipeline:
         self.stages, self.dtype, self.device, self.backend = stages, dtype, device, backend
 
     def __call__(self, num_images: int, seed=0, class_labels=None, progress: bool = True) -> list[torch.Tensor]:
-        if isinstance(seed, int) and not isinstance(seed, bool):
-            seeds = [seed + b for b in range(num_images)]
-        else:
-            seeds = _seeds(seed, num_images)
+        seeds = [seed + b for b in range(num_images)] if isinstance(seed, int) and not isinstance(seed, bool) else seed
         base = self.stages[0]
         shape = (num_images, base.channels, base.resolution, base.resolution)
         bar = tqdm(total=len(self.stages), disable=not progress, desc="stages")

@@ -148,8 +148,8 @@ def test_relay_regenerate_one_image_alone(heun):
     batch = _relay([11, 12, 13], x_lr, heun=heun)
     alone = _relay([12], x_lr[1:2], heun=heun)
     torch.testing.assert_close(alone[0], batch[1], rtol=0, atol=1e-12)
-    # a list of one seed and the int seed draw the same Philox stream (up to the backend's rounding)
-    torch.testing.assert_close(_relay(12, x_lr[1:2], heun=heun), alone, rtol=0, atol=1e-5)
+    # a list of one seed and the int seed draw the same Philox stream, in the same kernel
+    assert torch.equal(_relay(12, x_lr[1:2], heun=heun), alone)
     others = _relay([21, 12, 23], x_lr, heun=heun)
     torch.testing.assert_close(others[1], batch[1], rtol=0, atol=1e-12)
     assert (others[0] - batch[0]).abs().max() > 1e-3
@@ -223,3 +223,25 @@ def test_pipeline_stages_and_regeneration(capsys):
         torch.testing.assert_close(a[0], o[1], rtol=0, atol=1e-12)
     with pytest.raises(ValueError, match="BaseStage"):
         RelayPipeline([RelayStage(relay_den)])
+
+
+# --- the product path draws its noise in the kernels ------------------------------------------
+
+@pytest.mark.skipif("cpu" not in relayops.available_backends(), reason="relayops._C is not built")
+def test_sampling_never_uses_the_reference_philox(monkeypatch):
+    """With per-sample seeds (the pipeline's) or an int seed, every sampler and the pipeline draw
+    their noise in the kernels: the int64-emulated reference Philox is never called."""
+    import relayops.reference.philox as philox
+
+    def forbidden(*args, **kwargs):
+        raise AssertionError("sampling called the reference Philox")
+
+    monkeypatch.setattr(philox, "philox4x32", forbidden)
+    den = lambda x, sigma: 0.9 * x  # noqa: E731
+    x_lr = torch.randn(2, 3, 4, 4, generator=torch.Generator().manual_seed(0))
+    for seed in (3, [3, 4], torch.tensor([3, 4])):
+        relay_sample(den, x_lr, 4, num_steps=40, seed=seed)
+        edm_sample(den, (2, 3, 8, 8), num_steps=4, seed=seed, S_churn=5.0)
+        linear_relay_sample(den, x_lr, t_relay=4.0, sigmas=[1.0, 0.5, 0.0], seed=seed)
+    pipe = RelayPipeline([BaseStage(den, resolution=4, num_steps=3), RelayStage(den, s=4, num_steps=30)])
+    pipe(2, seed=7, progress=False)
