@@ -33,7 +33,7 @@ def _record(benchmark, fn, device, **info):
         return out
 
     call()  # warm-up: first-call allocations and the op registrations' lazy set-up
-    benchmark.pedantic(call, rounds=10, iterations=1, warmup_rounds=1)
+    benchmark.pedantic(call, rounds=20, iterations=1, warmup_rounds=2)
     benchmark.extra_info.update(device=device, threads=torch.get_num_threads(), **info)
     benchmark.extra_info["per_step_s"] = benchmark.stats.stats.median / info["steps"]
 
