@@ -110,11 +110,14 @@ def _in_fake_layout(result: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
 
 
 def reference_table() -> dict[str, Callable]:
-    """The reference backend's forward functions: ``relayops.reference`` with the same output
-    layout as the kernel backends (autograd runs through both)."""
-    def wrap(fn):
-        return lambda *args: _in_fake_layout(fn(*args), args[0])
-    return {name: wrap(getattr(reference, name)) for name in OPS}
+    """The reference backend's forward functions: ``relayops.reference`` behind the same checks
+    and with the same output layout as the kernel backends (autograd runs through both)."""
+    def wrap(name, fn):
+        def forward(*args):
+            check_args(name, args)
+            return _in_fake_layout(fn(*args), args[0])
+        return forward
+    return {name: wrap(name, getattr(reference, name)) for name in OPS}
 
 
 def define_ops(namespace: str, kernels: dict[str, Callable], *, backend: str, device_types, max_s: int,

@@ -5,7 +5,7 @@ import math
 
 import torch
 
-from .._validate import check_image, check_patch_size, check_real, check_same, check_seed, per_sample, seed_args, signed64
+from .._validate import check_image, check_patch_size, check_real, check_seed, per_sample, seed_args, signed64
 from ._backend import kernel
 
 
@@ -27,7 +27,7 @@ def noise_scale(alpha: float, normalize: bool) -> float:
 
 
 def resolve_noise_args(like: torch.Tensor, alpha, normalize, seed, offset, eps, eps2):
-    """Validate the noise keywords shared by relay_noise, relay_corrupt and relay_step.
+    """Convert the noise keywords shared by relay_noise, relay_corrupt and relay_step.
 
     Returns the ops' ``(alpha, k, seed, offset, seeds, eps, eps2)``: seed and offset as int64
     (two's complement), seeds an int64 ``[B]`` tensor for per-sample seeds, else None. Without
@@ -37,14 +37,7 @@ def resolve_noise_args(like: torch.Tensor, alpha, normalize, seed, offset, eps, 
     if not isinstance(normalize, bool):
         raise TypeError(f"normalize must be a bool, got {normalize!r}")
     offset = check_seed("offset", offset)
-    if eps is None and eps2 is not None:
-        raise ValueError("eps2 was given without eps: pass both noise tensors, or neither")
-    if eps is not None:
-        check_same("eps", eps, "the image", like)
-        if eps2 is None and alpha != 0.0:
-            raise ValueError("eps was given without eps2: pass both (eps2 may be left out only when alpha = 0)")
-        if eps2 is not None:
-            check_same("eps2", eps2, "the image", like)
+    if eps is not None:  # given noise (checked with the other op arguments): no seed
         seed = 0
     elif seed is None:
         seed = int(torch.randint(0, 2**63 - 1, (), dtype=torch.int64))

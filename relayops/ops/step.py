@@ -32,12 +32,6 @@ def relay_step(x: torch.Tensor, x0_hat: torch.Tensor, sigma, sigma_next, tau, ta
     """
     s = check_patch_size(s)
     check_image("x", x, s)
-    check_same("x0_hat", x0_hat, "x", x)
-    if (x_prop is None) != (x0_hat_prop is None):
-        raise ValueError("x_prop and x0_hat_prop go together: pass both for the Heun step, or neither")
-    if x_prop is not None:
-        check_same("x_prop", x_prop, "x", x)
-        check_same("x0_hat_prop", x0_hat_prop, "x", x)
     eta = check_real("eta", eta, low=0.0, high=1.0, high_open=True)
     d_min = check_real("d_min", d_min, low=0.0, high=1.0)
     sigma_b = per_sample("sigma", sigma, x, positive=True)
