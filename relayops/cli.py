@@ -230,10 +230,10 @@ def _build_spectrum(sub) -> None:
     p.add_argument("--images", nargs="*", default=None,
                    help=f"image files or scikit-image sample names (default: {' '.join(DEFAULT_IMAGES)})")
     p.add_argument("--sigma", type=float, default=0.5, help="noise level (default 0.5)")
-    p.add_argument("--s", type=int, default=4, help="block size = resolution ratio (default 4)")
-    p.add_argument("--resolution", type=int, default=256, help="high resolution (default 256)")
-    p.add_argument("--draws", type=int, default=8, help="noise draws per image (default 8)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--s", type=_positive_int, default=4, help="block size = resolution ratio (default 4)")
+    p.add_argument("--resolution", type=_positive_int, default=256, help="high resolution (default 256)")
+    p.add_argument("--draws", type=_positive_int, default=8, help="noise draws per image (default 8)")
+    p.add_argument("--seed", type=_nonneg_int, default=0)
     p.add_argument("--out", default="spectrum", help="output prefix: writes PREFIX.png and PREFIX.json")
     p.set_defaults(func=_cmd_spectrum)
 

@@ -126,6 +126,12 @@ def test_spectrum_command_writes_png_and_json(tmp_path, capsys):
     assert "wrote" in printed and "mean SNR (dB) below 1/(2s) of the band: low_res_white" in printed
 
 
+def test_spectrum_rejects_a_zero_block_size(capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["spectrum", "--s", "0"])
+    assert e.value.code == 2 and "--s: must be >= 1, got 0" in capsys.readouterr().err
+
+
 def test_spectrum_and_bench_dispatch(monkeypatch, capsys):
     with pytest.raises(SystemExit) as e:
         main(["spectrum", "--help"])
