@@ -263,6 +263,9 @@ def test_gradcheck_float64(target, name):
     assert torch.autograd.gradcheck(f, leaves, eps=1e-6, atol=1e-7)
 
 
+NAMESPACES = {"cpu": "relayops", "cuda": "relayops", "triton": "relayops_triton"}
+
+
 def test_relay_step_parameters_raise_the_same_error_everywhere(target):
     backend, device = target
     inputs, _ = make_inputs((2, 1, 4, 8, 4), torch.float32, device)
@@ -273,13 +276,19 @@ def test_relay_step_parameters_raise_the_same_error_everywhere(target):
     with torch.no_grad():  # nothing to differentiate: no error
         leaf = inputs | {"sigma": inputs["sigma"].clone().requires_grad_(True)}
         CASES["relay_step_euler_seed"][0](leaf, 4, backend)
+    namespace = NAMESPACES.get(backend)
+    if namespace is not None:  # a direct op call gets as far as backward, which raises the same error
+        tau = inputs["tau"].clone().requires_grad_(True)
+        out = getattr(torch.ops, namespace).relay_step(
+            inputs["x"], inputs["x0"], inputs["sigma"], inputs["sigma_next"], tau, inputs["tau_next"], 0.2, 4, 0.001,
+            0.15, 1.0, 3, 0, None, None, None, None, None)
+        with pytest.raises(NotImplementedError, match="relay_step is not differentiable with respect to sigma"):
+            out.sum().backward()
 
 
 # ----------------------------------------------------------------------------------------------
 # Errors: bad input raises the public ops' error on every backend, and when a custom op is
 # called directly (torch.ops.<namespace>.<op>) with the same bad arguments.
-
-NAMESPACES = {"cpu": "relayops", "cuda": "relayops", "triton": "relayops_triton"}
 
 
 def _bad_calls(device):

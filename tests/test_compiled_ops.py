@@ -85,9 +85,13 @@ def test_seeded_noise_other_philox_paths(isa):
 
 
 def test_codes_come_from_the_compiled_module():
-    """Op-mode and dtype codes are the C++ enums exposed by relayops._C, not a copy."""
-    assert int(compiled.Mode.relay_step) == 5 and int(compiled.DType.bfloat16) == 3
-    assert set(compiled.DTYPE_CODES) == {torch.float32, torch.float64, torch.float16, torch.bfloat16}
+    """Op-mode and dtype codes are the C++ enums exposed by relayops._C, not a copy: every mode
+    is named after an op of the contract, and every storage dtype maps to the enum of its name."""
+    from relayops.ops._library import OPS
+
+    assert set(compiled.Mode.__members__) <= set(OPS) and compiled.Mode is relayops._C.Mode
+    assert {str(dt).removeprefix("torch."): code.name for dt, code in compiled.DTYPE_CODES.items()} == {
+        name: name for name in ("float32", "float64", "float16", "bfloat16")}
 
 
 def test_cuda_module_built_when_nvcc_is_present():

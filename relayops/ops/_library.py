@@ -47,12 +47,11 @@ OPS = tuple(SCHEMAS)
 # Each op's arguments by name: ARGS["patch_blur"](x, tau, s, d_min).x
 ARGS = {name: namedtuple(name, re.findall(r"(\w+)(?=[,)])", schema.split("->")[0])) for name, schema in SCHEMAS.items()}
 
-STEP_PARAMETERS = ("sigma", "sigma_next", "tau", "tau_next")
+PER_SAMPLE = ("sigma", "sigma_next", "tau", "tau_next")  # [B] parameters; relay_step takes all four
 STEP_NOT_DIFFERENTIABLE = ("relay_step is not differentiable with respect to sigma, sigma_next, tau or tau_next; "
                            "pass them without requires_grad (detach them)")
 
 _COMPANIONS = ("x0_hat", "x_prop", "x0_hat_prop", "eps", "eps2")  # tensors shaped like the image
-_PER_SAMPLE = ("sigma", "sigma_next", "tau", "tau_next")
 
 
 def check_args(name: str, args, dtypes=FLOAT_DTYPES, backend: str | None = None):
@@ -66,7 +65,7 @@ def check_args(name: str, args, dtypes=FLOAT_DTYPES, backend: str | None = None)
         value = getattr(a, field)
         if field in _COMPANIONS and value is not None:
             check_same(field, value, "the image" if field.startswith("eps") else image_name, image)
-        elif field in _PER_SAMPLE:
+        elif field in PER_SAMPLE:
             check_per_sample_tensor(field, value, image)
     if "seeds" in a._fields:
         if a.seeds is not None:
@@ -96,7 +95,7 @@ def _kernel_args(a) -> tuple:
     """The arguments as kernels take them: per-sample parameters contiguous in the accumulation
     dtype of the image, per-sample seeds contiguous."""
     acc = acc_dtype(a[0].dtype)
-    return tuple(v.to(acc).contiguous() if f in _PER_SAMPLE else v.contiguous() if f == "seeds" and v is not None
+    return tuple(v.to(acc).contiguous() if f in PER_SAMPLE else v.contiguous() if f == "seeds" and v is not None
                  else v for f, v in zip(a._fields, a))
 
 
@@ -105,8 +104,8 @@ def _in_fake_layout(result: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     and so every backend's (channels_last in, channels_last out)."""
     if like.is_contiguous() and result.is_contiguous():
         return result
-    out = torch.empty_like(like)
-    return result if out.stride() == result.stride() else out.copy_(result)
+    promised = torch.empty_like(like, device="meta").stride()  # no memory: only the strides
+    return result if result.stride() == promised else torch.empty_like(like).copy_(result)
 
 
 def reference_table() -> dict[str, Callable]:
@@ -162,7 +161,7 @@ def _saved_corrupt(wants):
 
 
 SAVED = {"patch_blur": _saved_blur, "relay_corrupt": _saved_corrupt,
-         "relay_step": lambda wants: set(STEP_PARAMETERS)}
+         "relay_step": lambda wants: set(PER_SAMPLE)}
 
 
 class _Saved:
@@ -279,7 +278,7 @@ def _step_backward(ops, ctx, g):
     """out = gamma x + patch_idct((D' - gamma D) patch_dct(x0_eff)) + eta sigma' n, linear in the
     images and noise tensors; x0_eff = (x + x0_hat)/2 - (sigma/sigma')(x' - x0_hat')/2 for Heun."""
     a = _load(ctx)
-    if any(a.wants(p) for p in STEP_PARAMETERS):
+    if any(a.wants(p) for p in PER_SAMPLE):
         raise NotImplementedError(STEP_NOT_DIFFERENTIABLE)
     acc = acc_dtype(g.dtype)
     sigma, sigma_next = a.sigma.to(acc), a.sigma_next.to(acc)
