@@ -3,7 +3,9 @@
 * ``relayops._C``: CPU kernels (csrc/cpu, OpenMP), always built.
 * ``relayops._C_cuda``: CUDA kernels (csrc/cuda), built when nvcc is found. ``RELAYOPS_CUDA=0``
   skips it, ``RELAYOPS_CUDA=1`` makes a missing nvcc an error; ``RELAYOPS_CUDA_ARCHS`` picks the
-  GPU architectures (default "80;90"; PTX of the last one is embedded too).
+  GPU architectures (default: one per family the installed nvcc offers among 75, 80, 90, 100, 120:
+  Turing, Ampere (86/89 run sm_80 code), Hopper, Blackwell datacenter and consumer). Machine code
+  is built for each, plus PTX of the newest, which later GPUs compile at first launch.
 
 Neither module includes torch headers (pointers travel as integers), so the build needs only a
 C++17 compiler, pybind11 and, for CUDA, nvcc. Usage: ``python setup.py build_ext --inplace``.
@@ -42,8 +44,24 @@ def find_nvcc():
     return nvcc
 
 
-def gencode_flags():
-    archs = [a.strip() for a in os.environ.get("RELAYOPS_CUDA_ARCHS", "80;90").replace(",", ";").split(";") if a.strip()]
+DEFAULT_ARCHS = ("75", "80", "90", "100", "120")
+
+
+def cuda_archs(nvcc):
+    """The architectures to build: RELAYOPS_CUDA_ARCHS ("80;90" or "80,90"), else DEFAULT_ARCHS
+    that this nvcc can build (``nvcc --list-gpu-code``)."""
+    requested = os.environ.get("RELAYOPS_CUDA_ARCHS", "").replace(",", ";")
+    if requested.strip():
+        return [a.strip() for a in requested.split(";") if a.strip()]
+    try:
+        listed = subprocess.run([nvcc, "--list-gpu-code"], capture_output=True, text=True, check=True).stdout.split()
+    except (OSError, subprocess.CalledProcessError):
+        return ["80", "90"]  # nvcc too old to list its targets: those two every CUDA 11.8+ builds
+    offered = {code.removeprefix("sm_") for code in listed}
+    return [a for a in DEFAULT_ARCHS if a in offered]
+
+
+def gencode_flags(archs):
     flags = []
     for a in archs:
         flags += ["-gencode", f"arch=compute_{a},code=sm_{a}"]
@@ -58,13 +76,15 @@ class BuildExt(build_ext):
         rebuilt = False
         if cu_sources:
             nvcc = find_nvcc()
+            archs = cuda_archs(nvcc)
             os.makedirs(self.build_temp, exist_ok=True)
             objects = []
             for src in cu_sources:
-                obj = os.path.join(self.build_temp, os.path.basename(src) + ".o")
+                # the architectures are in the name: changing RELAYOPS_CUDA_ARCHS rebuilds
+                obj = os.path.join(self.build_temp, f"{os.path.basename(src)}.sm_{'_'.join(archs)}.o")
                 if self.force or not os.path.exists(obj) or _newer_sources(src, obj):
                     cmd = [nvcc, "-c", src, "-o", obj, "-O3", "-std=c++17", "--threads", "0",
-                           "-Xcompiler", "-fPIC", *[f"-I{d}" for d in ext.include_dirs], *gencode_flags()]
+                           "-Xcompiler", "-fPIC", *[f"-I{d}" for d in ext.include_dirs], *gencode_flags(archs)]
                     print(" ".join(cmd))
                     subprocess.check_call(cmd)
                     rebuilt = True
@@ -110,12 +130,14 @@ if nvcc is not None:
     ext_modules.append(
         Extension(
             "relayops._C_cuda",
-            sources=["csrc/cuda/kernels.cu", "csrc/cuda/module.cpp"],
+            sources=["csrc/cuda/kernels.cu", "csrc/cuda/checks.cu", "csrc/cuda/module.cpp"],
             include_dirs=INCLUDES + [os.path.join(home, "include")],
             depends=headers("csrc/include", "csrc/cuda"),
             library_dirs=[os.path.join(home, "lib64"), os.path.join(home, "lib")],
             # the static runtime: the module does not depend on a libcudart.so at import time
             libraries=["cudart_static", "dl", "rt", "pthread"],
+            # the architecture list, for the module's error messages (relayops._C_cuda.archs)
+            define_macros=[("RELAYOPS_CUDA_ARCHS", '"' + ";".join(cuda_archs(nvcc)) + '"')],
             extra_compile_args=["-O3", "-std=c++17", "-fvisibility=hidden"],
             language="c++",
         )

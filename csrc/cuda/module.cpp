@@ -4,6 +4,7 @@
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
+#include "checks.h"
 #include "kernels.h"
 
 namespace py = pybind11;
@@ -22,5 +23,18 @@ PYBIND11_MODULE(_C_cuda, m) {
       py::arg("mode"), py::arg("dtype"), py::arg("s"), py::arg("shape"), py::arg("views"), py::arg("per_sample"),
       py::arg("seeds"), py::arg("scalars"), py::arg("seed"), py::arg("offset"), py::arg("flags"), py::arg("stream"));
   m.def("device_count", &relayops::cuda::device_count);
+  m.def("has_kernel_image", &relayops::cuda::has_kernel_image, py::arg("device"),
+        "True when this module has machine code or PTX that CUDA device `device` can run");
+  m.def(
+      "normals_from_words",
+      [](int64_t words, int64_t n, int dtype, int64_t eps, int64_t eps2, int64_t stream) {
+        relayops::cuda::normals_from_words(reinterpret_cast<const uint32_t*>(words), n, dtype,
+                                           reinterpret_cast<void*>(eps), reinterpret_cast<void*>(eps2), stream);
+      },
+      py::arg("words"), py::arg("n"), py::arg("dtype"), py::arg("eps"), py::arg("eps2"), py::arg("stream"),
+      "Box-Muller of given Philox words [4, n] (uint32) into eps, eps2 [n]; for tests");
+#ifdef RELAYOPS_CUDA_ARCHS
+  m.attr("archs") = RELAYOPS_CUDA_ARCHS;  // the -gencode list it was built with, e.g. "75;80;90"
+#endif
   m.attr("max_s") = relayops::kMaxS;
 }

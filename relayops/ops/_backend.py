@@ -4,13 +4,15 @@ A backend is a name plus a table of forward functions with the op signatures of
 ``ops/_library.py`` (validated arguments, per-sample parameters as ``[B]`` tensors): the
 reference (``relayops.reference``), or the custom ops that a kernel backend registered.
 Choice, first match wins: the ``backend=`` keyword of a call, then the ``RELAYOPS_BACKEND``
-environment variable, then automatic: CUDA tensors use the compiled CUDA backend if built,
-else Triton; CPU tensors use the compiled CPU backend if built, else the reference.
+environment variable, then automatic: CUDA tensors use the compiled CUDA backend if built with
+code for the GPU's architecture (else Triton, with one warning), then Triton; CPU tensors use the
+compiled CPU backend if built, else the reference.
 """
 from __future__ import annotations
 
 import os
-from typing import Callable
+import warnings
+from typing import Callable, Optional
 
 import torch
 
@@ -21,11 +23,14 @@ BACKENDS = ("reference", "cpu", "cuda", "triton")
 
 _tables: dict[str, dict[str, Callable]] = {"reference": reference_table()}
 _dtypes: dict[str, tuple] = {"reference": FLOAT_DTYPES}
+_device_checks: dict[str, Callable[[torch.device], Optional[str]]] = {}
+_warned: set = set()
 
 
-def register_backend(name: str, table: dict[str, Callable], dtypes=FLOAT_DTYPES) -> None:
+def register_backend(name: str, table: dict[str, Callable], dtypes=FLOAT_DTYPES, device_check=None) -> None:
     """Make a backend available; ``table`` maps op names to forward functions, ``dtypes`` lists
-    the storage dtypes it takes."""
+    the storage dtypes it takes, ``device_check(device)`` (optional) says why it cannot run on a
+    device (a message), or None when it can."""
     if name not in BACKENDS:
         raise ValueError(f"unknown backend {name!r}; known: {BACKENDS}")
     missing = set(OPS) - set(table)
@@ -33,6 +38,8 @@ def register_backend(name: str, table: dict[str, Callable], dtypes=FLOAT_DTYPES)
         raise ValueError(f"backend {name!r} lacks ops {sorted(missing)}")
     _tables[name] = dict(table)
     _dtypes[name] = tuple(dtypes)
+    if device_check is not None:
+        _device_checks[name] = device_check
 
 
 def _load_optional_backends() -> None:
@@ -60,12 +67,20 @@ def _device_ok(name: str, device_type: str) -> bool:
     return device_type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1"
 
 
+def _device_problem(name: str, device: torch.device) -> Optional[str]:
+    check = _device_checks.get(name)
+    return None if check is None else check(device)
+
+
 def choose_backend(backend: str | None, device, dtype=None) -> str:
     """The backend a call on ``device`` uses; raises ``ValueError`` for an unusable request.
 
-    The automatic choice skips backends that do not take ``dtype`` (Triton: float64).
+    The automatic choice skips backends that do not take ``dtype`` (Triton: float64) and, with a
+    warning once per device, backends that cannot run on the device (the CUDA build lacks the
+    GPU's architecture).
     """
-    device_type = device.type if hasattr(device, "type") else str(device)
+    device = torch.device(device)
+    device_type = device.type
     requested = backend if backend is not None else os.environ.get("RELAYOPS_BACKEND") or None
     if requested is not None and requested != "auto":
         if requested not in BACKENDS:
@@ -74,11 +89,19 @@ def choose_backend(backend: str | None, device, dtype=None) -> str:
             raise ValueError(f"backend {requested!r} is not available here (available: {available_backends()})")
         if not _device_ok(requested, device_type):
             raise ValueError(f"backend {requested!r} cannot run tensors on {device_type}")
+        problem = _device_problem(requested, device)
+        if problem is not None:
+            raise ValueError(problem)
         return requested
     order = ("cuda", "triton") if device_type == "cuda" else ("cpu",)
     for name in order:
         if name in _tables and _device_ok(name, device_type) and (dtype is None or dtype in _dtypes[name]):
-            return name
+            problem = _device_problem(name, device)
+            if problem is None:
+                return name
+            if (name, str(device)) not in _warned:
+                _warned.add((name, str(device)))
+                warnings.warn(f"{problem}; using the next backend instead", RuntimeWarning, stacklevel=3)
     return "reference"
 
 

@@ -107,10 +107,49 @@ def relay_step(x, x0_hat, sigma, sigma_next, tau, tau_next, eta, s, d_min, alpha
                    eta=eta, d_min=d_min, alpha=alpha, k=k, seed=seed, offset=offset)
 
 
+def normals_from_words(words: Tensor, dtype=torch.float32) -> tuple[Tensor, Tensor]:
+    """``(eps, eps2)`` from Philox words ``[4, n]`` (int32 tensor holding the uint32 bits, on CPU
+    or CUDA) through the kernels' own Box-Muller code: eps from words (0, 1), eps2 from (2, 3).
+    For tests that force the extreme uniforms (SPEC 4)."""
+    words = words.contiguous()
+    n = words.shape[1]
+    eps, eps2 = (torch.empty(n, dtype=dtype, device=words.device) for _ in range(2))
+    args = (words.data_ptr(), n, int(DTYPE_CODES[dtype]), eps.data_ptr(), eps2.data_ptr())
+    if words.device.type == "cuda":
+        with torch.cuda.device(words.device):
+            _C_cuda.normals_from_words(*args, torch.cuda.current_stream(words.device).cuda_stream)
+    else:
+        _C.normals_from_words(*args)
+    return eps, eps2
+
+
+_missing_image: dict[int, Optional[str]] = {}
+
+
+def cuda_device_problem(device: torch.device) -> Optional[str]:
+    """Why the CUDA backend cannot run on ``device`` (None when it can): this build of
+    ``relayops._C_cuda`` has neither machine code for the GPU's architecture nor PTX its driver
+    can compile. Checked once per device, on first use (not at import: no CUDA context is made
+    before a CUDA tensor needs one)."""
+    if not torch.cuda.is_available():
+        return None  # no GPU to ask; no CUDA tensor can reach the kernels either
+    index = torch.cuda.current_device() if device.index is None else device.index
+    if index not in _missing_image:
+        problem = None
+        if not _C_cuda.has_kernel_image(index):
+            major, minor = torch.cuda.get_device_capability(index)
+            problem = (f"relayops._C_cuda has no kernel image for {torch.cuda.get_device_name(index)} "
+                       f"(sm_{major}{minor}); it was built for sm_{getattr(_C_cuda, 'archs', '?').replace(';', ', sm_')}"
+                       f" (PTX of the last). Rebuild with RELAYOPS_CUDA_ARCHS={major}{minor} "
+                       "python setup.py build_ext --inplace, or use backend='triton'")
+        _missing_image[index] = problem
+    return _missing_image[index]
+
+
 KERNELS = {name: globals()[name] for name in _library.OPS}
 _DEVICES = ("cpu", "cuda") if _C_cuda is not None else ("cpu",)
 OPS = _library.define_ops("relayops", KERNELS, backend="cpu/cuda", device_types=_DEVICES, max_s=_C.max_s)
 
 register_backend("cpu", {name: getattr(OPS, name) for name in _library.OPS})
 if _C_cuda is not None:
-    register_backend("cuda", {name: getattr(OPS, name) for name in _library.OPS})
+    register_backend("cuda", {name: getattr(OPS, name) for name in _library.OPS}, device_check=cuda_device_problem)
