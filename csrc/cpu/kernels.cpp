@@ -825,6 +825,20 @@ void run_sizes(const Params<A>& P, bool patchwise) {
 
 int num_threads() { return max_threads(); }
 
+void normals_from_words(const uint32_t* w, int64_t n, int dtype, void* eps, void* eps2) {
+  if (dtype == kFloat32) {
+    box_muller_row(w, n, static_cast<float*>(eps), static_cast<float*>(eps2));  // the kernels' row code
+  } else if (dtype == kFloat64) {
+    double *e1 = static_cast<double*>(eps), *e2 = static_cast<double*>(eps2);
+    for (int64_t i = 0; i < n; ++i) {
+      e1[i] = box_muller<double>(w[i], w[n + i]);
+      e2[i] = box_muller<double>(w[2 * n + i], w[3 * n + i]);
+    }
+  } else {
+    throw std::invalid_argument("relayops: normals_from_words takes float32 or float64");
+  }
+}
+
 void launch(const CallArgs& a, bool patchwise) {
   switch (a.dtype) {
     case kFloat32: return run_sizes<float, float>(make_params<float>(a), patchwise);

@@ -36,6 +36,14 @@ PYBIND11_MODULE(_C, m) {
       py::arg("mode"), py::arg("dtype"), py::arg("s"), py::arg("shape"), py::arg("views"), py::arg("per_sample"),
       py::arg("seeds"), py::arg("scalars"), py::arg("seed"), py::arg("offset"), py::arg("flags"),
       py::arg("patchwise") = false);
+  m.def(
+      "normals_from_words",
+      [](int64_t words, int64_t n, int dtype, int64_t eps, int64_t eps2) {
+        relayops::cpu::normals_from_words(reinterpret_cast<const uint32_t*>(words), n, dtype,
+                                          reinterpret_cast<void*>(eps), reinterpret_cast<void*>(eps2));
+      },
+      py::arg("words"), py::arg("n"), py::arg("dtype"), py::arg("eps"), py::arg("eps2"),
+      "Box-Muller of given Philox words [4, n] (uint32) into eps, eps2 [n]; for tests");
   m.def("num_threads", &relayops::cpu::num_threads, "OpenMP threads the kernels use (follows torch.set_num_threads when torch shares libgomp)");
   m.attr("max_s") = relayops::kMaxS;
 }

@@ -30,25 +30,37 @@ INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 PI = tl.constexpr(3.141592653589793)
 
 
-def tile_configs():
-    """Autotune space: ``TILE`` elements per program (BLOCK_P = TILE // SP^2 patches).
+AUTOTUNE = os.environ.get("RELAYOPS_TRITON_AUTOTUNE") == "1"
 
-    Under the interpreter one small fixed configuration (each program is slow there, so
-    fewer, bigger programs; autotuning would only re-run them).
-    """
-    if INTERPRET:
-        return [triton.Config({"TILE": 256}, num_warps=1)]
-    # Few configurations: each is compiled once per kernel specialisation (seconds for the
-    # fused relay kernel), and the work per element is fixed, so only tile size and warps matter.
+
+def tile_configs():
+    """Autotune space (``RELAYOPS_TRITON_AUTOTUNE=1``): ``TILE`` elements per program
+    (BLOCK_P = TILE // SP^2 patches) and warps."""
     return [triton.Config({"TILE": t}, num_warps=w, num_stages=1)
             for t, w in ((256, 2), (512, 4), (1024, 4), (1024, 8), (2048, 8))]
 
 
+def default_tile(sp: int) -> int:
+    """Elements per program without autotuning. The per-patch products hold [BLOCK_P, SP, SP, SP]
+    temporaries, so large patches get fewer patches per program; under the interpreter fewer,
+    bigger programs run faster."""
+    if INTERPRET:
+        return 256
+    return 1024 if sp <= 8 else 256
+
+
 def _autotune(fn):
-    # Constexpr mode flags are in the key so that each specialisation is tuned on its own.
-    key = ["n_patches", "S", "INVERSE", "ADJOINT", "HAS_X", "HAS_BLUR", "HEUN", "NOISE", "HAS_BLOCK",
-           "PER_SAMPLE_SEEDS"]
-    return triton.autotune(configs=tile_configs(), key=[k for k in key if k in fn.arg_names])(fn)
+    """One fixed configuration per patch size by default: every configuration of a kernel
+    specialisation is a separate compile (seconds to a minute each for the fused relay kernel on
+    a GPU), so a five-way autotune made first calls slow for little gain. Opt in to autotuning with
+    RELAYOPS_TRITON_AUTOTUNE=1; constexpr mode flags are in its key so each specialisation is
+    tuned on its own."""
+    if AUTOTUNE and not INTERPRET:
+        key = ["n_patches", "S", "INVERSE", "ADJOINT", "HAS_X", "HAS_BLUR", "HEUN", "NOISE", "HAS_BLOCK",
+               "PER_SAMPLE_SEEDS"]
+        return triton.autotune(configs=tile_configs(), key=[k for k in key if k in fn.arg_names])(fn)
+    return triton.heuristics({"TILE": lambda args: default_tile(args["SP"]),
+                              "num_warps": lambda args: 1 if INTERPRET else 4})(fn)
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -115,7 +127,7 @@ def _dct_matrix(S: tl.constexpr, SP: tl.constexpr, TRANSPOSE: tl.constexpr):
     else:
         freq, pos = r, c
     angle = (freq * (2 * pos + 1)).to(tl.float32) * (PI / (2 * S))
-    scale = tl.sqrt(tl.where(freq == 0, 1.0, 2.0) / S)
+    scale = tl.sqrt_rn(tl.where(freq == 0, 1.0, 2.0) / S)
     return tl.where((r < S) & (c < S), scale * tl.cos(angle), 0.0)
 
 
@@ -163,7 +175,8 @@ def _box_muller(a, b):
     u2 = (b >> 8).to(tl.float32) * 5.9604644775390625e-08
     # cos has period 1 in u2: move the angle into [-pi, pi) (exactly) for an accurate cos.
     u2 = tl.where(u2 >= 0.5, u2 - 1.0, u2)
-    return tl.sqrt(-2.0 * tl.log(u1)) * tl.cos(u2 * (2.0 * PI))
+    # sqrt_rn: tl.sqrt compiles to the approximate sqrt.approx.ftz on NVIDIA GPUs
+    return tl.sqrt_rn(-2.0 * tl.log(u1)) * tl.cos(u2 * (2.0 * PI))
 
 
 @triton.jit
@@ -216,6 +229,21 @@ def _eps2_at(eps2_ptr, e, base, mask, k0, k1, off0, off1, NOISE: tl.constexpr):
 
 
 # ----------------------------------------------------------------------------- kernels
+
+
+@triton.jit
+def words_kernel(w_ptr, eps_ptr, eps2_ptr, n, BLOCK: tl.constexpr):
+    """eps[i], eps2[i] from Philox words w[i], w[n + i] and w[2n + i], w[3n + i] (int32 holding
+    uint32 bits) through ``_box_muller``, as the relay kernel draws them; for tests."""
+    i = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    m = i < n
+    w0 = tl.load(w_ptr + i, mask=m, other=0).to(tl.uint32, bitcast=True)
+    w1 = tl.load(w_ptr + n + i, mask=m, other=0).to(tl.uint32, bitcast=True)
+    w2 = tl.load(w_ptr + 2 * n + i, mask=m, other=0).to(tl.uint32, bitcast=True)
+    w3 = tl.load(w_ptr + 3 * n + i, mask=m, other=0).to(tl.uint32, bitcast=True)
+    tl.store(eps_ptr + i, _box_muller(w0, w1), mask=m)
+    tl.store(eps2_ptr + i, _box_muller(w2, w3), mask=m)
+
 
 
 @_autotune

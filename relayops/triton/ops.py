@@ -135,3 +135,14 @@ def relay_step(x, x0_hat, sigma, sigma_next, tau, tau_next, eta, s, d_min, alpha
                          gamma=gamma, coef=eta * sigma_next, sigma=sigma,
                          sigma_next=sigma_next, alpha=alpha, k=k, seed=seed, offset=offset, seeds=seeds,
                          noise=_noise_mode(eps, eta != 0.0), eps=eps, eps2=eps2)
+
+
+def normals_from_words(words: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(eps, eps2)`` float32 from Philox words ``[4, n]`` (int32 holding the uint32 bits) through
+    the kernels' Box-Muller code; for tests that force the extreme uniforms (SPEC 4)."""
+    words = words.contiguous()
+    n = words.shape[1]
+    eps, eps2 = (torch.empty(n, dtype=torch.float32, device=words.device) for _ in range(2))
+    if n:
+        kernels.words_kernel[(triton.cdiv(n, 256),)](words, eps, eps2, n, BLOCK=256)
+    return eps, eps2

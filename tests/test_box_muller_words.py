@@ -1,0 +1,83 @@
+"""Box-Muller at the extreme uniforms, on every backend (SPEC 4).
+
+Seeded draws almost never produce the words where Box-Muller is hardest (u1 = 2^-24, where
+-2 ln u1 is largest; u1 = 1 - 2^-24, where it is about 1.2e-7 and its square root is sensitive to
+how sqrt and log are computed; u2 near 0, 1/4, 1/2, 3/4 where cos is 1, 0 or -1), so each backend
+has a test-only entry point that takes the Philox words and runs its own Box-Muller code: the CPU
+and CUDA modules' ``normals_from_words`` and the Triton ``words_kernel``. The float64 reference
+(``relayops.reference.philox.box_muller``) is the expected value.
+"""
+from __future__ import annotations
+
+import itertools
+
+import pytest
+import torch
+
+from relayops.reference import philox
+
+CUDA = torch.cuda.is_available()
+
+
+def extreme_words() -> torch.Tensor:
+    """[4, n] int64 word values in [0, 2^32): every pair of extreme (u1, u2) mantissas, each with
+    low bytes 0x00 and 0xFF (Box-Muller uses the top 24 bits only), plus random words."""
+    top1 = [0, 1, 2, 2**23, 2**24 - 3, 2**24 - 2, 2**24 - 1]  # u1 = (top + 1) 2^-24
+    top2 = [0, 1, 2**22 - 1, 2**22, 2**22 + 1, 2**23 - 1, 2**23, 2**23 + 1, 3 * 2**22, 2**24 - 1]
+    pairs = [(a << 8 | low, b << 8 | low) for a, b in itertools.product(top1, top2) for low in (0, 0xFF)]
+    a, b = (torch.tensor(col, dtype=torch.int64) for col in zip(*pairs))
+    gen = torch.Generator().manual_seed(0)
+    rand = torch.randint(0, 2**32, (4, 4096), generator=gen, dtype=torch.int64)
+    # streams 0 and 1 both see the extremes: rows (a, b, b, a) swap the roles
+    extremes = torch.stack([a, b, b.flip(0), a.flip(0)])
+    return torch.cat([extremes, rand], dim=1)
+
+
+def as_int32(words: torch.Tensor) -> torch.Tensor:
+    """The uint32 bit patterns as int32 (what the kernels read)."""
+    return torch.where(words >= 2**31, words - 2**32, words).to(torch.int32)
+
+
+def expected(words: torch.Tensor):
+    return philox.box_muller(words[0], words[1]), philox.box_muller(words[2], words[3])
+
+
+def targets():
+    out = [("cpu", "cpu")]
+    if CUDA:
+        out += [("cuda", "cuda"), ("triton", "cuda")]
+    else:
+        out.append(("triton", "cpu"))  # the interpreter: NumPy maths, not the GPU's
+    return out
+
+
+def run(backend: str, words: torch.Tensor, dtype):
+    if backend == "triton":
+        pytest.importorskip("triton")
+        from relayops.triton import ops as triton_ops
+        return triton_ops.normals_from_words(words)
+    from relayops.ops import _compiled
+    return _compiled.normals_from_words(words, dtype)
+
+
+@pytest.mark.parametrize("backend, device", targets(), ids=lambda v: str(v))
+def test_float32_box_muller_at_extreme_words(backend, device):
+    words = extreme_words()
+    eps, eps2 = run(backend, as_int32(words).to(device), torch.float32)
+    ref, ref2 = expected(words)
+    for got, want in ((eps, ref), (eps2, ref2)):
+        assert got.dtype == torch.float32
+        err = (got.cpu().double() - want).abs()
+        assert torch.isfinite(got).all()
+        assert err.max() < 1e-6, f"worst error {err.max():.3g} at words index {int(err.argmax())}"
+    # the cases themselves are what they claim: both ends of the u1 range are present
+    assert ref.abs().max() > 5.7 and (ref[:280].abs() < 4e-4).any()
+
+
+@pytest.mark.parametrize("device", ["cpu"] + (["cuda"] if CUDA else []))
+def test_float64_box_muller_at_extreme_words(device):
+    words = extreme_words()
+    eps, eps2 = run("cpu", as_int32(words).to(device), torch.float64)
+    ref, ref2 = expected(words)
+    torch.testing.assert_close(eps.cpu(), ref, rtol=0, atol=1e-12)
+    torch.testing.assert_close(eps2.cpu(), ref2, rtol=0, atol=1e-12)
