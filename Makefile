@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: setup build test demo bench clean
+.PHONY: setup build test demo bench gpu-check clean
 
 $(STAMP): requirements.txt pyproject.toml setup.py
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -28,6 +28,13 @@ demo: build
 
 bench: build
 	$(BIN)/python -m pytest bench
+
+# On a machine with an NVIDIA GPU: build for it, run the op matrix on cuda and triton, benchmark,
+# torchrun/NCCL smoke run, sampler timing (bench/gpu_check.py). GPU_PYTHON=python3 uses a Python
+# that already has a CUDA build of torch instead of the pinned .venv.
+GPU_PYTHON ?=
+gpu-check: $(if $(GPU_PYTHON),,setup)
+	$(or $(GPU_PYTHON),$(BIN)/python) bench/gpu_check.py $(GPU_CHECK_ARGS)
 
 clean:
 	rm -rf $(VENV) build *.egg-info

@@ -23,8 +23,10 @@ import torch
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
-def op_cases(b: int, c: int, size: int, s: int, dtype, device):
-    """``{name: (images moved, call(backend))}`` for one shape; inputs made once, outside timing."""
+def op_cases(b: int, c: int, size: int, s: int, dtype, device, backward: bool = False):
+    """``{name: (images moved, call(backend))}`` for one shape; inputs made once, outside timing.
+    With ``backward``, also forward + backward (gradient of the image) of patch_blur and
+    relay_corrupt: 4 images moved (read x, write out; read the output's gradient, write x's)."""
     import relayops
 
     gen = torch.Generator(device=device).manual_seed(0)
@@ -34,7 +36,7 @@ def op_cases(b: int, c: int, size: int, s: int, dtype, device):
     sigma_next = sigma * 0.7
     tau = torch.linspace(0.1, 1.5, b, device=device)
     tau_next = tau * 0.7
-    return {
+    cases = {
         "patch_dct": (2, lambda be: relayops.patch_dct(x, s, backend=be)),
         "patch_blur": (2, lambda be: relayops.patch_blur(x, tau, s, backend=be)),
         "block_noise": (2, lambda be: relayops.block_noise(x, s, backend=be)),
@@ -46,6 +48,17 @@ def op_cases(b: int, c: int, size: int, s: int, dtype, device):
                                                               seed=1, offset=2, x_prop=x_prop, x0_hat_prop=x0_prop,
                                                               backend=be)),
     }
+    if backward:
+        x_grad = x.detach().clone().requires_grad_(True)
+        grad_out = torch.randn(shape, generator=gen, device=device, dtype=dtype)
+
+        def fwd_bwd(op):
+            return lambda be: torch.autograd.grad(op(x_grad, be), x_grad, grad_out)
+
+        cases["patch_blur_fwd_bwd"] = (4, fwd_bwd(lambda v, be: relayops.patch_blur(v, tau, s, backend=be)))
+        cases["relay_corrupt_fwd_bwd"] = (4, fwd_bwd(lambda v, be: relayops.relay_corrupt(
+            v, sigma, tau, s, seed=1, offset=2, backend=be)))
+    return cases
 
 
 def timed(bench, fn):
@@ -59,13 +72,13 @@ def timed(bench, fn):
         return None
 
 
-def run(sizes, batches, channels, s, dtype, ops, backends, device, bench):
+def run(sizes, batches, channels, s, dtype, ops, backends, device, bench, backward=False):
     """Benchmark rows: one dict per (op, shape)."""
     rows = []
     elt = torch.empty((), dtype=dtype).element_size()
     for size in sizes:
         for b in batches:
-            cases = op_cases(b, channels, size, s, dtype, device)
+            cases = op_cases(b, channels, size, s, dtype, device, backward)
             numel = b * channels * size * size
             for name in ops:
                 images, call = cases[name]
@@ -95,7 +108,7 @@ def _gbs(nbytes, ms):
 
 def markdown(rows, backends) -> str:
     """The results as a Markdown table (ms: median per call; % of copy: achieved / copy GB/s)."""
-    head = ["op", "B x C x H x W", "MB moved", "copy GB/s"]
+    head = ["op", "dtype", "B x C x H x W", "MB moved", "copy GB/s"]
     for be in backends:
         head += [f"{be} ms", f"{be} GB/s"]
         if be != "reference":
@@ -105,7 +118,7 @@ def markdown(rows, backends) -> str:
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         nbytes = r["bytes"]
-        cells = [r["op"], " x ".join(map(str, r["shape"])), f"{nbytes / 1e6:.1f}",
+        cells = [r["op"], r["dtype"], " x ".join(map(str, r["shape"])), f"{nbytes / 1e6:.1f}",
                  _fmt(_gbs(nbytes, r["copy_ms"]), ".0f")]
         for be in backends:
             ms = r[f"{be}_ms"]
@@ -132,6 +145,8 @@ def main(argv=None):
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
     parser.add_argument("--ops", nargs="+", default=None, help="subset of ops (default: all)")
     parser.add_argument("--no-reference", action="store_true", help="skip the (slow) reference backend")
+    parser.add_argument("--backward", action="store_true", help="also time forward + backward of patch_blur and "
+                                                                    "relay_corrupt")
     parser.add_argument("--json", help="also write the rows to this JSON file")
     args = parser.parse_args(argv)
 
@@ -149,7 +164,7 @@ def main(argv=None):
     backends = ["triton"] + (["cuda"] if "cuda" in available else [])
     if not args.no_reference:
         backends.append("reference")
-    all_ops = list(op_cases(1, 1, args.s, args.s, torch.float32, "cuda"))
+    all_ops = list(op_cases(1, 1, args.s, args.s, torch.float32, "cuda", args.backward))
     ops = args.ops or all_ops
     unknown = set(ops) - set(all_ops)
     if unknown:
@@ -158,7 +173,8 @@ def main(argv=None):
     def bench(fn):
         return triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median")
 
-    rows = run(args.sizes, args.batches, args.channels, args.s, DTYPES[args.dtype], ops, backends, "cuda", bench)
+    rows = run(args.sizes, args.batches, args.channels, args.s, DTYPES[args.dtype], ops, backends, "cuda", bench,
+               args.backward)
     print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}, triton {triton.__version__}, "
           f"dtype {args.dtype}, s = {args.s}; do_bench median with L2 flush\n")
     print(markdown(rows, backends))
