@@ -98,7 +98,11 @@ def _build_train(sub) -> None:
     g = p.add_argument_group("run")
     g.add_argument("--save-every", type=_nonneg_int, default=500)
     g.add_argument("--sample-every", type=_nonneg_int, default=0, help="write a PNG grid of samples every N steps")
-    g.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1 ...")
+    g.add_argument("--device", default="auto",
+                   help="auto, cpu, cuda, cuda:1 ... (under torchrun, cuda means cuda:LOCAL_RANK)")
+    g.add_argument("--deterministic", action="store_true",
+                   help="deterministic kernels only (torch.use_deterministic_algorithms, cuDNN deterministic, "
+                        "CUBLAS_WORKSPACE_CONFIG, math attention): reproducible GPU runs, somewhat slower")
     g.add_argument("--retrain", action="store_true", help="ignore an existing checkpoint in --out")
     g.add_argument("--no-progress", dest="progress", action="store_false")
     p.set_defaults(func=_cmd_train)
@@ -119,7 +123,8 @@ def _cmd_train(args) -> int:
                       relay_mode=args.relay_mode, alpha=args.alpha, normalize=args.normalize, L=args.L,
                       sigma_b_max=args.sigma_b_max, parameterization="vpred" if args.vpred else "edm",
                       multiscale=args.multiscale, class_cond=args.class_cond, save_every=args.save_every,
-                      sample_every=args.sample_every, progress=args.progress, device=args.device, model=model)
+                      sample_every=args.sample_every, progress=args.progress, device=args.device,
+                      deterministic=args.deterministic, model=model)
     try:
         result = train(cfg, resume=not args.retrain)
     finally:

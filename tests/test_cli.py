@@ -1,5 +1,6 @@
 """The relayops command line on tiny settings, and its error messages."""
 import json
+import os
 import subprocess
 import sys
 
@@ -87,6 +88,27 @@ def test_train_errors(tmp_path, capsys):
     assert "invalid choice" in run_error(capsys, ["train", "--stage", "middle"])
     assert "must be >= 1" in run_error(capsys, ["train", "--stage", "base", "--batch-size", "0"])
     assert not (tmp_path / "run").exists()   # no failed run leaves a checkpoint behind
+
+
+def test_train_deterministic_is_recorded_and_reproducible(tmp_path, monkeypatch, restore_determinism):
+    import torch
+
+    monkeypatch.delenv("CUBLAS_WORKSPACE_CONFIG", raising=False)
+    torch.use_deterministic_algorithms(False)
+    args = ["train", "--stage", "base", "--resolution", "8", "--dropout", "0.1", *TINY]
+    for name in ("a", "b"):
+        assert main([*args, "--steps", "2", "--deterministic", "--out", str(tmp_path / name)]) == 0
+    assert torch.are_deterministic_algorithms_enabled() and not torch.is_deterministic_algorithms_warn_only_enabled()
+    assert torch.backends.cudnn.deterministic and not torch.backends.cudnn.benchmark
+    assert os.environ["CUBLAS_WORKSPACE_CONFIG"] == ":4096:8"
+    assert json.loads((tmp_path / "a" / "checkpoint.json").read_text())["train"]["deterministic"] is True
+    a, _ = load_checkpoint(tmp_path / "a")
+    b, _ = load_checkpoint(tmp_path / "b")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    # The flag changes kernels, not the math: a run may be resumed without it (and records that).
+    assert main([*args, "--steps", "3", "--out", str(tmp_path / "a")]) == 0
+    record = json.loads((tmp_path / "a" / "checkpoint.json").read_text())
+    assert record["step"] == 3 and record["train"]["deterministic"] is False
 
 
 def test_demo_tiny_then_reuse(tmp_path, capsys):

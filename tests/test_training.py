@@ -1,5 +1,10 @@
 """The reference trainer: UNet preconditioning, losses, data, metrics, checkpoints, the loop."""
+import json
 import math
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -12,13 +17,15 @@ from relayops.training import (EDMPrecond, TrainConfig, Trainer, UNet, UNetConfi
 from relayops.training import checkpoint as ckpt
 from relayops.training.data import CropDataset, folder_images
 from relayops.training.metrics import log_spectral_distance, psnr, radial_power_spectrum
+from relayops.training.trainer import _device
 
 TINY = dict(model_channels=8, channel_mult=[1, 2], num_blocks=1)
 
 
 def tiny_config(tmp_path, **kw):
+    # On the CPU also where a GPU is present: these tests check the CPU's bit-exact behaviour.
     base = dict(stage="base", data="builtin", out=str(tmp_path / "run"), resolution=8, steps=4, batch_size=8,
-                lr=2e-3, warmup=2, save_every=0, progress=False, model=dict(TINY))
+                lr=2e-3, warmup=2, save_every=0, progress=False, device="cpu", model=dict(TINY))
     base.update(kw)
     return TrainConfig(**base)
 
@@ -130,6 +137,60 @@ def test_vpred_loss_is_zero_for_the_true_v(multiscale):
     assert float(vpred_loss(Wrong(), y, generator=torch.Generator().manual_seed(0), multiscale=multiscale)) > 1e-4
 
 
+class VSpy:
+    """A v-prediction denoiser that records its inputs."""
+
+    def __init__(self):
+        self.calls = []
+
+    def predict_v(self, z, logsnr, class_labels=None):
+        self.calls.append((z.detach().clone(), logsnr.detach().clone()))
+        return torch.zeros_like(z)
+
+
+@pytest.mark.parametrize("kind", ["base", "relay", "linear", "vpred"])
+def test_each_sample_is_corrupted_by_its_own_seed_alone(kind):
+    # What DDP relies on: sample b's noise level and noise depend on (y_b, seeds_b) only, not on
+    # the rest of the batch or the sample's place in it.
+    torch.manual_seed(0)
+    y = torch.rand(4, 3, 8, 8) * 2 - 1
+    sigmas = schedules.relay_sigmas(18, 0.9, dtype=torch.float32)
+
+    def inputs(idx, seeds):
+        spy = VSpy() if kind == "vpred" else Spy(None)
+        spy.y = y[idx]
+        loss = {"base": lambda: edm_base_loss(spy, y[idx], seeds=seeds),
+                "relay": lambda: relay_loss(spy, y[idx], seeds=seeds, s=4),
+                "linear": lambda: linear_relay_loss(spy, y[idx], seeds=seeds, s=4, sigmas=sigmas),
+                "vpred": lambda: vpred_loss(spy, y[idx], seeds=seeds)}[kind]
+        loss()
+        return spy.calls[0]
+
+    seeds = torch.tensor([11, 2**40 + 3, 5, 2**63 - 1])
+    x_all, level_all = inputs([0, 1, 2, 3], seeds)
+    x_part, level_part = inputs([3, 1], seeds[[3, 1]])
+    torch.testing.assert_close(x_part, x_all[[3, 1]], rtol=0, atol=0)
+    torch.testing.assert_close(level_part, level_all[[3, 1]], rtol=0, atol=0)
+    # A list of ints is the same seeds; another seed gives another draw.
+    x_list, _ = inputs([0, 1, 2, 3], seeds.tolist())
+    assert torch.equal(x_list, x_all)
+    x_other, level_other = inputs([0, 1, 2, 3], seeds + 1)
+    assert not torch.equal(x_other[0], x_all[0]) and not torch.equal(level_other, level_all)
+
+
+def test_loss_randomness_arguments():
+    y = torch.zeros(2, 3, 8, 8)
+    spy = Spy(y)
+    with pytest.raises(ValueError, match="exactly one source of randomness"):
+        edm_base_loss(spy, y)
+    with pytest.raises(ValueError, match="exactly one source of randomness"):
+        edm_base_loss(spy, y, generator=torch.Generator(), seeds=[1, 2])
+    with pytest.raises(TypeError, match="per-sample seeds"):
+        edm_base_loss(spy, y, seeds=7)
+    with pytest.raises(ValueError, match="one per sample"):
+        edm_base_loss(spy, y, seeds=[1, 2, 3])
+
+
 # --- data -------------------------------------------------------------------------------------
 
 def test_crops_are_deterministic_and_in_range():
@@ -226,14 +287,11 @@ def test_checkpoint_round_trip_and_errors(tmp_path, monkeypatch):
 # --- the loop -------------------------------------------------------------------------------------
 
 def _fixed_loss(trainer, seed=123):
-    """The loss of the current weights on fixed data and fixed noise."""
-    gen, trainer.gen = trainer.gen, torch.Generator().manual_seed(seed)
-    try:
-        with torch.no_grad():
-            y, labels = trainer._batch(0)
-            return float(torch.stack([trainer._loss(y, labels) for _ in range(4)]).mean())
-    finally:
-        trainer.gen = gen
+    """The loss of the current weights on fixed data and fixed noise (four draws)."""
+    with torch.no_grad():
+        y, labels, _ = trainer._batch(0)
+        seeds = [torch.arange(len(y)) + seed + 100 * k for k in range(4)]
+        return float(torch.stack([trainer._loss(y, labels, s) for s in seeds]).mean())
 
 
 @pytest.mark.parametrize("stage", ["base", "relay"])
@@ -265,6 +323,53 @@ def test_stop_and_resume_equals_an_unbroken_run(tmp_path, kw):
         assert torch.equal(a[k], b[k]), k
 
 
+def test_data_order_is_one_permutation_per_epoch(tmp_path, monkeypatch):
+    # 1024 samples per epoch and a global batch of 100: 10 steps per epoch, 24 samples left out.
+    cfg = tiny_config(tmp_path, batch_size=100)
+    trainer = Trainer(cfg, resume=False)
+    assert trainer.steps_per_epoch == 10
+    computed = []
+    order = trainer._epoch_order
+    monkeypatch.setattr(trainer, "_epoch_order", lambda epoch: computed.append(epoch) or order(epoch))
+    epochs = [np.concatenate([trainer.global_batch_indices(k) for k in range(10 * e, 10 * e + 10)]) for e in (0, 1)]
+    assert computed == [0, 1]   # once per epoch, not per step
+    for idx in epochs:
+        assert len(idx) == 1000 and len(set(idx.tolist())) == 1000 and 0 <= idx.min() and idx.max() < 1024
+    assert not np.array_equal(epochs[0], epochs[1])
+    # A fresh trainer (a resumed run) starting in mid-epoch sees the same batches.
+    fresh = Trainer(cfg, resume=False)
+    assert np.array_equal(fresh.global_batch_indices(13), epochs[1][300:400])
+    assert np.array_equal(fresh.global_batch_indices(2), epochs[0][200:300])
+
+
+def test_the_loss_stays_on_the_device_between_log_steps(tmp_path, monkeypatch):
+    trainer = Trainer(tiny_config(tmp_path, steps=6, log_every=4), resume=False)
+    returned = []
+    step = trainer.train_step
+    monkeypatch.setattr(trainer, "train_step", lambda: returned.append(step()) or returned[-1])
+    result = trainer.run()
+    assert len(returned) == 6
+    for loss in returned:
+        assert isinstance(loss, torch.Tensor) and loss.dim() == 0 and not loss.requires_grad
+        assert loss.device == trainer.device
+    # Log windows: steps 1-4, then 5-6 (the run's end); the result is the last window's mean.
+    assert result["loss"] == pytest.approx((float(returned[4]) + float(returned[5])) / 2, rel=1e-6)
+
+
+def test_deterministic_attention_uses_the_math_kernel(tmp_path, restore_determinism):
+    # SDPA's fused kernels are switched off inside a deterministic step (and only there).
+    seen = []
+
+    def record_sdpa_flags(module, args):
+        seen.append((torch.backends.cuda.flash_sdp_enabled(), torch.backends.cuda.mem_efficient_sdp_enabled()))
+
+    for deterministic in (True, False):
+        trainer = Trainer(tiny_config(tmp_path, steps=1, deterministic=deterministic), resume=False)
+        trainer.unet.mid[1].register_forward_pre_hook(record_sdpa_flags)   # the bottleneck's attention
+        trainer.train_step()
+    assert seen == [(False, False), (True, True)]
+
+
 def test_resume_refuses_changed_settings(tmp_path):
     Trainer(tiny_config(tmp_path, steps=1), resume=False).run()
     with pytest.raises(ValueError, match=r"different settings for \['lr'\]"):
@@ -284,46 +389,166 @@ def test_config_errors(tmp_path):
 
 # --- distributed --------------------------------------------------------------------------------
 
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _subprocess_env(**extra) -> dict:
+    # The subprocesses must import this checkout's relayops, not another installed copy.
+    path = os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH", "")) if p)
+    return dict(os.environ, PYTHONPATH=path, **extra)
+
+
+class InputSpy:
+    """Records what a trainer feeds its denoiser, and every step's loss."""
+
+    def __init__(self, trainer):
+        self.inner, self.calls, self.losses = trainer.denoiser, [], []
+        trainer.denoiser = self
+        step = trainer.train_step
+
+        def record():
+            loss = step()
+            self.losses.append(float(loss))
+            return loss
+        trainer.train_step = record
+
+    def __call__(self, x, sigma, class_labels=None):
+        self.calls.append((x.detach().clone(), sigma.detach().clone(), class_labels.clone()))
+        return self.inner(x, sigma, class_labels)
+
+
+# Relay stage (block noise, per-sample blur), class labels with dropout, no network dropout
+# (dropout is the one per-rank random stream), a checkpoint written mid-run (a collective);
+# gloo on the CPU also where GPUs are present.
+DDP_CONFIG = dict(stage="relay", resolution=8, steps=3, batch_size=8, warmup=1, class_cond=True, label_dropout=0.3,
+                  save_every=2, progress=False, device="cpu", model=dict(TINY))
+
 WORKER = """
-import sys, torch, torch.distributed as dist
+import json, sys, torch, torch.distributed as dist
+sys.path.insert(0, sys.argv[3])
+from test_training import InputSpy
 from relayops.training import TrainConfig, Trainer
-cfg = TrainConfig(stage="relay", out=sys.argv[1], resolution=8, steps=3, batch_size=8, warmup=1,
-                  save_every=0, progress=False, model=dict(model_channels=8, channel_mult=[1, 2], num_blocks=1))
-trainer = Trainer(cfg, resume=False)
+trainer = Trainer(TrainConfig(out=sys.argv[1], **json.loads(sys.argv[2])), resume=False)
+spy = InputSpy(trainer)
 trainer.run()
-rank = dist.get_rank()
-torch.save({"world": dist.get_world_size(), "state": trainer.unet.state_dict()}, f"{sys.argv[1]}/rank{rank}.pt")
+torch.save({"world": dist.get_world_size(), "state": trainer.unet.state_dict(), "calls": spy.calls,
+            "losses": spy.losses}, f"{sys.argv[1]}/rank{dist.get_rank()}.pt")
 dist.destroy_process_group()
 """
 
 
-def test_two_process_gloo_run_agrees(tmp_path):
-    import os
-    import subprocess
-    import sys
-    from pathlib import Path
-
-    torchrun = Path(sys.executable).with_name("torchrun")
+def test_two_gloo_processes_train_like_one_process(tmp_path):
     script = tmp_path / "worker.py"
     script.write_text(WORKER)
     out = tmp_path / "ddp"
     out.mkdir()
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    proc = subprocess.run([str(torchrun), "--standalone", "--nproc_per_node=2", str(script), str(out)],
-                          capture_output=True, text=True, timeout=300, env=env)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(script), str(out),
+           json.dumps(DDP_CONFIG), str(Path(__file__).parent)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=_subprocess_env(OMP_NUM_THREADS="1"))
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
     r0, r1 = (torch.load(out / f"rank{r}.pt") for r in (0, 1))
     assert r0["world"] == r1["world"] == 2
     tensors, record = load_checkpoint(out)
     assert record["step"] == 3 and record["world_size"] == 2
-    torch.manual_seed(0)   # the trainer's initialisation (seed 0): the weights must have moved from it
-    init = UNet(UNetConfig(resolution=8, **TINY)).state_dict()
-    moved = False
+
+    # The same run in this process, alone, with the same global batch of 8.
+    one = Trainer(TrainConfig(out=str(tmp_path / "one"), **DDP_CONFIG), resume=False)
+    spy = InputSpy(one)
+    one.run()
+
+    # Each step the two ranks see different halves of the one process's batch: the same crops,
+    # label dropout, noise levels and noise, sample for sample.
+    assert len(r0["calls"]) == len(r1["calls"]) == len(spy.calls) == 3
+    labels = []
+    for c0, c1, c in zip(r0["calls"], r1["calls"], spy.calls):
+        assert c0[0].shape[0] == c1[0].shape[0] == 4
+        assert not torch.equal(c0[0], c1[0])
+        for i in range(3):
+            torch.testing.assert_close(torch.cat([c0[i], c1[i]]), c[i])
+        labels.append(c[2])
+    labels = torch.cat(labels)
+    assert 0 < int((labels == 1).sum()) < len(labels)   # some labels dropped (to the "no label" token 1)
+
+    # Both ranks hold the same weights, and rank 0 saved them.
     for k, v in r0["state"].items():
-        assert torch.equal(v, r1["state"][k]), k              # both ranks hold the same weights
-        assert torch.equal(v, tensors[f"model.{k}"]), k       # and rank 0 saved them
-        moved |= not torch.equal(v, init[k])
-    assert moved
+        assert torch.equal(v, r1["state"][k]), k
+        assert torch.equal(v, tensors[f"model.{k}"]), k
+    # DDP averages the ranks' gradients: every step's loss is the mean of the ranks' losses.
+    np.testing.assert_allclose((np.array(r0["losses"]) + np.array(r1["losses"])) / 2, spy.losses, rtol=1e-5)
+    # The trained networks compute the same function up to float summation order (measured: about
+    # 5e-6 relative). Not compared weight by weight: Adam turns summation-order noise in gradients
+    # that are zero in exact arithmetic (e.g. a conv bias followed by a one-channel-per-group
+    # GroupNorm, which the output does not depend on) into lr-sized steps.
+    ddp_net = UNet(UNetConfig(resolution=8, num_classes=1, **TINY))
+    ddp_net.load_state_dict(r0["state"])
+    g = torch.Generator().manual_seed(5)
+    x, c_noise, lab = torch.randn(16, 3, 8, 8, generator=g), torch.randn(16, generator=g), torch.arange(16) % 2
+    with torch.no_grad():
+        expected, got = one.unet(x, c_noise, lab), ddp_net(x, c_noise, lab)
+    assert float(expected.abs().max()) > 0.05   # the network has moved from its zero output at initialisation
+    assert float((got - expected).norm() / expected.norm()) < 3e-5
+
+
+def test_device_choice(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert _device("auto") == torch.device("cpu")
+    with pytest.raises(ValueError, match="CUDA is not available"):
+        _device("cuda")
+    # Two visible GPUs (device_count is all _device asks of them).
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    assert _device("auto", local_rank=1, world=2) == torch.device("cuda", 1)
+    assert _device("cuda", local_rank=0, world=2) == torch.device("cuda", 0)
+    assert _device("cuda:1") == torch.device("cuda", 1)
+    assert _device("cpu", local_rank=1, world=2) == torch.device("cpu")
+    with pytest.raises(ValueError, match="LOCAL_RANK=2 has no GPU of its own: 2 CUDA devices"):
+        _device("cuda", local_rank=2, world=3)
+    with pytest.raises(ValueError, match="all 2 processes on one GPU"):
+        _device("cuda:1", local_rank=0, world=2)
+    with pytest.raises(ValueError, match="'cuda:5' does not exist"):
+        _device("cuda:5")
+
+
+@pytest.mark.gpu
+def test_torchrun_nccl_checkpoint_and_deterministic_resume_on_gpu(tmp_path):
+    # One process per GPU (at most two). Under torchrun even one process goes through NCCL, DDP
+    # and the gathered checkpoint. With --deterministic, 2 + 2 steps must equal 4 steps.
+    n = min(2, torch.cuda.device_count())
+
+    def launch(out, steps):
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={n}",
+               "-m", "relayops", "train", "--stage", "relay", "--data", "builtin", "--resolution", "16",
+               "--steps", str(steps), "--batch-size", "8", "--channels", "8", "--channel-mult", "1,2",
+               "--attn", "8", "--dropout", "0.1", "--warmup", "1", "--save-every", "1", "--device", "cuda",
+               "--deterministic", "--no-progress", "--out", str(out)]
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=_subprocess_env(), cwd=tmp_path)
+        assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+
+    launch(tmp_path / "a", 4)
+    launch(tmp_path / "b", 2)
+    launch(tmp_path / "b", 4)
+    a, _ = load_checkpoint(tmp_path / "a")
+    b, rec_b = load_checkpoint(tmp_path / "b")
+    assert rec_b["step"] == 4 and rec_b["world_size"] == n and rec_b["train"]["deterministic"]
+    assert all(f"rng.{r}.cuda" in b for r in range(n))
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+
+
+@pytest.mark.gpu
+def test_train_step_does_not_wait_for_the_gpu(tmp_path):
+    cfg = tiny_config(tmp_path, stage="relay", resolution=16, steps=10, class_cond=True, device="cuda",
+                      model=dict(TINY, attn_resolutions=[8], dropout=0.1))
+    trainer = Trainer(cfg, resume=False)
+    trainer.train_step()   # first step: lazy initialisations may synchronise
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")   # any synchronising call raises
+    try:
+        losses = [trainer.train_step() for _ in range(3)]
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert all(math.isfinite(float(v)) for v in losses)
 
 
 @pytest.mark.parametrize("kw", [dict(stage="base", parameterization="vpred", multiscale=True),

@@ -2,31 +2,43 @@
 
 ``train(TrainConfig(...))`` trains one stage and writes ``<out>/checkpoint.safetensors`` (+ .json)
 and, every ``sample_every`` steps, a PNG grid of samples from the EMA weights. Run it under
-``torchrun --nproc_per_node=N`` for DistributedDataParallel (gloo on CPU, nccl on GPU); the
-global batch is split over the ranks.
+``torchrun --nproc_per_node=N`` for DistributedDataParallel (gloo on CPU, nccl on GPU, each
+process on ``cuda:LOCAL_RANK``); the global batch is split over the ranks.
 
-Exact resume: everything random is either a pure function of ``(seed, epoch, index)`` (the data
-crops, the sampler's order) or comes from generators whose states are saved per rank (the
-loss noise, dropout). Restarting from a checkpoint at step k therefore reproduces the weights
-of an unbroken run with the same seed.
+Randomness. The data order is one permutation per epoch, a pure function of ``(seed, epoch)``;
+step k takes the next ``batch_size`` indices of it (the global batch) and rank r the r-th
+contiguous slice. A sample's crop is a function of ``(seed, epoch, dataset index)`` and its
+label dropout, noise level and noise of ``(seed, step, position in the global batch)`` (per-sample
+Philox seeds, see ``losses``). So N processes see together exactly the samples, crops and noise
+that one process with the same global batch sees, and their averaged gradient is the one
+process's gradient up to the order of float additions. Only dropout draws from per-rank torch
+generators (the CPU one, and the CUDA one on a GPU), whose states the checkpoints save.
+Restarting from a checkpoint at step k therefore reproduces the weights of an unbroken run with
+the same seed and number of processes, bit for bit where the kernels are deterministic: on the
+CPU (tested), and on a GPU with ``deterministic`` (expected; not yet verified on a GPU).
+
+Host synchronisation: a training step queues its work on the device without waiting for it;
+the loss is read back only every ``log_every`` steps.
 """
 from __future__ import annotations
 
 import contextlib
+import inspect
 import math
 import os
 import sys
+import warnings
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.distributed as dist
-from torch.utils.data import DistributedSampler
 
 from .. import schedules
 from . import checkpoint as ckpt
 from .data import CropDataset, area_downsample, load_images, save_grid
-from .losses import edm_base_loss, linear_relay_loss, relay_loss, vpred_loss
+from .losses import LABEL_OFFSET, edm_base_loss, linear_relay_loss, relay_loss, sample_uniforms, vpred_loss
 from .unet import EDMPrecond, UNet, UNetConfig, VPredPrecond
 
 STAGES = ("base", "relay")
@@ -71,7 +83,8 @@ class TrainConfig:
     log_every: int = 10
     progress: bool = True
     progress_position: int = 0         # tqdm line (several runs side by side)
-    device: str = "auto"
+    device: str = "auto"               # auto, cpu, cuda (under torchrun: cuda:LOCAL_RANK), cuda:i
+    deterministic: bool = False        # deterministic kernels only (see _make_deterministic)
     backend: str | None = None          # relayops op backend for the corruption
     model: dict = field(default_factory=dict)  # UNetConfig fields
 
@@ -110,7 +123,7 @@ class TrainConfig:
 
 # Fields that may change between a run and its resumption (nothing that alters the math).
 RESUMABLE_CHANGES = {"steps", "out", "save_every", "sample_every", "log_every", "progress", "progress_position",
-                     "device", "backend"}
+                     "device", "backend", "deterministic"}
 
 
 def build_denoiser(unet: UNet, parameterization: str = "edm"):
@@ -132,20 +145,96 @@ def load_denoiser(path, expected_stage: str | None = None, *, ema: bool = True, 
     return denoiser, record
 
 
-def _distributed() -> tuple[int, int]:
-    """(rank, world size); initialises the process group under torchrun."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+def _env_int(name: str, default: int) -> int:
+    value = os.environ.get(name)
+    if value is None or value == "":
+        return default
+    try:
+        return int(value)
+    except ValueError:
+        raise ValueError(f"environment variable {name} must be an integer, got {value!r}") from None
+
+
+def _device(name: str, local_rank: int = 0, world: int = 1) -> torch.device:
+    """The device of this process: "auto" is CUDA if available, else the CPU; a CUDA device
+    without an index is ``cuda:LOCAL_RANK`` (one GPU per process under torchrun)."""
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    device = torch.device(name)
+    if device.type != "cuda":
+        return device
+    if not torch.cuda.is_available():
+        raise ValueError(f"device {name!r} was asked for, but CUDA is not available")
+    count = torch.cuda.device_count()
+    if device.index is None:
+        if local_rank >= count:
+            raise ValueError(f"process LOCAL_RANK={local_rank} has no GPU of its own: {count} CUDA devices are "
+                             f"visible; run at most {count} processes per node")
+        return torch.device("cuda", local_rank)
+    if world > 1:
+        raise ValueError(f"device {name!r} would put all {world} processes on one GPU; use --device cuda "
+                         f"(each process takes cuda:LOCAL_RANK)")
+    if device.index >= count:
+        raise ValueError(f"device {name!r} does not exist: {count} CUDA devices are visible")
+    return device
+
+
+def _distributed(device: torch.device) -> tuple[int, int]:
+    """(rank, world size). Under torchrun (``WORLD_SIZE`` and ``MASTER_ADDR`` set) the process
+    group is initialised, also for a single process, so that one process takes the same path
+    (DDP, gathered checkpoint) as many: NCCL for a CUDA device, gloo otherwise. Call after
+    ``torch.cuda.set_device``."""
+    world = _env_int("WORLD_SIZE", 1)
+    launched = world > 1 or ("WORLD_SIZE" in os.environ and "MASTER_ADDR" in os.environ)
+    if launched and not dist.is_initialized():
+        if device.type == "cuda":
+            # Bind the group to this rank's GPU (where the installed torch can) so that every
+            # collective, all_gather_object included, runs there and NCCL connects eagerly.
+            kwargs = {"device_id": device} if "device_id" in inspect.signature(dist.init_process_group).parameters \
+                else {}
+            dist.init_process_group("nccl", **kwargs)
+        else:
+            dist.init_process_group("gloo")
     return (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
 
 
-def _device(name: str, rank: int) -> torch.device:
-    if name == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda", int(os.environ.get("LOCAL_RANK", rank)) % torch.cuda.device_count())
-        return torch.device("cpu")
-    return torch.device(name)
+def _make_deterministic() -> None:
+    """Deterministic kernels only, process-wide: an op without a deterministic implementation
+    raises instead of running. cuBLAS reads its workspace setting when CUDA starts, so this must
+    run first (the Trainer does it before anything touches CUDA)."""
+    if "CUBLAS_WORKSPACE_CONFIG" not in os.environ:
+        if torch.cuda.is_available() and torch.cuda.is_initialized():
+            warnings.warn("deterministic: CUDA was initialised before CUBLAS_WORKSPACE_CONFIG was set; cuBLAS "
+                          "may not be deterministic (set CUBLAS_WORKSPACE_CONFIG=:4096:8 before starting)",
+                          stacklevel=3)
+        os.environ["CUBLAS_WORKSPACE_CONFIG"] = ":4096:8"
+    torch.use_deterministic_algorithms(True, warn_only=False)
+    torch.backends.cudnn.deterministic = True
+    torch.backends.cudnn.benchmark = False
+
+
+def _math_attention():
+    """The attention blocks' scaled_dot_product_attention restricted to its math backend (the
+    fused GPU backends' backward passes need not be deterministic)."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    return sdpa_kernel([SDPBackend.MATH])
+
+
+def _splitmix64(x: np.ndarray) -> np.ndarray:
+    """SplitMix64's finaliser on a uint64 array (a bijection; arithmetic wraps modulo 2^64)."""
+    x = x + np.uint64(0x9E3779B97F4A7C15)
+    x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+    x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+    return x ^ (x >> np.uint64(31))
+
+
+def sample_seeds(seed: int, step: int, batch_size: int, positions) -> np.ndarray:
+    """Per-sample Philox seeds (uint64) of the samples at ``positions`` of the global batch of
+    ``step``: distinct for every sample of a run, and independent of how the batch is split."""
+    n = np.uint64(step) * np.uint64(batch_size) + np.asarray(positions, dtype=np.uint64)
+    base = _splitmix64(np.array([seed % 2**64], dtype=np.uint64))
+    return _splitmix64(n + base)
 
 
 def _lr_at(cfg: TrainConfig, step: int) -> float:
@@ -159,18 +248,24 @@ class Trainer:
     def __init__(self, cfg: TrainConfig, *, resume: bool = True):
         cfg.validate()
         self.cfg = cfg
-        self.rank, self.world = _distributed()
+        if cfg.deterministic:
+            _make_deterministic()
+        # Each process takes its own GPU before anything (NCCL, a collective, a CUDA tensor)
+        # touches CUDA; otherwise every rank would work on cuda:0.
+        self.device = _device(cfg.device, _env_int("LOCAL_RANK", 0), _env_int("WORLD_SIZE", 1))
+        if self.device.type == "cuda":
+            torch.cuda.set_device(self.device)
+        self.rank, self.world = _distributed(self.device)
+        self.distributed = dist.is_initialized()
         if cfg.batch_size % self.world:
             raise ValueError(f"batch_size {cfg.batch_size} is not divisible by the {self.world} processes")
-        self.device = _device(cfg.device, self.rank)
         images, labels, class_names = load_images(cfg.data)
         self.class_names = class_names
         self.dataset = CropDataset(images, cfg.resolution, labels=labels, crop_scale=tuple(cfg.crop_scale),
                                    seed=cfg.seed)
-        self.sampler = DistributedSampler(self.dataset, num_replicas=self.world, rank=self.rank, shuffle=True,
-                                          seed=cfg.seed, drop_last=True)
         self.local_batch = cfg.batch_size // self.world
-        self.steps_per_epoch = len(self.sampler) // self.local_batch
+        self.steps_per_epoch = len(self.dataset) // cfg.batch_size   # the last partial batch is dropped
+        self._order_epoch, self._order = None, None
         if self.steps_per_epoch == 0:
             raise ValueError(f"batch_size {cfg.batch_size} is larger than an epoch of {len(self.dataset)} samples")
 
@@ -181,22 +276,22 @@ class Trainer:
         self.ema.load_state_dict(self.unet.state_dict())
         self.ema.requires_grad_(False)
         self.opt = torch.optim.AdamW(self.unet.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-        # Per-rank streams: loss noise (self.gen) and dropout (torch's global generator).
-        self.gen = torch.Generator(device=self.device).manual_seed(cfg.seed * 1000 + self.rank)
+        # Dropout draws from torch's global generators: one stream per rank (saved in checkpoints).
         torch.manual_seed(cfg.seed * 1000 + self.rank + 1)
         self.step = 0
         self.out = Path(cfg.out)
         if resume and (self.out / ckpt.WEIGHTS_NAME).exists():
             self._resume()
         net = self.unet
-        if self.world > 1:
+        if self.distributed:
             net = torch.nn.parallel.DistributedDataParallel(
                 self.unet, device_ids=[self.device.index] if self.device.type == "cuda" else None)
         self.denoiser = build_denoiser(net, cfg.parameterization)
         self.ema_denoiser = build_denoiser(self.ema, cfg.parameterization)
         self.relay_grid = None
         if cfg.stage == "relay" and cfg.relay_mode == "linear":
-            self.relay_grid = schedules.relay_sigmas(cfg.linear_steps, cfg.sigma_trunc, dtype=torch.float32)
+            self.relay_grid = schedules.relay_sigmas(cfg.linear_steps, cfg.sigma_trunc, dtype=torch.float32,
+                                                     device=self.device)
 
     # --- checkpoints -------------------------------------------------------------------------
 
@@ -204,16 +299,19 @@ class Trainer:
         return {"stage": self.cfg.stage, "step": self.step, "world_size": self.world,
                 "train": asdict(self.cfg), "unet": self.unet_config.to_dict(), "class_names": self.class_names}
 
-    def _rng_states(self) -> list[torch.Tensor]:
-        states = [self.gen.get_state(), torch.get_rng_state()]
+    def _rng_states(self) -> dict[str, torch.Tensor]:
+        """This rank's dropout generator states (everything else random is keyed by the step)."""
+        states = {"cpu": torch.get_rng_state()}
         if self.device.type == "cuda":
-            states.append(torch.cuda.get_rng_state(self.device))
-        return [s.cpu() for s in states]
+            states["cuda"] = torch.cuda.get_rng_state(self.device)
+        return {k: v.cpu() for k, v in states.items()}
 
     def save(self) -> None:
         """Rank 0 writes the checkpoint (every rank's generator states gathered into it)."""
         states = self._rng_states()
-        if self.world > 1:
+        if self.distributed:
+            # A collective: every rank calls save(). Under NCCL it runs on the current CUDA
+            # device, which __init__ set to this rank's GPU.
             gathered = [None] * self.world
             dist.all_gather_object(gathered, states)
         else:
@@ -226,8 +324,8 @@ class Trainer:
             for name, value in self.opt.state.get(p, {}).items():
                 tensors[f"opt.{i}.{name}"] = torch.as_tensor(value)
         for r, rank_states in enumerate(gathered):
-            for j, s in enumerate(rank_states):
-                tensors[f"rng.{r}.{j}"] = s
+            for name, state in rank_states.items():
+                tensors[f"rng.{r}.{name}"] = state
         ckpt.save_checkpoint(self.out, tensors, self._record())
 
     def _resume(self) -> None:
@@ -255,39 +353,67 @@ class Trainer:
             opt_state.setdefault(int(i), {})[name] = v.to(self.device) if name != "step" else v
         for i, st in opt_state.items():
             self.opt.state[params[i]] = st
-        self.gen.set_state(tensors[f"rng.{self.rank}.0"])
-        torch.set_rng_state(tensors[f"rng.{self.rank}.1"])
-        if self.device.type == "cuda" and f"rng.{self.rank}.2" in tensors:
-            torch.cuda.set_rng_state(tensors[f"rng.{self.rank}.2"], self.device)
+        # Checkpoints of earlier versions numbered the states: .1 was the CPU one, .2 the CUDA one.
+        cpu_state = tensors.get(f"rng.{self.rank}.cpu", tensors.get(f"rng.{self.rank}.1"))
+        cuda_state = tensors.get(f"rng.{self.rank}.cuda", tensors.get(f"rng.{self.rank}.2"))
+        if cpu_state is None:
+            raise RuntimeError(f"checkpoint {str(self.out)!r} has no generator state for rank {self.rank}")
+        torch.set_rng_state(cpu_state)
+        if self.device.type == "cuda" and cuda_state is not None:
+            torch.cuda.set_rng_state(cuda_state, self.device)
         self.step = int(record["step"])
 
     # --- the loop ----------------------------------------------------------------------------
 
-    def _batch(self, step: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """This rank's batch for a global step: a pure function of (seed, step)."""
-        epoch, pos = divmod(step, self.steps_per_epoch)
-        self.sampler.set_epoch(epoch)
-        indices = list(self.sampler)[pos * self.local_batch:(pos + 1) * self.local_batch]
-        y, labels = self.dataset.batch(indices, epoch)
-        return y.to(self.device), labels.to(self.device)
+    def _epoch_order(self, epoch: int) -> np.ndarray:
+        """The dataset order of one epoch: a pure function of (seed, epoch)."""
+        return np.random.default_rng([self.cfg.seed, epoch]).permutation(len(self.dataset))
 
-    def _loss(self, y: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    def global_batch_indices(self, step: int) -> np.ndarray:
+        """The dataset indices of the global batch of ``step`` (all ranks together), in order.
+        The epoch's permutation is computed once per epoch, not per step."""
+        epoch, pos = divmod(step, self.steps_per_epoch)
+        if self._order_epoch != epoch:
+            self._order, self._order_epoch = self._epoch_order(epoch), epoch
+        b = self.cfg.batch_size
+        return self._order[pos * b:(pos + 1) * b]
+
+    def _to_device(self, t: torch.Tensor) -> torch.Tensor:
+        # From pinned memory the copy is queued without waiting for the GPU.
+        if self.device.type == "cuda":
+            return t.pin_memory().to(self.device, non_blocking=True)
+        return t.to(self.device)
+
+    def _batch(self, step: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """This rank's part of the global batch of ``step``: ``(images, labels, per-sample seeds)``,
+        a pure function of (seed, step) and the rank's slice of the global batch."""
+        epoch = step // self.steps_per_epoch
+        lo = self.rank * self.local_batch
+        positions = np.arange(lo, lo + self.local_batch)
+        y, labels = self.dataset.batch(self.global_batch_indices(step)[positions], epoch)
+        seeds = torch.from_numpy(sample_seeds(self.cfg.seed, step, self.cfg.batch_size, positions).view(np.int64))
+        return self._to_device(y), self._to_device(labels), self._to_device(seeds)
+
+    def _loss(self, y: torch.Tensor, labels: torch.Tensor, seeds: torch.Tensor) -> torch.Tensor:
+        """The stage's loss on this rank's batch (the mean over its samples); sample b's
+        randomness comes from ``seeds[b]``."""
         cfg = self.cfg
         if cfg.class_cond:
             # Classifier-free guidance needs an unconditional model too: drop some labels.
-            drop = torch.rand(labels.shape, generator=self.gen, device=self.device) < cfg.label_dropout
+            drop = sample_uniforms(seeds, y, 1, LABEL_OFFSET, cfg.backend)[:, 0] < cfg.label_dropout
             labels = torch.where(drop, torch.full_like(labels, self.unet_config.num_classes), labels)
         else:
             labels = None
         if cfg.stage == "relay" and cfg.relay_mode == "linear":
-            return linear_relay_loss(self.denoiser, y, labels, generator=self.gen, s=cfg.patch, sigmas=self.relay_grid)
+            return linear_relay_loss(self.denoiser, y, labels, seeds=seeds, s=cfg.patch, sigmas=self.relay_grid,
+                                     backend=cfg.backend)
         if cfg.stage == "relay":
-            return relay_loss(self.denoiser, y, labels, generator=self.gen, s=cfg.patch, alpha=cfg.alpha,
+            return relay_loss(self.denoiser, y, labels, seeds=seeds, s=cfg.patch, alpha=cfg.alpha,
                               normalize=cfg.normalize, L=cfg.L, sigma_b_max=cfg.sigma_b_max, backend=cfg.backend)
         if cfg.parameterization == "vpred":
-            return vpred_loss(self.denoiser, y, labels, generator=self.gen, reference=cfg.vpred_reference,
-                              multiscale=cfg.multiscale)
-        return edm_base_loss(self.denoiser, y, labels, generator=self.gen)
+            return vpred_loss(self.denoiser, y, labels, seeds=seeds, reference=cfg.vpred_reference,
+                              multiscale=cfg.multiscale, backend=cfg.backend)
+        return edm_base_loss(self.denoiser, y, labels, seeds=seeds, backend=cfg.backend)
 
     @torch.no_grad()
     def _update_ema(self) -> None:
@@ -298,24 +424,27 @@ class Trainer:
         for e, b in zip(self.ema.buffers(), self.unet.buffers()):
             e.copy_(b)
 
-    def train_step(self) -> float:
-        """One optimisation step; returns the (rank-local) loss."""
+    def train_step(self) -> torch.Tensor:
+        """One optimisation step; returns the rank-local loss as a 0-d tensor on the device
+        (reading it, e.g. ``float(loss)``, waits for the step to finish)."""
         cfg = self.cfg
         self.unet.train()
-        y, labels = self._batch(self.step)
+        y, labels, seeds = self._batch(self.step)
         for group in self.opt.param_groups:
             group["lr"] = _lr_at(cfg, self.step)
         autocast = (torch.autocast(self.device.type, dtype=torch.bfloat16) if cfg.bf16 else contextlib.nullcontext())
-        with autocast:
-            loss = self._loss(y, labels)
-        self.opt.zero_grad(set_to_none=True)
-        loss.backward()
+        attention = _math_attention() if cfg.deterministic else contextlib.nullcontext()
+        with attention:
+            with autocast:
+                loss = self._loss(y, labels, seeds)
+            self.opt.zero_grad(set_to_none=True)
+            loss.backward()
         if cfg.grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(self.unet.parameters(), cfg.grad_clip)
         self.opt.step()
         self.step += 1
         self._update_ema()
-        return float(loss.detach())
+        return loss.detach()
 
     def sample_grid(self, num: int = 16) -> Path | None:
         """A PNG grid from the EMA weights (needs relayops.sampling); the relay stage starts
@@ -342,22 +471,26 @@ class Trainer:
         return path
 
     def run(self) -> dict:
-        """Train until ``cfg.steps``; returns ``{"step", "loss"}`` (mean loss of the last log window)."""
+        """Train until ``cfg.steps``; returns ``{"step", "loss"}`` (this rank's mean loss over the
+        last log window). The losses are summed on the device and read back every ``log_every``
+        steps only."""
         from tqdm.auto import tqdm
 
         cfg = self.cfg
         show = cfg.progress and self.rank == 0
         bar = tqdm(total=cfg.steps, initial=self.step, desc=f"train {cfg.stage}", disable=not show,
                    file=sys.stderr, dynamic_ncols=True, position=cfg.progress_position)
-        window, last, first = [], float("nan"), self.step
+        window, count, last, first = None, 0, float("nan"), self.step
         try:
             while self.step < cfg.steps:
-                window.append(self.train_step())
+                loss = self.train_step()
+                window = loss if window is None else window + loss
+                count += 1
                 bar.update(1)
-                if len(window) >= cfg.log_every or self.step == cfg.steps:
-                    last = sum(window) / len(window)
+                if count >= cfg.log_every or self.step == cfg.steps:
+                    last = float(window) / count   # the only read-back of the loss
                     bar.set_postfix(loss=f"{last:.4f}")
-                    window = []
+                    window, count = None, 0
                 if cfg.save_every and self.step % cfg.save_every == 0 and self.step < cfg.steps:
                     self.save()
                 if cfg.sample_every and self.step % cfg.sample_every == 0 and self.rank == 0:
