@@ -91,13 +91,27 @@ def step_build(info, args):
                 env=env, log_dir=args.log_dir)
 
 
+def _bench_command(dtype: str, args, *extra) -> list[str]:
+    sizes = ["256", "1024"] if args.quick else ["64", "256", "1024"]
+    return [sys.executable, "bench/gpu_triton.py", "--sizes", *sizes, "--batches", "8", "64", "--dtype", dtype,
+            "--no-reference", "--backward", *extra]
+
+
 def step_tests(info, args):
-    workers = ["-n", str(min(15, os.cpu_count() or 1))] if _has_xdist() else []
+    # Compiling the benchmark's Triton kernels takes minutes of CPU time: do it on spare cores
+    # while the tests run, so that the bench step finds them in Triton's cache.
+    warm = None
+    if "bench" in args.steps:
+        warm = [subprocess.Popen(_bench_command(dtype, args, "--compile-only"), cwd=ROOT, stdout=subprocess.DEVNULL,
+                                 stderr=subprocess.DEVNULL) for dtype in ("float32", "bfloat16")]
+    workers = ["-n", str(max(1, min(12, (os.cpu_count() or 1) - 3)))] if _has_xdist() else []
     cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *workers,
            "tests/test_backends.py", "tests/test_box_muller_words.py", "-k", "cuda"]
     result = _run("tests-matrix", cmd, args.timeout, log_dir=args.log_dir)
     gpu = _run("tests-gpu-marked", [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *workers,
                                     "tests", "-m", "gpu"], args.timeout, log_dir=args.log_dir)
+    for proc in warm or []:
+        proc.wait()
     return {"matrix": result, "gpu_marked": gpu, "ok": result["ok"] and gpu["ok"]}
 
 
@@ -108,12 +122,10 @@ def _has_xdist() -> bool:
 
 def step_bench(info, args):
     rows, results = [], {"ok": True}
-    sizes = ["256", "1024"] if args.quick else ["64", "256", "1024"]
     for dtype in ("float32", "bfloat16"):
         out = args.log_dir / f"bench-{dtype}.json"
-        cmd = [sys.executable, "bench/gpu_triton.py", "--sizes", *sizes, "--batches", "8", "64", "--dtype", dtype,
-               "--no-reference", "--backward", "--json", str(out)]
-        r = _run(f"bench-{dtype}", cmd, args.timeout, log_dir=args.log_dir)
+        r = _run(f"bench-{dtype}", _bench_command(dtype, args, "--json", str(out)), args.timeout,
+                 log_dir=args.log_dir)
         results[dtype] = r
         results["ok"] &= r["ok"]
         if out.exists():

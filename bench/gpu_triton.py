@@ -148,6 +148,8 @@ def main(argv=None):
     parser.add_argument("--backward", action="store_true", help="also time forward + backward of patch_blur and "
                                                                     "relay_corrupt")
     parser.add_argument("--json", help="also write the rows to this JSON file")
+    parser.add_argument("--compile-only", action="store_true",
+                        help="call every case once and time nothing: fills Triton's kernel cache for a later run")
     args = parser.parse_args(argv)
 
     if not torch.cuda.is_available():
@@ -171,6 +173,9 @@ def main(argv=None):
         sys.exit(f"unknown ops {sorted(unknown)}; choose from {all_ops}")
 
     def bench(fn):
+        if args.compile_only:
+            torch.cuda.synchronize()
+            return 0.0
         return triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median")
 
     rows = run(args.sizes, args.batches, args.channels, args.s, DTYPES[args.dtype], ops, backends, "cuda", bench,
