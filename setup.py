@@ -137,7 +137,7 @@ if nvcc is not None:
             # the static runtime: the module does not depend on a libcudart.so at import time
             libraries=["cudart_static", "dl", "rt", "pthread"],
             # the architecture list, for the module's error messages (relayops._C_cuda.archs)
-            define_macros=[("RELAYOPS_CUDA_ARCHS", '"' + ";".join(cuda_archs(nvcc)) + '"')],
+            define_macros=[("RELAYOPS_CUDA_ARCHS", '"' + ",".join(cuda_archs(nvcc)) + '"')],
             extra_compile_args=["-O3", "-std=c++17", "-fvisibility=hidden"],
             language="c++",
         )

@@ -44,7 +44,7 @@ def test_backend_must_fit_the_device():
 
 class _ModuleWithoutImage:
     """Stands in for a relayops._C_cuda built without the GPU's architecture."""
-    archs = "80;90"
+    archs = "80,90"
 
     @staticmethod
     def has_kernel_image(device):
