@@ -119,4 +119,8 @@ RELAYOPS_HD int64_t wrap(int64_t i, int64_t n) {
   return r < 0 ? r + n : r;
 }
 
+// i mod n for i in [-n, 2n): one compare instead of a 64-bit division (the wraparound windows
+// reach at most s - 1 <= n - 1 past an image edge).
+RELAYOPS_HD int64_t wrap_once(int64_t i, int64_t n) { return i < 0 ? i + n : i >= n ? i - n : i; }
+
 }  // namespace relayops
