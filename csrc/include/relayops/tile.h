@@ -108,6 +108,43 @@ RELAYOPS_HD void for_cells(int rows, int cols, int tid, int nt, F&& f) {
   }
 }
 
+// for_cells in batches of K cells per thread: K loads (load(r, q) returns the cell's values)
+// are issued before the K shared-memory stores (store(r, q, v)), so each thread has K loads in
+// flight instead of one.
+template <int K, class Load, class Store>
+RELAYOPS_HD void for_cells_batched(int rows, int cols, int tid, int nt, Load&& load, Store&& store) {
+  using V = decltype(load(0, 0));
+  const int count = rows * cols;
+  if (tid >= count) return;
+  int r = tid / cols, q = tid - r * cols;
+  const int dr = nt / cols, dq = nt - dr * cols;
+  for (int e = tid; e < count; e += K * nt) {
+    V v[K];
+    int rk[K], qk[K];
+#if defined(__CUDA_ARCH__)
+#pragma unroll
+#endif
+    for (int k = 0; k < K; ++k) {
+      rk[k] = r;
+      qk[k] = q;
+      if (e + k * nt < count) v[k] = load(r, q);
+      r += dr;
+      q += dq;
+      if (q >= cols) {
+        q -= cols;
+        ++r;
+      }
+    }
+#if defined(__CUDA_ARCH__)
+#pragma unroll
+#endif
+    for (int k = 0; k < K; ++k)
+      if (e + k * nt < count) store(rk[k], qk[k], v[k]);
+  }
+}
+
+constexpr int kLoadBatch = 4;
+
 // ---- Phases ----
 
 template <int S, class T, class A>
@@ -121,43 +158,64 @@ RELAYOPS_HD void tile_load(const Params<A>& P, const TileGeom& g, const TileBloc
       sm.c[e] = P.dct[e];
       if (sm.f) sm.f[e] = coef_factor(P, ss, b, e / n, e % n);
     }
-  if (P.mode != kNoise)
-    for_cells(tb.th, tb.tw, tid, nt, [&](int i, int j) {
-      const int64_t h = tb.h0 + i, w = tb.w0 + j;
-      const int e = i * g.tw + j;
-      const A xv = load_elem<A>(P.x.template at<const T>(b, c, h, w));
-      if (P.mode == kStep) {
-        A x0 = load_elem<A>(P.x0.template at<const T>(b, c, h, w));
-        if (P.xp.present())
-          x0 = heun_x0(xv, x0, load_elem<A>(P.xp.template at<const T>(b, c, h, w)),
-                       load_elem<A>(P.x0p.template at<const T>(b, c, h, w)), ss.sigma, ss.sigma_next);
-        sm.xk[e] = xv;
-        sm.x[e] = x0;
-      } else {
-        sm.x[e] = xv;
-      }
-    });
+  if (P.mode != kNoise) {
+    struct In { A x, x0; };  // x0: x0_hat, or Heun's x0_eff (relay_step)
+    for_cells_batched<kLoadBatch>(
+        tb.th, tb.tw, tid, nt,
+        [&](int i, int j) {
+          const int64_t h = tb.h0 + i, w = tb.w0 + j;
+          In v{load_elem<A>(P.x.template at<const T>(b, c, h, w)), A(0)};
+          if (P.mode == kStep) {
+            v.x0 = load_elem<A>(P.x0.template at<const T>(b, c, h, w));
+            if (P.xp.present())
+              v.x0 = heun_x0(v.x, v.x0, load_elem<A>(P.xp.template at<const T>(b, c, h, w)),
+                             load_elem<A>(P.x0p.template at<const T>(b, c, h, w)), ss.sigma, ss.sigma_next);
+          }
+          return v;
+        },
+        [&](int i, int j, const In& v) {
+          const int e = i * g.tw + j;
+          if (P.mode == kStep) {
+            sm.xk[e] = v.x;
+            sm.x[e] = v.x0;
+          } else {
+            sm.x[e] = v.x;
+          }
+        });
+  }
   if (!needs_noise(P)) return;
   const NoiseStream ns = noise_stream(P, b, c);
   if (P.has_block) {
-    // The window of the tile's box sums: rows h0 - off .. h0 + th - 1 - off + (s - 1), off = s - 1
-    // (block_noise: sums over x - i) or 0 (adjoint, shift = s - 1: sums over x + i); same for columns.
-    // Cell (r, q) is tile pixel (r - off, q - off) when that lies in the tile.
+    // The window of the tile's box sums: the tile and s - 1 rows above it and columns left of it
+    // (block_noise sums over x - i: off = s - 1), or below and right (the adjoint, shift = s - 1,
+    // sums over x + i: off = 0), wrapped around the image. Window cell (r, q) is image pixel
+    // (h0 - off + r, w0 - off + q) mod (H, W), and tile pixel (r - off, q - off) if in the tile.
     const int off = n - 1 - P.shift;
-    for_cells(tb.th + g.halo, tb.tw + g.halo, tid, nt, [&](int r, int q) {
-      const int64_t h = wrap_once(tb.h0 - off + r, P.H), w = wrap_once(tb.w0 - off + q, P.W);
-      const int i = r - off, j = q - off;
-      const bool inner = i >= 0 && i < tb.th && j >= 0 && j < tb.tw;
-      A e1 = 0, e2 = 0;
-      if (P.draw) {
-        normal_pair<A>(ns.key, ns.base + uint64_t(h * P.W + w), e1, e2);
-      } else {
-        e2 = load_elem<A>(P.eps2.template at<const T>(b, c, h, w));
-        if (inner && P.has_eps) e1 = load_elem<A>(P.eps.template at<const T>(b, c, h, w));
-      }
-      sm.g[r * g.gw + q] = e2;
-      if (inner) sm.n[i * g.tw + j] = e1;
-    });
+    const auto row = [&](int r) { return wrap_once(tb.h0 - off + r, P.H); };
+    const auto col = [&](int q) { return wrap_once(tb.w0 - off + q, P.W); };
+    const auto inner = [&](int r, int q) { return r >= off && r - off < tb.th && q >= off && q - off < tb.tw; };
+    struct Noise { A e1, e2; };
+    const auto store = [&](int r, int q, const Noise& v) {
+      sm.g[r * g.gw + q] = v.e2;
+      if (inner(r, q)) sm.n[(r - off) * g.tw + (q - off)] = v.e1;
+    };
+    if (P.draw) {  // bound by Philox, not by memory: one cell at a time
+      for_cells(tb.th + g.halo, tb.tw + g.halo, tid, nt, [&](int r, int q) {
+        Noise v;
+        normal_pair<A>(ns.key, ns.base + uint64_t(row(r) * P.W + col(q)), v.e1, v.e2);
+        store(r, q, v);
+      });
+    } else {
+      for_cells_batched<kLoadBatch>(
+          tb.th + g.halo, tb.tw + g.halo, tid, nt,
+          [&](int r, int q) {
+            const int64_t h = row(r), w = col(q);
+            Noise v{A(0), load_elem<A>(P.eps2.template at<const T>(b, c, h, w))};
+            if (P.has_eps && inner(r, q)) v.e1 = load_elem<A>(P.eps.template at<const T>(b, c, h, w));
+            return v;
+          },
+          store);
+    }
   } else {
     for_cells(tb.th, tb.tw, tid, nt, [&](int i, int j) {
       const int64_t h = tb.h0 + i, w = tb.w0 + j;
