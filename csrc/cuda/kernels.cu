@@ -15,21 +15,19 @@ namespace relayops {
 namespace cuda {
 namespace {
 
-// Blocks per SM the register allocation must allow: the most that fit without spilling (ptxas -v:
-// float accumulation needs at most 80 registers, double at most 128).
+// Blocks of 256 threads per SM the register allocation must allow: the most without spills
+// (ptxas -v): 4 (64 registers) with float accumulation, 2 (128) with double.
 template <class A>
-constexpr int kMinBlocks = sizeof(A) == 8 ? 2 : 3;
+constexpr int kMinBlocks = sizeof(A) == 8 ? 2 : 4;
 
 template <int S, class T, class A>
 __global__ void __launch_bounds__(kTileThreads, kMinBlocks<A>) tile_kernel(const Params<A> P, const TileGeom g) {
   extern __shared__ __align__(16) unsigned char smem[];
   const int64_t blk = int64_t(blockIdx.y) * gridDim.x + blockIdx.x;
   if (blk >= g.blocks) return;  // the whole block leaves: no barrier is missed
-  const TileBlock tb = tile_block(P, g, blk);
-  const TileSmem<A> sm = tile_smem<A>(g, smem);
   for (int k = 0; k < g.nsteps; ++k) {
     if (k) __syncthreads();
-    tile_phase<S, T, A>(P, g, tb, tile_step(g, k), int(threadIdx.x), sm);
+    tile_phase<S, T, A>(P, g, blk, tile_step(g, k), int(threadIdx.x), smem);
   }
 }
 

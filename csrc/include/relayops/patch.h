@@ -150,6 +150,18 @@ RELAYOPS_HD A heun_x0(A x, A x0, A xp, A x0p, A sigma, A sigma_next) {
   return x - sigma * (d + dp) / A(2);
 }
 
+// The last terms of an update, y being the patch_idct of the scaled coefficients: relay_corrupt
+// y + sigma n (SPEC 6), relay_step gamma x + y + eta sigma' n (SPEC 8, the noise only for eta != 0),
+// else y.
+template <class A>
+RELAYOPS_HD A finish_update(const Params<A>& P, const SampleScalars<A>& sc, A x, A y, A noise) {
+  if (P.mode == kCorrupt) return y + sc.noise_scale * noise;
+  if (P.mode != kStep) return y;
+  A v = sc.gamma * x + y;
+  if (P.eta != A(0)) v += sc.noise_scale * noise;
+  return v;
+}
+
 // Relay noise k (eps + alpha/s box) (SPEC 3) from a pixel's eps and its s x s box sum of eps2,
 // with the terms the flags leave out dropped.
 template <class A>
@@ -214,7 +226,7 @@ RELAYOPS_HD void process_patch(const Params<A>& P, const SampleConsts<S, A>& sc,
       idct2<S, A>(P.dct, n, X);
       if (P.mode == kCorrupt)
         for (int i = 0; i < n; ++i)
-          for (int j = 0; j < n; ++j) X[i * N + j] += sc.noise_scale * noise[i * ns + j];
+          for (int j = 0; j < n; ++j) X[i * N + j] = finish_update(P, sc, A(0), X[i * N + j], noise[i * ns + j]);
       break;
     case kNoise:
       for (int i = 0; i < n; ++i)
@@ -238,13 +250,10 @@ RELAYOPS_HD void process_patch(const Params<A>& P, const SampleConsts<S, A>& sc,
       for (int i = 0; i < n; ++i)
         for (int j = 0; j < n; ++j) Y[i * N + j] *= sc.F[i * N + j];
       idct2<S, A>(P.dct, n, Y);
-      const bool noisy = P.eta != A(0);
+      const bool noisy = P.eta != A(0);  // else there is no noise array
       for (int i = 0; i < n; ++i)
-        for (int j = 0; j < n; ++j) {
-          A v = sc.gamma * X[i * N + j] + Y[i * N + j];
-          if (noisy) v += sc.noise_scale * noise[i * ns + j];
-          X[i * N + j] = v;
-        }
+        for (int j = 0; j < n; ++j)
+          X[i * N + j] = finish_update(P, sc, X[i * N + j], Y[i * N + j], noisy ? noise[i * ns + j] : A(0));
       break;
     }
   }

@@ -52,7 +52,7 @@ template <class A>
 struct TileSmem {
   A* c;   // [s * s] DCT matrix
   A* f;   // [s * s] the sample's factors F (blur, corrupt, step)
-  A* x;   // [th * tw] transform input (x, or x0_hat for relay_step), row stride tw
+  A* x;   // [th * tw] transform input (x; x0_hat or Heun's x0_eff for relay_step), then F U
   A* xk;  // [th * tw] x of relay_step
   A* n;   // [th * tw] eps, then the relay noise
   A* g;   // [(th + halo) * gw] eps2 window; after hsum, t: the A passes' output [th * tw]
@@ -62,10 +62,8 @@ struct TileSmem {
 template <class A>
 RELAYOPS_HD TileSmem<A> tile_smem(const TileGeom& g, void* base) {
   A* p = static_cast<A*>(base);
-  const int offs[7] = {g.off_c, g.off_f, g.off_x, g.off_xk, g.off_n, g.off_g, g.off_hs};
-  A* q[7];
-  for (int i = 0; i < 7; ++i) q[i] = offs[i] < 0 ? nullptr : p + offs[i];
-  return {q[0], q[1], q[2], q[3], q[4], q[5], q[6]};
+  const auto at = [p](int off) { return off < 0 ? nullptr : p + off; };
+  return {at(g.off_c), at(g.off_f), at(g.off_x), at(g.off_xk), at(g.off_n), at(g.off_g), at(g.off_hs)};
 }
 
 // Which tile of which plane block blk handles (planes outermost, so neighbouring blocks share halos).
@@ -119,7 +117,7 @@ RELAYOPS_HD void for_cells_batched(int rows, int cols, int tid, int nt, Load&& l
   int r = tid / cols, q = tid - r * cols;
   const int dr = nt / cols, dq = nt - dr * cols;
   for (int e = tid; e < count; e += K * nt) {
-    V v[K];
+    V v[K]{};  // cells past the end are neither loaded nor stored
     int rk[K], qk[K];
 #if defined(__CUDA_ARCH__)
 #pragma unroll
@@ -143,7 +141,10 @@ RELAYOPS_HD void for_cells_batched(int rows, int cols, int tid, int nt, Load&& l
   }
 }
 
-constexpr int kLoadBatch = 4;
+// Cells per thread in one load batch: 4, or 2 for float64 (two registers per value: with 4 the
+// relay_step loads need more registers than the kernel's launch bounds leave).
+template <class A>
+constexpr int kLoadBatch = 16 / int(sizeof(A));
 
 // ---- Phases ----
 
@@ -160,7 +161,7 @@ RELAYOPS_HD void tile_load(const Params<A>& P, const TileGeom& g, const TileBloc
     }
   if (P.mode != kNoise) {
     struct In { A x, x0; };  // x0: x0_hat, or Heun's x0_eff (relay_step)
-    for_cells_batched<kLoadBatch>(
+    for_cells_batched<kLoadBatch<A>>(
         tb.th, tb.tw, tid, nt,
         [&](int i, int j) {
           const int64_t h = tb.h0 + i, w = tb.w0 + j;
@@ -206,7 +207,7 @@ RELAYOPS_HD void tile_load(const Params<A>& P, const TileGeom& g, const TileBloc
         store(r, q, v);
       });
     } else {
-      for_cells_batched<kLoadBatch>(
+      for_cells_batched<kLoadBatch<A>>(
           tb.th + g.halo, tb.tw + g.halo, tid, nt,
           [&](int r, int q) {
             const int64_t h = row(r), w = col(q);
@@ -307,21 +308,18 @@ RELAYOPS_HD void tile_pass_b(const Params<A>& P, const TileGeom& g, const TileBl
       sm.x[e] = v * sm.f[(i % n) * n + j % n];
       return;
     }
-    A out = v;
-    if (P.mode == kCorrupt) {  // patch_blur(y) + sigma n (SPEC 6)
-      out += ss.noise_scale * sm.n[e];
-    } else if (P.mode == kStep) {  // gamma x + patch_idct(F patch_dct(x0)) + eta sigma' n (SPEC 8)
-      out = ss.gamma * sm.xk[e] + v;
-      if (noisy) out += ss.noise_scale * sm.n[e];
-    }
-    store_elem<A>(P.out.template at<T>(tb.b, tb.c, tb.h0 + i, tb.w0 + j), out);
+    const A x = P.mode == kStep ? sm.xk[e] : A(0), nz = noisy ? sm.n[e] : A(0);
+    store_elem<A>(P.out.template at<T>(tb.b, tb.c, tb.h0 + i, tb.w0 + j), finish_update(P, ss, x, v, nz));
   });
 }
 
-// Phase `step` of block tb for thread tid. The caller puts a barrier between phases.
+// Phase `step` of block blk for thread tid; smem: the block's shared memory. The caller puts a
+// barrier between phases. The block's tile and array pointers are recomputed here rather than
+// kept by the caller: values live across all phases cost registers in every phase.
 template <int S, class T, class A>
-RELAYOPS_HD void tile_phase(const Params<A>& P, const TileGeom& g, const TileBlock& tb, int step, int tid,
-                            const TileSmem<A>& sm) {
+RELAYOPS_HD void tile_phase(const Params<A>& P, const TileGeom& g, int64_t blk, int step, int tid, void* smem) {
+  const TileBlock tb = tile_block(P, g, blk);
+  const TileSmem<A> sm = tile_smem<A>(g, smem);
   switch (step) {
     case kStepLoad: return tile_load<S, T, A>(P, g, tb, tid, sm);
     case kStepHSum: return tile_hsum<S, A>(P, g, tb, tid, sm);
@@ -418,11 +416,9 @@ void emulate_tiles(const Params<A>& P) {
   for (int64_t blk = 0; blk < g.blocks; ++blk) {
     std::fill(smem.begin(), smem.begin() + g.smem_elems, std::numeric_limits<A>::quiet_NaN());
     std::fill(smem.begin() + g.smem_elems, smem.end(), sentinel);
-    const TileBlock tb = tile_block(P, g, blk);
-    const TileSmem<A> sm = tile_smem<A>(g, smem.data());
     for (int k = 0; k < g.nsteps; ++k)
       for (int u = 0; u < g.threads; ++u)
-        tile_phase<S, T, A>(P, g, tb, tile_step(g, k), blk & 1 ? g.threads - 1 - u : u, sm);
+        tile_phase<S, T, A>(P, g, blk, tile_step(g, k), blk & 1 ? g.threads - 1 - u : u, smem.data());
     for (int i = 0; i < kGuard; ++i)
       if (!(smem[size_t(g.smem_elems) + i] == sentinel))
         throw std::logic_error("relayops: tile phases wrote past their shared memory");
