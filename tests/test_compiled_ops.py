@@ -1,7 +1,8 @@
-"""What only the compiled kernels (csrc/) have: the CUDA kernels' per-patch window noise run on
-the CPU, the Philox row loops of each instruction set, rows wider than one SIMD batch, and the
-build of the CUDA module. Every op case, gradient, error, opcheck and torch.compile check runs
-on the compiled backends in the shared matrix (test_backends.py).
+"""What only the compiled kernels (csrc/) have: the CUDA kernels' thread blocks (tile.h) run on
+the CPU by emulation, on shapes that exercise their tiles, halos and wraparound (and on the GPU
+where there is one), the Philox row loops of each instruction set, rows wider than one SIMD
+batch, and the build of the CUDA module. Every op case, gradient, error, opcheck and
+torch.compile check runs on the compiled backends in the shared matrix (test_backends.py).
 """
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ import torch
 import relayops
 import relayops.ops._compiled as compiled  # ImportError here means: run `python setup.py build_ext --inplace`
 
+import test_backends as matrix
 from compare import assert_close, scale_of
 
 PER_SAMPLE_SEEDS = [2**64 - 1, 5]
@@ -46,14 +48,79 @@ def _check(call, x, seed):
     assert_close(call(x, "cpu", seed), ref, atol=tol * scale_of(ref))
 
 
-@pytest.mark.parametrize("s", (2, 3, 4, 8))
-@pytest.mark.parametrize("per_sample", (False, True), ids=("int-seed", "per-sample-seeds"))
-@pytest.mark.parametrize("name", ("relay_noise", "relay_corrupt", "relay_step_heun"))
-def test_patchwise_noise_matches_reference(name, per_sample, s, monkeypatch):
-    """The CUDA kernels' per-patch window noise (patch_noise_window, run on the CPU here) equals the reference's."""
-    monkeypatch.setattr(compiled, "CPU_PATCHWISE", True)
-    x = torch.randn(2, 3, 2 * s, 3 * s, generator=torch.Generator().manual_seed(2))
-    _check(_noise_calls(s)[name], x, PER_SAMPLE_SEEDS if per_sample else 12345)
+# ---------------------------------------------------------------------------------------------
+# The CUDA kernels' tiles. Tiles are about 32 x 64 pixels (32 x 32 for float64), multiples of s:
+# these shapes have H = W = s (the noise window wraps around the whole image more than once),
+# images smaller than a tile, H != W, tiles that do not divide H or W, several tiles whose halos
+# cross tile borders and wrap around both edges, B and C > 1, and s from 1 to 16.
+TILE_SHAPES = [(1, 1, 1, 1, 1), (2, 3, 3, 3, 3), (1, 2, 16, 16, 16), (2, 2, 10, 15, 5), (1, 1, 40, 72, 4),
+               (1, 1, 4, 136, 4), (1, 1, 39, 69, 3), (2, 1, 48, 96, 8), (1, 1, 64, 80, 16), (1, 2, 36, 66, 2)]
+
+_TILE_TARGETS = ["emulated"] + (["cuda"] if torch.cuda.is_available() and "cuda" in relayops.available_backends()
+                                else [])
+
+
+@pytest.fixture(params=_TILE_TARGETS)
+def tile_target(request, monkeypatch):
+    """(backend, device) running the CUDA kernels' tile phases: the "cpu" backend emulating the
+    thread blocks (relayops.ops._compiled.CPU_EMULATE_CUDA_TILES), or "cuda" on a GPU."""
+    if request.param == "cuda":
+        yield "cuda", "cuda"
+        return
+    calls = []
+    run = compiled._C.run
+
+    def spy(*args):
+        calls.append(args[-1])
+        return run(*args)
+
+    monkeypatch.setattr(compiled, "CPU_EMULATE_CUDA_TILES", True)
+    monkeypatch.setattr(compiled._C, "run", spy)
+    yield "cpu", "cpu"
+    assert calls and all(calls), "the cpu backend did not run the tile emulation"
+
+
+@pytest.mark.parametrize("dtype", matrix.DTYPES, ids=str)
+@pytest.mark.parametrize("shape", TILE_SHAPES, ids=matrix._shape_id)
+@pytest.mark.parametrize("name", list(matrix.CASES))
+def test_tiles_values(tile_target, name, shape, dtype):
+    """Every case of the shared matrix against the float64 reference."""
+    inputs, exact = matrix.make_inputs(shape, dtype, tile_target[1])
+    matrix.check_case(name, tile_target, inputs, exact, shape[4], dtype)
+
+
+@pytest.mark.parametrize("dtype", (torch.float32, torch.bfloat16), ids=str)
+@pytest.mark.parametrize("layout", ("channels_last", "strided"))
+@pytest.mark.parametrize("name", list(matrix.CASES))
+def test_tiles_layouts(tile_target, name, layout, dtype):
+    """channels_last and strided inputs on several tiles (the tiles' loads are then not contiguous)."""
+    inputs, exact = matrix.make_inputs((2, 3, 40, 72, 4), dtype, tile_target[1], seed=1)
+    inputs = {n: matrix._layout(v, layout) if n in matrix.IMAGES else v for n, v in inputs.items()}
+    out = matrix.check_case(name, tile_target, inputs, exact, 4, dtype)
+    if layout == "channels_last":
+        assert out.is_contiguous(memory_format=torch.channels_last)
+
+
+@pytest.mark.parametrize("shape", TILE_SHAPES, ids=matrix._shape_id)
+@pytest.mark.parametrize("name", ("block_noise", "relay_noise_given"))
+def test_tiles_adjoint_block_noise(tile_target, name, shape):
+    """Gradients w.r.t. g and eps2 run the adjoint box sum (its window on the other side of the
+    tile): against the reference's autograd in float64."""
+    backend, device = tile_target
+    call, names = matrix.CASES[name]
+    s = shape[4]
+    inputs, exact = matrix.make_inputs(shape, torch.float64, device, seed=3)
+    weight = torch.randn(shape[:4], generator=torch.Generator().manual_seed(4), dtype=torch.float64).to(device)
+    got = matrix._gradients(lambda t, _s, be: call(t, s, be), inputs, names, backend, weight)
+    want = matrix._gradients(lambda t, _s, be: call(t, s, be), exact, names, "reference", weight)
+    for n in names:
+        assert_close(got[n], want[n], atol=1e-10 * scale_of(want[n]), what=f"{name}: gradient w.r.t. {n}")
+
+
+@pytest.mark.parametrize("name", matrix.SEEDED_LIST)
+def test_tiles_per_sample_seeds(tile_target, name):
+    """A sample's noise with per-sample seeds is, bit for bit, its noise drawn alone."""
+    matrix.test_per_sample_seeds_draw_what_each_sample_draws_alone(tile_target, name)
 
 
 @pytest.mark.parametrize("dtype", (torch.float32, torch.float64), ids=str)

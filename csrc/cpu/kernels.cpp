@@ -1,12 +1,15 @@
 // CPU kernels (OpenMP). Work units are (sample, channel, run of patch rows). For s = 2, 4, 8 a
 // patch row is processed by loops over the whole image width that the compiler vectorises
-// (struct Strip); other s use the per-patch math of relayops/patch.h, as the CUDA kernels do.
+// (struct Strip); other s use the per-patch math of relayops/patch.h (process_patch).
+// With cuda_tiles the CUDA kernels' tile phases (relayops/tile.h) run instead, block by block.
 // patch_blur / relay_corrupt use a fused AVX-512 kernel when the CPU has it (BlurRows).
 // Noise is produced row by row (struct RowNoise): each row of eps/eps2 is drawn (or read) once,
 // its horizontal wraparound box sums go into a ring of 2s rows, and the vertical sums over the
 // ring give the block noise of the current patch row, so Philox runs once per element (plus s - 1
 // halo rows per unit). Scratch memory is O(s * W) per thread, never proportional to the input.
 #include "kernels.h"
+
+#include "relayops/tile.h"
 
 #include <algorithm>
 #include <cstdlib>
@@ -577,8 +580,8 @@ struct Strip {
     }
   }
 
-  // Heun (SPEC 8): x0 <- x - sigma (d + d') / 2, d = (x - x0)/sigma, d' = (x' - x0')/sigma', reading
-  // x' and x0' straight from memory in the same loop.
+  // Heun (SPEC 8): x0 <- heun_x0(x, x0, x', x0'), reading x' and x0' straight from memory in the
+  // same loop.
   RELAYOPS_CLONES
   void heun_rows(const SampleConsts<S, A>& sc, int64_t b, int64_t c, int64_t h0, const A* x, A* x0) const {
     const A sg = sc.sigma, sn = sc.sigma_next;
@@ -591,13 +594,11 @@ struct Strip {
       if (sp == 1 && s0p == 1) {
 #pragma omp simd
         for (int64_t y = 0; y < W; ++y) {
-          const A d = (xr[y] - x0r[y]) / sg, dp = (load_elem<A>(xp + y) - load_elem<A>(x0p + y)) / sn;
-          x0r[y] = xr[y] - sg * (d + dp) / A(2);
+          x0r[y] = heun_x0(xr[y], x0r[y], load_elem<A>(xp + y), load_elem<A>(x0p + y), sg, sn);
         }
       } else {
         for (int64_t y = 0; y < W; ++y) {
-          const A d = (xr[y] - x0r[y]) / sg, dp = (load_elem<A>(xp + y * sp) - load_elem<A>(x0p + y * s0p)) / sn;
-          x0r[y] = xr[y] - sg * (d + dp) / A(2);
+          x0r[y] = heun_x0(xr[y], x0r[y], load_elem<A>(xp + y * sp), load_elem<A>(x0p + y * s0p), sg, sn);
         }
       }
     }
@@ -748,13 +749,11 @@ bool same_sample_params(const Params<A>& P, int64_t b, int64_t b0) {
 }
 
 template <int S, class T, class A>
-void run(const Params<A>& P, bool patchwise) {
-  constexpr int N = S ? S : kMaxS;
+void run(const Params<A>& P) {
   const int n = S ? S : P.s;
   const int64_t nstrips = P.H / n, nq = P.W / n, planes = P.B * P.C;
-  const bool noisy = needs_noise(P);
-  const bool rows = noisy && !patchwise;
-  const bool strips = S != 0 && !patchwise;  // the row-vectorised path
+  const bool rows = needs_noise(P);
+  const bool strips = S != 0;  // the row-vectorised path
   int64_t chunk = 1;
   if (rows) {  // long runs of patch rows amortise the s - 1 halo rows each unit redraws
     const int64_t want = (planes * nstrips + 8 * max_threads() - 1) / (8 * max_threads());
@@ -795,12 +794,6 @@ void run(const Params<A>& P, bool patchwise) {
           if constexpr (S != 0) st->process(sc, b, c, p, nz);
         } else if (rows) {
           for (int64_t q = 0; q < nq; ++q) process_patch<S, T, A>(P, sc, b, c, p, q, nz + q * n, P.W);
-        } else if (noisy) {  // patchwise: the CUDA kernels' per-patch window noise
-          A w[N * N];
-          for (int64_t q = 0; q < nq; ++q) {
-            patch_noise_window<S, T, A>(P, b, c, p, q, w);
-            process_patch<S, T, A>(P, sc, b, c, p, q, w, N);
-          }
         } else {
           for (int64_t q = 0; q < nq; ++q) process_patch<S, T, A>(P, sc, b, c, p, q, nullptr, 0);
         }
@@ -812,12 +805,13 @@ void run(const Params<A>& P, bool patchwise) {
 }
 
 template <class T, class A>
-void run_sizes(const Params<A>& P, bool patchwise) {
+void run_sizes(const Params<A>& P, bool cuda_tiles) {
+  if (cuda_tiles) return with_tile_size(P.s, [&](auto S) { emulate_tiles<decltype(S)::value, T, A>(P); });
   switch (P.s) {
-    case 2: return run<2, T, A>(P, patchwise);
-    case 4: return run<4, T, A>(P, patchwise);
-    case 8: return run<8, T, A>(P, patchwise);
-    default: return run<0, T, A>(P, patchwise);
+    case 2: return run<2, T, A>(P);
+    case 4: return run<4, T, A>(P);
+    case 8: return run<8, T, A>(P);
+    default: return run<0, T, A>(P);
   }
 }
 
@@ -839,12 +833,12 @@ void normals_from_words(const uint32_t* w, int64_t n, int dtype, void* eps, void
   }
 }
 
-void launch(const CallArgs& a, bool patchwise) {
+void launch(const CallArgs& a, bool cuda_tiles) {
   switch (a.dtype) {
-    case kFloat32: return run_sizes<float, float>(make_params<float>(a), patchwise);
-    case kFloat64: return run_sizes<double, double>(make_params<double>(a), patchwise);
-    case kFloat16: return run_sizes<half_t, float>(make_params<float>(a), patchwise);
-    case kBFloat16: return run_sizes<bfloat16_t, float>(make_params<float>(a), patchwise);
+    case kFloat32: return run_sizes<float, float>(make_params<float>(a), cuda_tiles);
+    case kFloat64: return run_sizes<double, double>(make_params<double>(a), cuda_tiles);
+    case kFloat16: return run_sizes<half_t, float>(make_params<float>(a), cuda_tiles);
+    case kBFloat16: return run_sizes<bfloat16_t, float>(make_params<float>(a), cuda_tiles);
     default: throw std::invalid_argument("relayops: unknown dtype code");
   }
 }

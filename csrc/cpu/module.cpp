@@ -28,14 +28,15 @@ PYBIND11_MODULE(_C, m) {
       "run",
       [](int mode, int dtype, int s, std::array<int64_t, 4> shape, std::vector<relayops::ViewArg> views,
          std::array<int64_t, 4> per_sample, int64_t seeds, std::array<double, 4> scalars, uint64_t seed,
-         uint64_t offset, std::array<int, 4> flags, bool patchwise) {
+         uint64_t offset, std::array<int, 4> flags, bool cuda_tiles) {
         CallArgs a{mode, dtype, s, shape, std::move(views), per_sample, seeds, scalars, seed, offset, flags};
         py::gil_scoped_release release;
-        relayops::cpu::launch(a, patchwise);
+        relayops::cpu::launch(a, cuda_tiles);
       },
       py::arg("mode"), py::arg("dtype"), py::arg("s"), py::arg("shape"), py::arg("views"), py::arg("per_sample"),
       py::arg("seeds"), py::arg("scalars"), py::arg("seed"), py::arg("offset"), py::arg("flags"),
-      py::arg("patchwise") = false);
+      py::arg("cuda_tiles") = false,
+      "Run one op on CPU tensors; cuda_tiles emulates the CUDA kernels' thread blocks (for tests).");
   m.def(
       "normals_from_words",
       [](int64_t words, int64_t n, int dtype, int64_t eps, int64_t eps2) {

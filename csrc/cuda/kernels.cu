@@ -1,50 +1,66 @@
-// CUDA kernels: one thread per s x s patch, running the same per-patch math as the CPU module
-// (relayops/patch.h). A thread's relay noise comes from the (2s - 1)^2 window of eps2 its box
-// sums read (patch_noise_window), so neighbouring threads redraw shared Philox values instead of
-// synchronising; the kernels stay memory-bound. No torch headers: pointers come as integers.
+// CUDA kernels: one thread block per tile of whole patches of one (b, c) plane, running the phases
+// of relayops/tile.h (coalesced loads into shared memory, separable box sums and transforms there,
+// coalesced stores) with a barrier between phases. The CPU module emulates the same phases for the
+// tests. No torch headers: pointers come as integers.
 #include <cuda_runtime.h>
 
+#include <algorithm>
 #include <stdexcept>
 #include <string>
 
 #include "kernels.h"
+#include "relayops/tile.h"
 
 namespace relayops {
 namespace cuda {
 namespace {
 
+// Blocks of 256 threads per SM the register allocation must allow: the most without spills
+// (ptxas -v): 4 (64 registers) with float accumulation, 2 (128) with double.
+template <class A>
+constexpr int kMinBlocks = sizeof(A) == 8 ? 2 : 4;
+
 template <int S, class T, class A>
-__global__ void patch_kernel(const Params<A> P, int64_t total) {
-  constexpr int N = S ? S : kMaxS;
-  const int n = S ? S : P.s;
-  const int64_t idx = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
-  if (idx >= total) return;
-  const int64_t nq = P.W / n, np = P.H / n;
-  const int64_t q = idx % nq, p = (idx / nq) % np, c = (idx / (nq * np)) % P.C, b = idx / (nq * np * P.C);
-  SampleConsts<S, A> sc;
-  sample_consts<S, A>(P, b, sc);
-  A nz[N * N];
-  if (needs_noise(P)) patch_noise_window<S, T, A>(P, b, c, p, q, nz);
-  process_patch<S, T, A>(P, sc, b, c, p, q, nz, N);
+__global__ void __launch_bounds__(kTileThreads, kMinBlocks<A>) tile_kernel(const Params<A> P, const TileGeom g) {
+  extern __shared__ __align__(16) unsigned char smem[];
+  const int64_t blk = int64_t(blockIdx.y) * gridDim.x + blockIdx.x;
+  if (blk >= g.blocks) return;  // the whole block leaves: no barrier is missed
+  for (int k = 0; k < g.nsteps; ++k) {
+    if (k) __syncthreads();
+    tile_phase<S, T, A>(P, g, blk, tile_step(g, k), int(threadIdx.x), smem);
+  }
 }
 
 void check(cudaError_t err, const char* what) {
   if (err != cudaSuccess) throw std::runtime_error(std::string("relayops CUDA ") + what + ": " + cudaGetErrorString(err));
 }
 
+template <int S, class T, class A>
+void run_tiles(const Params<A>& P, cudaStream_t stream) {
+  const TileGeom g = make_tile_geom(P);
+  if (g.blocks == 0) return;
+  const size_t bytes = size_t(g.smem_elems) * sizeof(A);
+  auto kernel = tile_kernel<S, T, A>;
+  if (bytes > 48 * 1024) {  // above the default limit: opt in, within what the device allows
+    int dev = 0, optin = 0;
+    check(cudaGetDevice(&dev), "cudaGetDevice");
+    check(cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev), "cudaDeviceGetAttribute");
+    if (bytes > size_t(optin))
+      throw std::runtime_error("relayops CUDA: a tile needs " + std::to_string(bytes) + " bytes of shared memory, the device allows " +
+                               std::to_string(optin));
+    check(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(bytes)), "cudaFuncSetAttribute");
+  }
+  // A 1-D grid over all tiles; y only past 2^31 - 1 blocks.
+  const int64_t max_x = 0x7fffffff;
+  const int64_t gx = std::min(g.blocks, max_x), gy = (g.blocks + gx - 1) / gx;
+  if (gy > 65535) throw std::runtime_error("relayops CUDA: too many tiles for one launch");
+  kernel<<<dim3(unsigned(gx), unsigned(gy)), unsigned(g.threads), bytes, stream>>>(P, g);
+  check(cudaGetLastError(), "kernel launch");
+}
+
 template <class T, class A>
 void run(const Params<A>& P, cudaStream_t stream) {
-  const int64_t total = P.B * P.C * (P.H / P.s) * (P.W / P.s);
-  if (total == 0) return;
-  const int threads = 128;
-  const int64_t blocks = (total + threads - 1) / threads;
-  switch (P.s) {
-    case 2: patch_kernel<2, T, A><<<blocks, threads, 0, stream>>>(P, total); break;
-    case 4: patch_kernel<4, T, A><<<blocks, threads, 0, stream>>>(P, total); break;
-    case 8: patch_kernel<8, T, A><<<blocks, threads, 0, stream>>>(P, total); break;
-    default: patch_kernel<0, T, A><<<blocks, threads, 0, stream>>>(P, total); break;
-  }
-  check(cudaGetLastError(), "kernel launch");
+  with_tile_size(P.s, [&](auto S) { run_tiles<decltype(S)::value, T, A>(P, stream); });
 }
 
 }  // namespace

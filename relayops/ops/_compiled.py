@@ -40,8 +40,9 @@ DTYPE_CODES = {torch.float32: DType.float32, torch.float64: DType.float64, torch
                torch.bfloat16: DType.bfloat16}
 _U64 = (1 << 64) - 1
 
-# Tests set this to run the CPU kernels with the CUDA kernels' per-patch window noise.
-CPU_PATCHWISE = False
+# Tests set this to run CPU tensors through an emulation of the CUDA kernels' thread blocks
+# (csrc/include/relayops/tile.h): the CUDA tile, halo and wraparound indexing, checked on a CPU.
+CPU_EMULATE_CUDA_TILES = False
 
 
 def _view(t: Optional[Tensor]):
@@ -69,7 +70,7 @@ def _launch(mode, like: Tensor, s: int, *, x=None, x0=None, xp=None, x0p=None, e
         with torch.cuda.device(out.device):
             _C_cuda.run(*args, torch.cuda.current_stream(out.device).cuda_stream)
     else:
-        _C.run(*args, CPU_PATCHWISE)
+        _C.run(*args, CPU_EMULATE_CUDA_TILES)
     return out
 
 

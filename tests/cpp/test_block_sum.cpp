@@ -1,18 +1,18 @@
-// Block sum of SPEC 3 on a small grid, through the per-patch window code the CUDA kernels use:
-// its exact covariance for white input, M M^T (M the linear map), must be
+// Block sum of SPEC 3 on a small grid, through the CUDA kernels' tile phases (emulated on the
+// CPU): its exact covariance for white input, M M^T (M the linear map), must be
 // max(0, s - |dx|) max(0, s - |dy|) / s^2 at wraparound distances; the transposed sum is M^T.
 #include <algorithm>
 #include <cstdlib>
 #include <vector>
 
 #include "check.h"
-#include "relayops/patch.h"
+#include "relayops/tile.h"
 
 using namespace relayops;
 
 static const int H = 8, W = 12, S = 4;
 
-// out = block_noise(g) (shift = 0) or its transpose (shift = s - 1), patch by patch.
+// out = block_noise(g) (shift = 0) or its transpose (shift = s - 1), with the tiles of the CUDA kernels.
 static std::vector<double> box(const std::vector<double>& g, int shift) {
   std::vector<double> out(H * W, -1.0);
   Params<double> P{};
@@ -25,14 +25,7 @@ static std::vector<double> box(const std::vector<double>& g, int shift) {
   P.k = 1.0;
   P.has_block = 1;
   P.shift = shift;
-  SampleConsts<S, double> sc;
-  sample_consts<S, double>(P, 0, sc);
-  double nz[S * S];
-  for (int p = 0; p < H / S; ++p)
-    for (int q = 0; q < W / S; ++q) {
-      patch_noise_window<S, double, double>(P, 0, 0, p, q, nz);
-      process_patch<S, double, double>(P, sc, 0, 0, p, q, nz, S);
-    }
+  emulate_tiles<S, double, double>(P);
   return out;
 }
 

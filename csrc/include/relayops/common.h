@@ -55,7 +55,14 @@ RELAYOPS_HD uint32_t float_to_bits(float f) {
 #endif
 }
 
+// On the device the conversions below are single cvt instructions (same rounding: to nearest
+// even, with subnormals and overflow to inf; NaN comes out as the canonical NaN).
 RELAYOPS_HD float half_to_float(uint16_t h) {
+#if defined(__CUDA_ARCH__)
+  float f;
+  asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(h));
+  return f;
+#endif
   const uint32_t sign = uint32_t(h & 0x8000u) << 16;
   const uint32_t e = (h >> 10) & 0x1fu, m = h & 0x3ffu;
   if (e == 0) {  // zero or subnormal: m * 2^-24, exact in float
@@ -68,6 +75,11 @@ RELAYOPS_HD float half_to_float(uint16_t h) {
 
 // float -> binary16, round to nearest even, with subnormals, overflow to inf, nan kept.
 RELAYOPS_HD uint16_t float_to_half(float f) {
+#if defined(__CUDA_ARCH__)
+  uint16_t h;
+  asm("cvt.rn.f16.f32 %0, %1;" : "=h"(h) : "f"(f));
+  return h;
+#endif
   const uint32_t x = float_to_bits(f);
   const uint32_t sign = (x >> 16) & 0x8000u;
   uint32_t ax = x & 0x7fffffffu;
@@ -86,6 +98,11 @@ RELAYOPS_HD uint16_t float_to_half(float f) {
 RELAYOPS_HD float bf16_to_float(uint16_t h) { return bits_to_float(uint32_t(h) << 16); }
 
 RELAYOPS_HD uint16_t float_to_bf16(float f) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  uint16_t h;
+  asm("cvt.rn.bf16.f32 %0, %1;" : "=h"(h) : "f"(f));
+  return h;
+#endif
   const uint32_t x = float_to_bits(f);
   if ((x & 0x7fffffffu) > 0x7f800000u) return uint16_t((x >> 16) | 0x40u);  // quiet nan
   return uint16_t((x + 0x7fffu + ((x >> 16) & 1u)) >> 16);
@@ -118,5 +135,9 @@ RELAYOPS_HD int64_t wrap(int64_t i, int64_t n) {
   const int64_t r = i % n;
   return r < 0 ? r + n : r;
 }
+
+// i mod n for i in [-n, 2n): one compare instead of a 64-bit division (the wraparound windows
+// reach at most s - 1 <= n - 1 past an image edge).
+RELAYOPS_HD int64_t wrap_once(int64_t i, int64_t n) { return i < 0 ? i + n : i >= n ? i - n : i; }
 
 }  // namespace relayops

@@ -1,6 +1,7 @@
-// Per-patch math shared by the CPU and CUDA kernels (SPEC 1-3, 6, 8): the s x s orthonormal DCT,
-// the blur response, the wraparound block sum over one patch's window, and the fused per-patch
-// updates of patch_dct / patch_idct / patch_blur / relay_noise / relay_corrupt / relay_step.
+// Math shared by the CPU and CUDA kernels (SPEC 1-3, 6, 8): the s x s orthonormal DCT, the blur
+// response, the per-sample constants and per-pixel formulas of the fused updates, and the
+// per-patch updates of patch_dct / patch_idct / patch_blur / relay_noise / relay_corrupt /
+// relay_step that the CPU kernels run for run-time s (the CUDA kernels' tiles are in tile.h).
 //
 // Template parameter S is the patch size when it is known at compile time (2, 4, 8: fully
 // unrolled), or 0 for a run-time s <= kMaxS. T is the storage type, A the accumulation type
@@ -89,34 +90,85 @@ RELAYOPS_HD A blur_response(int i, int j, int s, A tau, A d_min) {
   return (A(1) - d_min) * exp(-lam * tau) + d_min;
 }
 
-// Per-sample constants: the coefficient factor F applied between dct2 and idct2, and scalars.
-template <int S, class A>
-struct SampleConsts {
-  A F[(S ? S : kMaxS) * (S ? S : kMaxS)];
+// Per-sample scalars of the fused updates.
+template <class A>
+struct SampleScalars {
   A gamma, sigma, sigma_next, noise_scale;
+};
+
+template <class A>
+RELAYOPS_HD SampleScalars<A> sample_scalars(const Params<A>& P, int64_t b) {
+  SampleScalars<A> sc;
+  sc.gamma = 0;
+  sc.noise_scale = 1;
+  sc.sigma = P.sigma ? P.sigma[b] : A(1);
+  sc.sigma_next = P.sigma_next ? P.sigma_next[b] : A(1);
+  if (P.mode == kStep) {
+    // gamma = sqrt(1 - eta^2) sigma' / sigma (SPEC 8)
+    sc.gamma = sqrt(A(1) - P.eta * P.eta) * sc.sigma_next / sc.sigma;
+    sc.noise_scale = P.eta * sc.sigma_next;
+  } else if (P.mode == kCorrupt) {
+    sc.noise_scale = sc.sigma;
+  }
+  return sc;
+}
+
+// The coefficient factor F_ij applied between the DCT and its inverse: D(tau') - gamma D(tau)
+// (relay_step, SPEC 8) or D(tau) (patch_blur, relay_corrupt).
+template <class A>
+RELAYOPS_HD A coef_factor(const Params<A>& P, const SampleScalars<A>& sc, int64_t b, int i, int j) {
+  if (P.mode == kStep)
+    return blur_response(i, j, P.s, P.tau_next[b], P.d_min) - sc.gamma * blur_response(i, j, P.s, P.tau[b], P.d_min);
+  return blur_response(i, j, P.s, P.tau[b], P.d_min);
+}
+
+template <class A>
+RELAYOPS_HD bool uses_factor(const Params<A>& P) {
+  return P.mode == kBlur || P.mode == kCorrupt || P.mode == kStep;
+}
+
+// The scalars plus F for every (i, j) of a patch (the CPU loops keep them per thread).
+template <int S, class A>
+struct SampleConsts : SampleScalars<A> {
+  A F[(S ? S : kMaxS) * (S ? S : kMaxS)];
 };
 
 template <int S, class A>
 RELAYOPS_HD void sample_consts(const Params<A>& P, int64_t b, SampleConsts<S, A>& sc) {
   constexpr int N = S ? S : kMaxS;
   const int n = S ? S : P.s;
-  sc.gamma = 0;
-  sc.noise_scale = 1;
-  sc.sigma = P.sigma ? P.sigma[b] : A(1);
-  sc.sigma_next = P.sigma_next ? P.sigma_next[b] : A(1);
-  if (P.mode == kStep) {
-    // gamma = sqrt(1 - eta^2) sigma' / sigma; F = D(tau') - gamma D(tau) (SPEC 8)
-    sc.gamma = sqrt(A(1) - P.eta * P.eta) * sc.sigma_next / sc.sigma;
-    sc.noise_scale = P.eta * sc.sigma_next;
+  static_cast<SampleScalars<A>&>(sc) = sample_scalars(P, b);
+  if (uses_factor(P))
     for (int i = 0; i < n; ++i)
-      for (int j = 0; j < n; ++j)
-        sc.F[i * N + j] = blur_response(i, j, n, P.tau_next[b], P.d_min) -
-                          sc.gamma * blur_response(i, j, n, P.tau[b], P.d_min);
-  } else if (P.mode == kBlur || P.mode == kCorrupt) {
-    for (int i = 0; i < n; ++i)
-      for (int j = 0; j < n; ++j) sc.F[i * N + j] = blur_response(i, j, n, P.tau[b], P.d_min);
-    if (P.mode == kCorrupt) sc.noise_scale = sc.sigma;
-  }
+      for (int j = 0; j < n; ++j) sc.F[i * N + j] = coef_factor(P, sc, b, i, j);
+}
+
+// Heun (SPEC 8): x0_eff = x - sigma (d + d') / 2 with d = (x - x0) / sigma, d' = (x' - x0') / sigma'.
+template <class A>
+RELAYOPS_HD A heun_x0(A x, A x0, A xp, A x0p, A sigma, A sigma_next) {
+  const A d = (x - x0) / sigma, dp = (xp - x0p) / sigma_next;
+  return x - sigma * (d + dp) / A(2);
+}
+
+// The last terms of an update, y being the patch_idct of the scaled coefficients: relay_corrupt
+// y + sigma n (SPEC 6), relay_step gamma x + y + eta sigma' n (SPEC 8, the noise only for eta != 0),
+// else y.
+template <class A>
+RELAYOPS_HD A finish_update(const Params<A>& P, const SampleScalars<A>& sc, A x, A y, A noise) {
+  if (P.mode == kCorrupt) return y + sc.noise_scale * noise;
+  if (P.mode != kStep) return y;
+  A v = sc.gamma * x + y;
+  if (P.eta != A(0)) v += sc.noise_scale * noise;
+  return v;
+}
+
+// Relay noise k (eps + alpha/s box) (SPEC 3) from a pixel's eps and its s x s box sum of eps2,
+// with the terms the flags leave out dropped.
+template <class A>
+RELAYOPS_HD A relay_noise_value(const Params<A>& P, A eps, A box) {
+  A v = P.has_eps ? eps : A(0);
+  if (P.has_block) v += P.alpha / A(P.s) * box;
+  return P.k * v;
 }
 
 // Where plane (b, c) draws its noise (SPEC 4): the Philox key and the logical index of the plane's
@@ -131,69 +183,6 @@ template <class A>
 RELAYOPS_HD NoiseStream noise_stream(const Params<A>& P, int64_t b, int64_t c) {
   if (P.seeds) return {with_seed(P.key, uint64_t(P.seeds[b])), uint64_t(c * P.H * P.W)};
   return {P.key, uint64_t((b * P.C + c) * P.H * P.W)};
-}
-
-// eps (stream 0) and eps2 (stream 1) at pixel (h, w) of plane (b, c): drawn or read.
-template <class T, class A>
-RELAYOPS_HD void noise_at(const Params<A>& P, const NoiseStream& ns, int64_t b, int64_t c, int64_t h, int64_t w,
-                          A& e1, A& e2) {
-  if (P.draw) {
-    normal_pair<A>(ns.key, ns.base + uint64_t(h * P.W + w), e1, e2);
-  } else {
-    e1 = P.has_eps ? load_elem<A>(P.eps.template at<const T>(b, c, h, w)) : A(0);
-    e2 = P.has_block ? load_elem<A>(P.eps2.template at<const T>(b, c, h, w)) : A(0);
-  }
-}
-
-// Relay noise k (eps + alpha block_noise(eps2)) (SPEC 3) for patch (p, q), computed from the
-// (2s - 1)^2 window of eps2 the patch's box sums read. Used by the CUDA kernels (one thread per
-// patch) and by the CPU module's patchwise mode, which the tests run against the reference.
-template <int S, class T, class A>
-RELAYOPS_HD void patch_noise_window(const Params<A>& P, int64_t b, int64_t c, int64_t p, int64_t q, A* out) {
-  constexpr int N = S ? S : kMaxS;
-  constexpr int M = 2 * N - 1;
-  const int n = S ? S : P.s;
-  A E[N * N];   // eps of the patch's own pixels
-  A hs[M * N];  // per window row, the horizontal box sums ending at each patch column
-  const int64_t r0 = p * n - (n - 1) + P.shift, c0 = q * n - (n - 1) + P.shift;
-  const NoiseStream ns = noise_stream(P, b, c);
-  if (P.has_block) {
-    for (int a = 0; a < 2 * n - 1; ++a) {
-      const int64_t h = wrap(r0 + a, P.H);
-      const int64_t i = r0 + a - p * n;  // row inside the patch, if the window row is one
-      A g[M];
-      for (int bc = 0; bc < 2 * n - 1; ++bc) {
-        const int64_t j = c0 + bc - q * n;
-        A e1, e2;
-        noise_at<T, A>(P, ns, b, c, h, wrap(c0 + bc, P.W), e1, e2);
-        g[bc] = e2;
-        if (i >= 0 && i < n && j >= 0 && j < n) E[i * N + j] = e1;
-      }
-      for (int j = 0; j < n; ++j) {
-        A acc = 0;
-        for (int jj = 0; jj < n; ++jj) acc += g[j + jj];
-        hs[a * N + j] = acc;
-      }
-    }
-    // Window rows that are not patch rows did not fill E when shift != 0 (transposed box sum
-    // never has an eps term), and with shift == 0 every patch pixel is inside the window.
-  } else {
-    for (int i = 0; i < n; ++i)
-      for (int j = 0; j < n; ++j) {
-        A e2;
-        noise_at<T, A>(P, ns, b, c, p * n + i, q * n + j, E[i * N + j], e2);
-      }
-  }
-  for (int i = 0; i < n; ++i)
-    for (int j = 0; j < n; ++j) {
-      A v = P.has_eps ? E[i * N + j] : A(0);
-      if (P.has_block) {
-        A acc = 0;
-        for (int ii = 0; ii < n; ++ii) acc += hs[(i + ii) * N + j];
-        v += P.alpha / A(n) * acc;
-      }
-      out[i * N + j] = P.k * v;
-    }
 }
 
 template <int S, class T, class A>
@@ -237,7 +226,7 @@ RELAYOPS_HD void process_patch(const Params<A>& P, const SampleConsts<S, A>& sc,
       idct2<S, A>(P.dct, n, X);
       if (P.mode == kCorrupt)
         for (int i = 0; i < n; ++i)
-          for (int j = 0; j < n; ++j) X[i * N + j] += sc.noise_scale * noise[i * ns + j];
+          for (int j = 0; j < n; ++j) X[i * N + j] = finish_update(P, sc, A(0), X[i * N + j], noise[i * ns + j]);
       break;
     case kNoise:
       for (int i = 0; i < n; ++i)
@@ -254,21 +243,17 @@ RELAYOPS_HD void process_patch(const Params<A>& P, const SampleConsts<S, A>& sc,
         for (int i = 0; i < n; ++i)
           for (int j = 0; j < n; ++j) {
             const int e = i * N + j;
-            const A d = (X[e] - Y[e]) / sc.sigma, dp = (Z[e] - Zh[e]) / sc.sigma_next;
-            Y[e] = X[e] - sc.sigma * (d + dp) / A(2);
+            Y[e] = heun_x0(X[e], Y[e], Z[e], Zh[e], sc.sigma, sc.sigma_next);
           }
       }
       dct2<S, A>(P.dct, n, Y);
       for (int i = 0; i < n; ++i)
         for (int j = 0; j < n; ++j) Y[i * N + j] *= sc.F[i * N + j];
       idct2<S, A>(P.dct, n, Y);
-      const bool noisy = P.eta != A(0);
+      const bool noisy = P.eta != A(0);  // else there is no noise array
       for (int i = 0; i < n; ++i)
-        for (int j = 0; j < n; ++j) {
-          A v = sc.gamma * X[i * N + j] + Y[i * N + j];
-          if (noisy) v += sc.noise_scale * noise[i * ns + j];
-          X[i * N + j] = v;
-        }
+        for (int j = 0; j < n; ++j)
+          X[i * N + j] = finish_update(P, sc, X[i * N + j], Y[i * N + j], noisy ? noise[i * ns + j] : A(0));
       break;
     }
   }

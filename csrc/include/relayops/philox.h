@@ -62,7 +62,12 @@ template <class A>
 RELAYOPS_HD A box_muller(uint32_t a, uint32_t b) {
   const A u1 = A((a >> 8) + 1u) * A(5.9604644775390625e-8);  // 2^-24
   const A u2 = A(b >> 8) * A(5.9604644775390625e-8);
+#if defined(__CUDA_ARCH__)
+  // cos(pi t) without cos's argument reduction, whose slow path needs a local-memory array
+  return sqrt(A(-2) * log(u1)) * cospi(A(2) * u2);
+#else
   return sqrt(A(-2) * log(u1)) * cos(A(6.283185307179586) * u2);
+#endif
 }
 
 template <>
