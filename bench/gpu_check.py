@@ -10,7 +10,8 @@ the ones after it):
 * ``build``: ``setup.py build_ext --inplace`` for the local GPU's architecture only
   (``RELAYOPS_CUDA_ARCHS`` = its compute capability, unless set);
 * ``tests``: the op matrix on the cuda and triton backends (``tests/test_backends.py -k cuda``),
-  the gpu-marked tests, and the Box-Muller extreme-word tests;
+  the CUDA tile kernels' own tests, the Box-Muller extreme-word tests, the gpu-marked tests, and
+  every op's CUDA kernel under ``compute-sanitizer`` memcheck and racecheck (where installed);
 * ``bench``: ``bench/gpu_triton.py``'s sweep (Triton vs CUDA vs a device-to-device copy of the
   same bytes) in float32 and bfloat16, 64^2 to 1024^2, batch 8 to 64, forward and the backward of
   the training-path ops;
@@ -27,6 +28,7 @@ import argparse
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -65,24 +67,35 @@ def _output(cmd) -> str | None:
         return None
 
 
+class _Job:
+    """One step command running in the background, its output in ``log_dir/<name>.log``."""
+
+    def __init__(self, name: str, cmd: list[str], log_dir: Path, env=None):
+        print(f"\n== {name}: {' '.join(cmd)}", flush=True)
+        self.name, self.log = name, log_dir / f"{name}.log"
+        self.start = time.perf_counter()
+        with open(self.log, "w") as out:
+            self.proc = subprocess.Popen(cmd, cwd=ROOT, env={**os.environ, **(env or {})}, stdout=out,
+                                         stderr=subprocess.STDOUT)
+
+    def finish(self, timeout: float) -> dict:
+        """Wait (killing it after ``timeout`` seconds from its start); its outcome, time and tail."""
+        try:
+            rc = self.proc.wait(max(1.0, timeout - (time.perf_counter() - self.start)))
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+            rc = "timeout"
+        seconds = time.perf_counter() - self.start
+        tail = "\n".join(self.log.read_text(errors="replace").strip().splitlines()[-15:])
+        print(f"\n== {self.name}:\n{tail}\n== {self.name}: {'ok' if rc == 0 else f'FAILED ({rc})'} in {seconds:.0f} s",
+              flush=True)
+        return {"ok": rc == 0, "returncode": rc, "seconds": round(seconds, 1), "tail": tail}
+
+
 def _run(name: str, cmd: list[str], timeout: float, env=None, log_dir: Path | None = None) -> dict:
-    """Run one step's command; its output goes to ``log_dir/<name>.log`` and its tail to stdout."""
-    print(f"\n== {name}: {' '.join(cmd)}", flush=True)
-    start = time.perf_counter()
-    try:
-        proc = subprocess.run(cmd, cwd=ROOT, env={**os.environ, **(env or {})}, capture_output=True, text=True,
-                              timeout=timeout)
-        out, rc = proc.stdout + proc.stderr, proc.returncode
-    except subprocess.TimeoutExpired as exc:  # its output comes as bytes even with text=True
-        out = "".join(v.decode(errors="replace") if isinstance(v, bytes) else (v or "") for v in (exc.stdout, exc.stderr))
-        rc = "timeout"
-    seconds = time.perf_counter() - start
-    if log_dir is not None:
-        (log_dir / f"{name}.log").write_text(out)
-    tail = "\n".join(out.strip().splitlines()[-15:])
-    print(tail, flush=True)
-    print(f"== {name}: {'ok' if rc == 0 else f'FAILED ({rc})'} in {seconds:.0f} s", flush=True)
-    return {"ok": rc == 0, "returncode": rc, "seconds": round(seconds, 1), "tail": tail}
+    """Run one step's command to its end (see _Job)."""
+    return _Job(name, cmd, log_dir, env).finish(timeout)
 
 
 def step_build(info, args):
@@ -98,21 +111,33 @@ def _bench_command(dtype: str, args, *extra) -> list[str]:
 
 
 def step_tests(info, args):
-    # Compiling the benchmark's Triton kernels takes minutes of CPU time: do it on spare cores
-    # while the tests run, so that the bench step finds them in Triton's cache.
-    warm = None
+    """The matrix, the gpu-marked tests and the sanitizer runs at once (one GPU has room for all),
+    with the benchmark's Triton kernels compiling on spare cores so the bench step finds them in
+    Triton's cache."""
+    cores = os.cpu_count() or 1
+    warm = []
     if "bench" in args.steps:
         warm = [subprocess.Popen(_bench_command(dtype, args, "--compile-only"), cwd=ROOT, stdout=subprocess.DEVNULL,
                                  stderr=subprocess.DEVNULL) for dtype in ("float32", "bfloat16")]
-    workers = ["-n", str(max(1, min(12, (os.cpu_count() or 1) - 3)))] if _has_xdist() else []
-    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *workers,
-           "tests/test_backends.py", "tests/test_box_muller_words.py", "-k", "cuda"]
-    result = _run("tests-matrix", cmd, args.timeout, log_dir=args.log_dir)
-    gpu = _run("tests-gpu-marked", [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *workers,
-                                    "tests", "-m", "gpu"], args.timeout, log_dir=args.log_dir)
-    for proc in warm or []:
+    pytest = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider"]
+    xdist = _has_xdist()
+    jobs = {
+        "matrix": _Job("tests-matrix", pytest + (["-n", str(max(1, cores - 7))] if xdist else []) + [
+            "tests/test_backends.py", "tests/test_box_muller_words.py", "tests/test_compiled_ops.py", "-k", "cuda"],
+            args.log_dir),
+        "gpu_marked": _Job("tests-gpu-marked", pytest + (["-n", "3"] if xdist else []) + ["tests", "-m", "gpu"],
+                           args.log_dir),
+    }
+    sanitizer = shutil.which("compute-sanitizer")
+    if sanitizer:
+        for tool in ("memcheck", "racecheck"):
+            jobs[tool] = _Job(f"sanitizer-{tool}", [sanitizer, "--tool", tool, "--error-exitcode", "3",
+                                                    sys.executable, "bench/gpu_sanitize.py"], args.log_dir)
+    results = {name: job.finish(args.timeout) for name, job in jobs.items()}
+    for proc in warm:
         proc.wait()
-    return {"matrix": result, "gpu_marked": gpu, "ok": result["ok"] and gpu["ok"]}
+    results["ok"] = all(r["ok"] for r in results.values())
+    return results
 
 
 def _has_xdist() -> bool:
