@@ -135,7 +135,10 @@ def step_tests(info, args):
                                                     sys.executable, "bench/gpu_sanitize.py"], args.log_dir)
     results = {name: job.finish(args.timeout) for name, job in jobs.items()}
     for proc in warm:
-        proc.wait()
+        try:
+            proc.wait(args.timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
     results["ok"] = all(r["ok"] for r in results.values())
     return results
 
@@ -205,7 +208,9 @@ def main(argv=None):
               "date": time.strftime("%Y-%m-%d"), "steps": {}}
     print(json.dumps(info), flush=True)
     for step in args.steps:
+        start = time.perf_counter()
         report["steps"][step] = globals()[f"step_{step}"](info, args)
+        report["steps"][step]["seconds"] = round(time.perf_counter() - start, 1)
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(json.dumps(report, indent=1, default=str))  # after every step: partial runs keep data
 
