@@ -14,7 +14,7 @@ regenerated alone (``seed=[seed[b]]``, or the int ``seed[b]``) matches its batch
 ``torch.Generator`` draws the batch's normals with ``torch.randn`` (on the generator's device)
 and passes them to the ops (not reproducible across devices). Philox noise draws use distinct
 offsets: ``offset`` (the start noise), then ``offset + 2 i + 1`` and ``offset + 2 i + 2`` for
-step i (Euler proposal, Heun correction).
+step i (Euler proposal, Heun correction; relay-2m draws at the first, relay-2s at the second).
 
 Everything runs on the state's device; the noise-level grid is computed once on the host and
 each step receives Python floats, so there is no host round trip per step. The samplers run
@@ -28,9 +28,9 @@ from typing import Callable, Sequence
 import torch
 from tqdm.auto import tqdm
 
-from . import schedules
+from . import schedules, solvers
 from ._validate import check_image, seed_args
-from .ops import linear_relay_step, relay_noise, relay_step
+from .ops import linear_relay_step, patch_dct, patch_idct, relay_noise, relay_step
 
 __all__ = ["edm_sample", "relay_sample", "linear_relay_sample", "nearest_upsample", "BaseStage",
            "RelayStage", "RelayPipeline"]
@@ -166,12 +166,12 @@ def relay_settings(preset=None, **overrides) -> dict:
 @torch.no_grad()
 def relay_sample(denoiser: Denoiser, x_lr: torch.Tensor | None = None, s: int = 4, *, num_steps: int | None = None,
                  sigma_trunc: float | None = None, eta: float | None = None, alpha: float | None = None,
-                 heun: bool = True, L: float | None = None, sigma_b_max: float | None = None,
+                 heun: bool | None = None, L: float | None = None, sigma_b_max: float | None = None,
                  normalize: bool | None = None, cfg: float | None = None, seed=0, preset=None,
                  x_start: torch.Tensor | None = None, sigmas=None, rho: float | None = None, class_labels=None,
                  dtype=torch.float32, progress: bool = False, backend: str | None = None,
                  sigma_min: float | None = None, sigma_max: float | None = None, d_min: float = 0.001,
-                 offset: int = 0) -> torch.Tensor:
+                 offset: int = 0, solver: str | None = None) -> torch.Tensor:
     """RDM's relay sampler, Algorithm 1 (SPEC 8): low resolution ``[B, C, h, w]`` -> ``[B, C, h s, w s]``.
 
     Start: ``x_0 = nearest_upsample(x_lr, s) + sigma_0 n`` with relay noise n, or ``x_start``
@@ -186,7 +186,12 @@ def relay_sample(denoiser: Denoiser, x_lr: torch.Tensor | None = None, s: int = 
     sigma_max 80); a keyword that is not None always wins. Grid: ``sigmas`` (decreasing, a final
     0 appended if missing) or ``schedules.relay_sigmas(num_steps, sigma_trunc, ...)`` (SPEC 7).
     ``cfg``: guidance weight w. ``dtype``: state dtype (float32 default, float64 on request).
+
+    ``solver`` (see :mod:`relayops.solvers`): ``"rdm-heun"`` (default; also ``heun=True``) and
+    ``"rdm-euler"`` (``heun=False``) are Algorithm 1; ``"relay-2s"`` (two denoiser calls per step)
+    and ``"relay-2m"`` (one) are second order on the blurred path (docs/spec.md section 8.1).
     """
+    solver = solvers.resolve_solver(solver, heun)
     opt = relay_settings(preset, num_steps=num_steps, sigma_trunc=sigma_trunc, eta=eta, alpha=alpha, L=L,
                          sigma_b_max=sigma_b_max, normalize=normalize, rho=rho, sigma_min=sigma_min,
                          sigma_max=sigma_max)
@@ -205,6 +210,13 @@ def relay_sample(denoiser: Denoiser, x_lr: torch.Tensor | None = None, s: int = 
         seeds = _seeds(seed, up)
         x = up + grid[0] * relay_noise(up, s, alpha, normalize, backend=backend, **_noise_args(seeds, up, offset))
 
+    if solver in solvers.SECOND_ORDER:
+        return _relay_second_order(denoiser, x, grid, taus, solver, seeds, s=s, eta=eta, alpha=alpha,
+                                   normalize=normalize, L=opt["L"], sigma_b_max=opt["sigma_b_max"], d_min=d_min,
+                                   class_labels=class_labels, cfg=cfg, progress=progress, backend=backend,
+                                   offset=offset)
+    heun = solver == "rdm-heun"
+
     def step(x, x0_hat, i, off, **heun_args):
         noise = _noise_args(seeds, x, off) if eta > 0 else {"seed": 0}
         return relay_step(x, x0_hat, grid[i], grid[i + 1], taus[i], taus[i + 1], eta=eta, s=s, alpha=alpha,
@@ -222,6 +234,49 @@ def relay_sample(denoiser: Denoiser, x_lr: torch.Tensor | None = None, s: int = 
                     x = step(x, x0_hat, i, offset + 2 * i + 2, x_prop=x_prop, x0_hat_prop=x0_hat_prop)
                 else:
                     x = x_prop
+            bar.update(1)
+    return x
+
+
+def _scale_freq(u: torch.Tensor, factor: torch.Tensor, s: int) -> torch.Tensor:
+    """Every s x s patch of patch-DCT coefficients ``u`` times the ``[s, s]`` ``factor``."""
+    b, c, h, w = u.shape
+    return (u.reshape(b, c, h // s, s, w // s, s) * factor[:, None, :]).reshape(u.shape)
+
+
+def _relay_second_order(denoiser, x, grid, taus, solver, seeds, *, s, eta, alpha, normalize, L, sigma_b_max,
+                        d_min, class_labels, cfg, progress, backend, offset):
+    """relay-2s / relay-2m (docs/spec.md section 8.1): per step
+    ``x' = gamma x + idct(A dct(x0_a) + E dct(x0_b - x0_a)) + eta sigma' n``, with the factors
+    A, E of :func:`relayops.solvers.step_factors` (host, once per grid). relay-2s: x0_b from the
+    denoiser at the eta = 0 DDIM-blur proposal at sigma'; noise at offset + 2i + 2 as SPEC 8's
+    correction. relay-2m: x0_b is the previous step's x0_hat; noise at offset + 2i + 1."""
+    factors = solvers.step_factors(grid, solver, eta=eta, L=L, sigma_b_max=sigma_b_max, s=s,
+                                   d_min=d_min).to(x.dtype).to(x.device)
+    g = (1.0 - eta * eta) ** 0.5
+    prev = None  # relay-2m: patch_dct of the previous step's x0_hat
+    with tqdm(total=len(grid) - 1, disable=not progress, desc=f"relay ({solver})", leave=False) as bar:
+        for i in range(len(grid) - 1):
+            sig, sig_n = grid[i], grid[i + 1]
+            x0_hat = _denoise(denoiser, x, sig, class_labels, cfg)
+            if sig_n == 0.0:  # the last step returns x0_hat
+                x = x0_hat
+                bar.update(1)
+                break
+            u0 = patch_dct(x0_hat, s, backend=backend)
+            if solver == "relay-2s":
+                x_prop = relay_step(x, x0_hat, sig, sig_n, taus[i], taus[i + 1], eta=0.0, s=s, d_min=d_min,
+                                    seed=0, backend=backend)
+                other, off = patch_dct(_denoise(denoiser, x_prop, sig_n, class_labels, cfg), s, backend=backend), 2
+            else:
+                other, off = (prev if prev is not None else u0), 1
+            coef = _scale_freq(u0, factors[i, 0], s) + _scale_freq(other - u0, factors[i, 1], s)
+            x_next = (g * sig_n / sig) * x + patch_idct(coef, s, backend=backend)
+            if eta > 0:
+                n = relay_noise(x, s, alpha, normalize, backend=backend,
+                                **_noise_args(seeds, x, offset + 2 * i + off))
+                x_next = x_next + (eta * sig_n) * n
+            x, prev = x_next, u0
             bar.update(1)
     return x
 

@@ -127,32 +127,36 @@ def relay_tau(sigma: float) -> float:
     return schedules.tau_from_sigma(sigma, L_PATH, SIGMA_B_MAX) if sigma > 0 else 0.0
 
 
-@functools.lru_cache(maxsize=None)
-def relay_denoiser(normalize: bool) -> LinearDenoiser:
-    """The posterior mean under the relay corruption (one per noise normalisation, shared by tests)."""
-    k = relay_noise_cov(ALPHA, normalize)
-
+def posterior_denoiser(k: torch.Tensor, tau=relay_tau) -> LinearDenoiser:
+    """The posterior mean under the relay corruption with noise covariance k and blur time tau(sigma)."""
     def make_w(sigma):
-        b = blur_matrix(relay_tau(sigma))
+        b = blur_matrix(tau(sigma))
         return SIGMA @ b.T @ torch.linalg.inv(b @ SIGMA @ b.T + sigma**2 * k)
     return LinearDenoiser(make_w)
 
 
-def relay_exact_cov(grid, eta, heun, k, den: LinearDenoiser) -> torch.Tensor:
-    """Covariance of the discrete relay sampler's output, SPEC 8 in matrix form.
+@functools.lru_cache(maxsize=None)
+def relay_denoiser(normalize: bool) -> LinearDenoiser:
+    """The posterior mean on this module's path (one per noise normalisation, shared by tests)."""
+    return posterior_denoiser(relay_noise_cov(ALPHA, normalize))
+
+
+def relay_exact_cov(grid, eta, heun, k, den: LinearDenoiser, tau=relay_tau) -> torch.Tensor:
+    """Covariance of the discrete relay sampler's output, SPEC 8 in matrix form (``tau``: the
+    blur time of a noise level; the default is this module's path).
 
     Euler: ``x' = g x + (B' - g B) x0 + eta sigma' n``, ``g = sqrt(1 - eta^2) sigma'/sigma``,
     x0 = W x. Heun: x0_eff = x - sigma (d + d')/2, d = (x - W x)/sigma, d' = (x' - W' x')/sigma'
     with the Euler proposal x' (its own noise), then the Euler formula with x0_eff and fresh noise.
     """
-    b0 = blur_matrix(relay_tau(grid[0]))
+    b0 = blur_matrix(tau(grid[0]))
     c = b0 @ SIGMA @ b0.T + grid[0] ** 2 * k
     for sig, sig_n in zip(grid, grid[1:]):
         w = den.matrix(sig)
         if sig_n == 0:
             return w @ c @ w.T
         g = math.sqrt(1 - eta**2) * sig_n / sig
-        m = blur_matrix(relay_tau(sig_n)) - g * blur_matrix(relay_tau(sig))
+        m = blur_matrix(tau(sig_n)) - g * blur_matrix(tau(sig))
         euler = g * EYE + m @ w
         if not heun:
             c = euler @ c @ euler.T + (eta * sig_n) ** 2 * k

@@ -1,0 +1,125 @@
+"""Second-order relay solvers: per-frequency step coefficients (docs/spec.md section 8.1).
+
+relayops' own extension, not part of the RDM paper. The relay path ``x = B(sigma) x0 + sigma z``
+has the probability-flow ODE ``dx/dsigma = B'(sigma) x0_hat + (x - B(sigma) x0_hat)/sigma``.
+Per patch-DCT frequency k, ``d/dsigma (x/sigma) = d/dsigma (D_k(sigma)/sigma) x0_hat``, so a step
+is an integral of x0_hat against a known per-frequency weight. The solvers interpolate x0_hat
+linearly in ``log sigma`` between two evaluations; the step is then
+
+    x' = gamma x + idct(A * dct(x0_a) + E * dct(x0_b - x0_a)) + eta sigma' n,
+
+``gamma = sqrt(1 - eta^2) sigma'/sigma``, ``A = D' - gamma D`` (SPEC 8's DDIM-blur factor) and a
+correction factor E (``[s, s]``, one per step) computed here once per grid on the host.
+
+Solver names (``relay_sample(..., solver=...)``):
+
+* ``"rdm-heun"``: RDM's sampler (Euler step and its Heun correction, SPEC 8), 2 calls per step;
+* ``"rdm-euler"``: SPEC 8's Euler (DDIM-blur) step alone, 1 call per step;
+* ``"relay-2s"``: second order, x0_b at the deterministic DDIM-blur proposal at sigma'
+  (2 calls per step);
+* ``"relay-2m"``: second-order multistep, x0_b the previous step's x0_hat (1 call per step; the
+  first step is first order).
+
+The last step (to level 0) returns x0_hat, as in SPEC 8.
+"""
+from __future__ import annotations
+
+import functools
+import math
+
+import numpy as np
+import torch
+
+from . import schedules
+from .ops import blur_response
+
+SOLVERS = ("rdm-heun", "rdm-euler", "relay-2s", "relay-2m")
+SECOND_ORDER = ("relay-2s", "relay-2m")
+
+# Gauss-Legendre nodes per step: the integrand is analytic in log sigma, and a step of a useful
+# grid spans at most a few units of log sigma, where 32 nodes are exact to rounding.
+QUAD_NODES = 32
+
+
+def check_solver(solver) -> str:
+    """The solver name, or a ValueError that lists the valid ones."""
+    if solver not in SOLVERS:
+        raise ValueError(f"unknown solver {solver!r}; valid solvers: {', '.join(SOLVERS)}")
+    return solver
+
+
+def resolve_solver(solver, heun) -> str:
+    """The solver from ``solver`` and the older ``heun`` keyword (None = not given).
+
+    ``heun=True`` means ``"rdm-heun"`` and ``heun=False`` ``"rdm-euler"``; both None gives
+    ``"rdm-heun"`` (the authors' sampler). Both given must agree.
+    """
+    if heun is not None and not isinstance(heun, bool):
+        raise TypeError(f"heun must be True, False or None, got {heun!r}")
+    from_heun = None if heun is None else ("rdm-heun" if heun else "rdm-euler")
+    if solver is None:
+        return from_heun or "rdm-heun"
+    check_solver(solver)
+    if from_heun is not None and from_heun != solver:
+        raise ValueError(f"heun={heun} selects solver {from_heun!r} but solver={solver!r} was given; "
+                         f"pass only solver= (heun only chooses between 'rdm-heun' and 'rdm-euler')")
+    return solver
+
+
+@functools.lru_cache(maxsize=8)
+def _gauss_legendre(nodes: int) -> tuple[np.ndarray, np.ndarray]:
+    return np.polynomial.legendre.leggauss(nodes)
+
+
+def _response(sigma: torch.Tensor, L: float, sigma_b_max: float, s: int, d_min: float) -> torch.Tensor:
+    """``D(tau(u(sigma)))`` for float64 sigmas of any shape: ``[*sigma.shape, s, s]``."""
+    return blur_response(schedules.tau_from_sigma(sigma, L, sigma_b_max), s, d_min)
+
+
+def correction_factor(sigma: float, sigma_next: float, sigma_b: float, *, eta: float = 0.0, L: float = 0.93,
+                      sigma_b_max: float = 3.0, s: int = 4, d_min: float = 0.001,
+                      nodes: int = QUAD_NODES) -> torch.Tensor:
+    """E (``[s, s]``, float64) for the step ``sigma -> sigma_next`` with x0_hat interpolated linearly
+    in ``log sigma`` through x0_a at sigma and x0_b at ``sigma_b`` (docs/spec.md section 8.1).
+
+    ``phi(r) = ln(r/sigma) / ln(sigma_b/sigma)`` and, with g = sqrt(1 - eta^2),
+    ``E = (1 - g) phi(sigma') D(sigma') + g sigma' c``,
+    ``c = integral_sigma^sigma' (D(r)/r)' phi(r) dr
+        = (1/ln(sigma_b/sigma)) integral_{ln sigma}^{ln sigma'} (D(sigma')/sigma' - D(e^t) e^-t) dt``
+    (integrated by parts; that integrand vanishes at the step's end, so nothing cancels).
+    """
+    if not (sigma > 0 and sigma_next > 0 and sigma_b > 0) or sigma_b == sigma:
+        raise ValueError(f"need sigma, sigma_next, sigma_b > 0 and sigma_b != sigma, got "
+                         f"{sigma}, {sigma_next}, {sigma_b}")
+    if not 0 <= eta < 1:
+        raise ValueError(f"eta must be in [0, 1), got {eta}")
+    t0, t1, span = math.log(sigma), math.log(sigma_next), math.log(sigma_b / sigma)
+    x, w = _gauss_legendre(nodes)
+    t = torch.tensor((t1 - t0) / 2 * x + (t1 + t0) / 2, dtype=torch.float64)
+    w = torch.tensor((t1 - t0) / 2 * w, dtype=torch.float64)
+    r = torch.exp(t)
+    d_end = _response(torch.tensor(sigma_next, dtype=torch.float64), L, sigma_b_max, s, d_min)
+    integrand = d_end / sigma_next - _response(r, L, sigma_b_max, s, d_min) / r[:, None, None]
+    c = (w[:, None, None] * integrand).sum(0) / span
+    g = math.sqrt(1.0 - eta * eta)
+    return (1.0 - g) * (t1 - t0) / span * d_end + g * sigma_next * c
+
+
+def step_factors(grid, solver: str, *, eta: float, L: float, sigma_b_max: float, s: int,
+                 d_min: float = 0.001) -> torch.Tensor:
+    """``[n, 2, s, s]`` float64 for the n steps of ``grid`` that end above 0: ``[i, 0]`` is
+    SPEC 8's ``A = D' - gamma D``, ``[i, 1]`` the correction factor E of step i (zero where the
+    step is first order: relay-2m's first step). Computed once per grid, on the host."""
+    if solver not in SECOND_ORDER:
+        raise ValueError(f"step_factors is for the second-order solvers {SECOND_ORDER}, got {solver!r}")
+    levels = [v for v in grid if v > 0]
+    out = torch.zeros(len(levels) - 1, 2, s, s, dtype=torch.float64)
+    g = math.sqrt(1.0 - eta * eta)
+    for i, (sig, sig_n) in enumerate(zip(levels, levels[1:])):
+        resp = _response(torch.tensor([sig, sig_n], dtype=torch.float64), L, sigma_b_max, s, d_min)
+        out[i, 0] = resp[1] - g * sig_n / sig * resp[0]
+        anchor = sig_n if solver == "relay-2s" else (levels[i - 1] if i > 0 else None)
+        if anchor is not None:
+            out[i, 1] = correction_factor(sig, sig_n, anchor, eta=eta, L=L, sigma_b_max=sigma_b_max, s=s,
+                                          d_min=d_min)
+    return out

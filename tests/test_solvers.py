@@ -1,0 +1,243 @@
+"""Second-order relay solvers (docs/spec.md section 8.1): names, coefficients, invariant, order.
+
+The coefficients are checked against scipy (adaptive quadrature of the unintegrated formula,
+and a high-precision ODE solve of the path ODE); the solvers on the Gaussian oracle of
+tests/test_sampling_gaussian.py, whose discrete samplers are linear: run on the 64 basis images
+with eta = 0, a sampler gives its exact transfer matrix T, so ``Cov(output) = T C_0 T^T`` exactly.
+"""
+from __future__ import annotations
+
+import functools
+import math
+
+import numpy as np
+import pytest
+import scipy.integrate
+import scipy.special
+import torch
+
+import scipy_reference as sr
+import test_sampling as paths
+import test_sampling_gaussian as oracle
+from relayops import schedules, solvers
+from relayops.sampling import relay_sample
+
+DT = torch.float64
+EYE, N_PIX, S = oracle.EYE, oracle.N_PIX, oracle.S
+D_MIN = 0.001
+
+
+# --- independent D(sigma) and dD/dsigma, from SPEC 2 and 5 with scipy ----------------------------
+
+def response_and_slope(r: float, L: float, sbm: float):
+    """``D(tau(u(r)))`` and its derivative in r, ``[s, s]`` arrays."""
+    z = (math.log(r) + 1.2) / 1.2
+    u = scipy.special.ndtr(z) / L
+    sn, cs = math.sin(math.pi * u / 2), math.cos(math.pi * u / 2)
+    tau = sbm**2 * sn**4 / 2
+    dtau = math.pi * sbm**2 * sn**3 * cs * math.exp(-z * z / 2) / math.sqrt(2 * math.pi) / (L * 1.2 * r)
+    i = np.arange(S)
+    lam = np.pi**2 * (i[:, None] ** 2 + i[None, :] ** 2) / S**2
+    decay = (1 - D_MIN) * np.exp(-lam * tau)
+    return decay + D_MIN, -lam * decay * dtau
+
+
+def phi(r, sigma, sigma_b):
+    return math.log(r / sigma) / math.log(sigma_b / sigma)
+
+
+STEPS = [  # (sigma, sigma', sigma_b): relay-2s (sigma_b = sigma'), relay-2m (sigma_b > sigma), big steps
+    (0.85, 0.7, 0.7), (0.3, 0.2, 0.2), (0.02, 0.008, 0.008),
+    (0.7, 0.55, 0.85), (0.1, 0.05, 0.2), (0.9, 0.1, 0.1), (0.9, 0.1, 2.0),
+]
+
+
+@pytest.mark.parametrize("eta", [0.0, 0.2])
+@pytest.mark.parametrize("L,sbm", [(0.93, 3.0), (1.05, 2.0)])
+@pytest.mark.parametrize("step", STEPS)
+def test_correction_factor_against_quad(step, L, sbm, eta):
+    """E against the noise-component form ``E = D(sigma') phi(sigma') - g sigma' int D(r) phi'(r)/r dr``
+    (x0 varying linearly in log sigma), integrated adaptively by scipy."""
+    sig, sig_n, sig_b = step
+    g = math.sqrt(1 - eta**2)
+    integral, _ = scipy.integrate.quad_vec(
+        lambda r: response_and_slope(r, L, sbm)[0] / (r * r * math.log(sig_b / sig)), sig, sig_n,
+        epsabs=1e-14, epsrel=1e-13)
+    expected = response_and_slope(sig_n, L, sbm)[0] * phi(sig_n, sig, sig_b) - g * sig_n * integral
+    got = solvers.correction_factor(sig, sig_n, sig_b, eta=eta, L=L, sigma_b_max=sbm, s=S)
+    np.testing.assert_allclose(got.numpy(), expected, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("step", [STEPS[0], STEPS[3], STEPS[5]])
+def test_second_order_step_solves_the_path_ode(step):
+    """eta = 0: with x0_hat(r) = a + b phi(r), the step ``(sigma'/sigma) x + A a + E b`` is the exact
+    solution of ``dx/dr = D'(r) x0_hat(r) + (x - D(r) x0_hat(r))/r`` (per frequency; scipy DOP853)."""
+    sig, sig_n, sig_b = step
+    rng = np.random.default_rng(0)
+    a, b, x = (rng.standard_normal((S, S)) for _ in range(3))
+
+    def rhs(r, y):
+        d, slope = response_and_slope(r, 0.93, 3.0)
+        x0 = a + b * phi(r, sig, sig_b)
+        return (slope * x0 + (y.reshape(S, S) - d * x0) / r).ravel()
+
+    sol = scipy.integrate.solve_ivp(rhs, (sig, sig_n), x.ravel(), method="DOP853", rtol=1e-12, atol=1e-13)
+    d0, d1 = response_and_slope(sig, 0.93, 3.0)[0], response_and_slope(sig_n, 0.93, 3.0)[0]
+    e = solvers.correction_factor(sig, sig_n, sig_b, L=0.93, sigma_b_max=3.0, s=S).numpy()
+    step_result = sig_n / sig * x + (d1 - sig_n / sig * d0) * a + e * b
+    np.testing.assert_allclose(step_result, sol.y[:, -1].reshape(S, S), rtol=0, atol=1e-9)
+
+
+# --- names and the heun keyword ---------------------------------------------------------------
+
+def test_solver_names_and_the_heun_keyword():
+    x_lr = torch.randn(2, 1, 2, 2, generator=torch.Generator().manual_seed(0), dtype=DT)
+    run = lambda **kw: relay_sample(lambda x, s: 0.9 * x, x_lr, 4, num_steps=30, dtype=DT, seed=1, **kw)  # noqa: E731
+    default = run()
+    assert torch.equal(run(solver="rdm-heun"), default) and torch.equal(run(heun=True), default)
+    assert torch.equal(run(solver="rdm-heun", heun=True), default)
+    assert torch.equal(run(solver="rdm-euler"), run(heun=False))
+    assert not torch.equal(run(solver="rdm-euler"), default)
+    with pytest.raises(ValueError, match="valid solvers: rdm-heun, rdm-euler, relay-2s, relay-2m"):
+        run(solver="dpm")
+    with pytest.raises(ValueError, match="heun=True selects solver 'rdm-heun' but solver='rdm-euler'"):
+        run(solver="rdm-euler", heun=True)
+    with pytest.raises(ValueError, match="heun=False selects"):
+        run(solver="relay-2m", heun=False)
+    with pytest.raises(TypeError, match="heun must be"):
+        run(heun="yes")
+
+
+# --- SPEC 8's invariant holds for the new solvers ---------------------------------------------
+
+@pytest.mark.parametrize("solver,calls", [("relay-2s", lambda n: 2 * n - 1), ("relay-2m", lambda n: n)])
+def test_invariant_and_call_count(solver, calls):
+    """eta = 0, a denoiser always returning x*: every state the denoiser sees (the relay-2s proposals
+    included) is the path point at its sigma with the start's z, and the output is x*."""
+    x_star, z = paths._star_and_z()
+    den = paths.Recorder(x_star)
+    out = relay_sample(den, x_start=paths.on_path(x_star, z, paths.GRID[0]), sigmas=paths.GRID, eta=0.0,
+                       solver=solver, L=paths.L_PATH, sigma_b_max=paths.SIGMA_B_MAX, dtype=DT)
+    assert len(den.calls) == calls(len(paths.GRID) - 1)
+    for x, sig, _ in den.calls:
+        torch.testing.assert_close(x, paths.on_path(x_star, z, sig), rtol=0, atol=1e-12)
+    torch.testing.assert_close(out, x_star, rtol=0, atol=0)
+
+
+# --- the Gaussian oracle ------------------------------------------------------------------------
+
+def _patch_dct_matrix() -> torch.Tensor:
+    """Q with ``vec(patch_dct(x)) = Q vec(x)`` (scipy, orthonormal)."""
+    basis = np.eye(N_PIX).reshape(N_PIX, 1, oracle.H, oracle.H)
+    return torch.from_numpy(sr.patch_dct(basis, S).reshape(N_PIX, N_PIX).T.copy())
+
+
+Q = _patch_dct_matrix()
+
+
+def freq_matrix(factor: torch.Tensor) -> torch.Tensor:
+    """The pixel matrix of ``patch_idct(factor * patch_dct(.))`` for an ``[s, s]`` factor."""
+    tiled = factor.reshape(1, S, 1, S).expand(oracle.H // S, S, oracle.H // S, S).reshape(-1)
+    return Q.T @ torch.diag(tiled) @ Q
+
+
+def start_cov(grid, k, tau) -> torch.Tensor:
+    """Cov of the start ``B_0 x* + sigma_0 n`` (relay noise n ~ N(0, k))."""
+    b0 = oracle.blur_matrix(tau(grid[0]))
+    return b0 @ oracle.SIGMA @ b0.T + grid[0] ** 2 * k
+
+
+def solver_exact_cov(grid, solver, eta, k, den, tau, L, sbm) -> torch.Tensor:
+    """Covariance of relay-2s / relay-2m's output (docs/spec.md 8.1 in matrix form) on the state
+    ``[x_i; x0_hat_{i-1}]``: ``x' = g (sigma'/sigma) x + (B' - gamma B) W x + E (x0_b - W x) + eta sigma' n``,
+    E the pixel matrix of the correction factor. relay-2s: ``x0_b = W' x_prop`` with the eta = 0
+    DDIM-blur proposal ``x_prop = (sigma'/sigma) x + (B' - (sigma'/sigma) B) W x``."""
+    blur = lambda sig: oracle.blur_matrix(tau(sig))  # noqa: E731
+    g = math.sqrt(1 - eta**2)
+    zero = torch.zeros(N_PIX, N_PIX, dtype=DT)
+    cov = torch.block_diag(start_cov(grid, k, tau), zero)
+    for i, (sig, sig_n) in enumerate(zip(grid, grid[1:])):
+        w = den.matrix(sig)
+        if sig_n == 0:
+            return w @ cov[:N_PIX, :N_PIX] @ w.T
+        gam, r = g * sig_n / sig, sig_n / sig
+        m_x = gam * EYE + (blur(sig_n) - gam * blur(sig)) @ w
+        m_p = zero
+        if solver == "relay-2s":
+            x0_b = den.matrix(sig_n) @ (r * EYE + (blur(sig_n) - r * blur(sig)) @ w)
+            e = freq_matrix(solvers.correction_factor(sig, sig_n, sig_n, eta=eta, L=L, sigma_b_max=sbm, s=S))
+            m_x = m_x + e @ (x0_b - w)
+        elif i > 0:  # relay-2m: x0_b is the previous x0_hat, the second block of the state
+            e = freq_matrix(solvers.correction_factor(sig, sig_n, grid[i - 1], eta=eta, L=L, sigma_b_max=sbm, s=S))
+            m_x, m_p = m_x - e @ w, e
+        m = torch.cat([torch.cat([m_x, m_p], 1), torch.cat([w, zero], 1)])
+        cov = m @ cov @ m.T + torch.block_diag((eta * sig_n) ** 2 * k, zero)
+    raise AssertionError("grid must end in 0")
+
+
+@functools.lru_cache(maxsize=None)
+def implementation_error(grid: tuple, solver: str) -> float:
+    """The exact transport error of relay_sample itself (eta = 0) on the oracle's path, through
+    its transfer matrix (the sampler run on the basis images). Cached: tests share the runs."""
+    k, den = oracle.relay_noise_cov(oracle.ALPHA, True), oracle.relay_denoiser(True)
+    out = relay_sample(den, x_start=EYE.reshape(N_PIX, 1, oracle.H, oracle.H), s=S, sigmas=grid, eta=0.0,
+                       solver=solver, alpha=oracle.ALPHA, L=oracle.L_PATH, sigma_b_max=oracle.SIGMA_B_MAX, dtype=DT)
+    t = out.reshape(N_PIX, N_PIX).T
+    return oracle.rel_err(t @ start_cov(grid, k, oracle.relay_tau) @ t.T, oracle.SIGMA)
+
+
+def karras_from_start(n: int) -> tuple:
+    """n levels, Karras rho 7, from the imagenet256 grid's first level (its start) to 0.008, then 0."""
+    return tuple(schedules.karras_sigmas(n, 0.008, oracle.RELAY_GRID[0], 7.0).tolist() + [0.0])
+
+
+def test_matrix_form_is_the_implementation():
+    """The matrix form above (used for eta > 0 and the README table) gives relay_sample's exact error."""
+    k, den = oracle.relay_noise_cov(oracle.ALPHA, True), oracle.relay_denoiser(True)
+    grid = karras_from_start(6)
+    for solver in solvers.SECOND_ORDER:
+        exact = oracle.rel_err(solver_exact_cov(grid, solver, 0.0, k, den, oracle.relay_tau, oracle.L_PATH,
+                                                oracle.SIGMA_B_MAX), oracle.SIGMA)
+        assert abs(implementation_error(grid, solver) - exact) < 1e-12, solver
+
+
+def test_second_order_convergence():
+    """eta = 0, Karras rho 7 from the imagenet256 start: doubling 16 -> 32 steps divides the error of
+    relay-2s / relay-2m by about 4 (at least 3) and that of rdm-euler / rdm-heun by about 2."""
+    errors = {sv: [implementation_error(karras_from_start(n), sv) for n in (16, 32)] for sv in solvers.SOLVERS}
+    ratios = {sv: e[0] / e[1] for sv, e in errors.items()}
+    for sv in solvers.SECOND_ORDER:
+        assert 3.0 < ratios[sv] < 4.5, (ratios, errors)
+    for sv in ("rdm-euler", "rdm-heun"):
+        assert 1.6 < ratios[sv] < 2.4, (ratios, errors)
+
+
+def test_relay_2m_beats_rdm_heun_with_a_fifth_of_the_calls():
+    """The target: relay-2m with 32 network calls is more accurate than rdm-heun's 100 steps (199 calls)."""
+    k, den = oracle.relay_noise_cov(oracle.ALPHA, True), oracle.relay_denoiser(True)
+    heun_100 = oracle.rel_err(oracle.relay_exact_cov(oracle.RELAY_GRID, 0.0, True, k, den), oracle.SIGMA)
+    assert 0.012 < heun_100 < 0.014
+    assert implementation_error(karras_from_start(32), "relay-2m") < heun_100
+
+
+@pytest.mark.parametrize("solver,bias_bound", [
+    # exact discretisation errors at 16 steps, eta 0.2, k = 1: 0.037 and 0.049 (relay-2m's
+    # correction mixes x0_hat from before and after the step's noise: first order when eta > 0)
+    ("relay-2s", 0.04),
+    ("relay-2m", 0.055),
+])
+def test_eta_transports_gaussian(solver, bias_bound):
+    """eta = 0.2 (noise drawn per step, k = 1): 4000 chains against the matrix form and Sigma."""
+    k, den = oracle.relay_noise_cov(oracle.ALPHA, False), oracle.posterior_denoiser(oracle.relay_noise_cov(oracle.ALPHA, False))
+    grid = karras_from_start(16)
+    n = oracle.N_CHAINS
+    x_true = oracle.true_samples(n, seed=11)
+    gen = torch.Generator().manual_seed(12)
+    n0 = torch.randn(n, N_PIX, generator=gen, dtype=DT) @ torch.linalg.cholesky(k).T
+    b0 = oracle.blur_matrix(oracle.relay_tau(grid[0]))
+    x0 = ((x_true.reshape(n, -1) @ b0.T + grid[0] * n0)).reshape(x_true.shape)
+    out = relay_sample(den, x_start=x0, s=S, sigmas=grid, eta=0.2, solver=solver, alpha=oracle.ALPHA,
+                       normalize=False, L=oracle.L_PATH, sigma_b_max=oracle.SIGMA_B_MAX,
+                       seed=torch.Generator().manual_seed(13), dtype=DT)
+    exact = solver_exact_cov(grid, solver, 0.2, k, den, oracle.relay_tau, oracle.L_PATH, oracle.SIGMA_B_MAX)
+    oracle.check_transport(out, exact, x_true, bias_bound)
