@@ -8,7 +8,9 @@
 :mod:`relayops.models.edm` holds the networks (``DhariwalUNet``, ``SongUNet``, ``EDMPrecond``)
 with EDM's parameter names; :data:`RDM_CONFIGS` the architectures of the released RDM models.
 """
+from .convert import build_network, convert, load_checkpoint, network_from_record, read_checkpoint
 from .edm import DhariwalUNet, EDMPrecond, SongUNet, UNetBlock
+from .safe_pickle import UnsafeCheckpointError
 
 # EDMPrecond arguments of the released RDM stages (the authors' train.py: ADM architecture,
 # 192 x [1, 2, 3, 4] at 64x64, 256 x [1, 1, 2, 2, 4, 4] at 256x256; attention at 32, 16 and 8).
@@ -24,4 +26,5 @@ RDM_CONFIGS = {
     "celebahq256-relay": dict(_ADM256, label_dim=0),
 }
 
-__all__ = ["DhariwalUNet", "EDMPrecond", "RDM_CONFIGS", "SongUNet", "UNetBlock"]
+__all__ = ["DhariwalUNet", "EDMPrecond", "RDM_CONFIGS", "SongUNet", "UNetBlock", "UnsafeCheckpointError",
+           "build_network", "convert", "load_checkpoint", "network_from_record", "read_checkpoint"]
