@@ -216,8 +216,9 @@ def test_cli_convert_and_sample_with_the_authors_preset(tmp_path, marker, capsys
     assert main(["convert", str(tmp_path / "second.pt"), str(tmp_path / "relay")]) == 0
     out = capsys.readouterr().out
     assert "stage base" in out and "stage not recorded" in out
-    common = ["--base", str(tmp_path / "base"), "--relay", str(tmp_path / "relay"), "--num", "2", "--base-steps", "3",
-              "--relay-steps", "12", "--class", "3", "--no-progress"]
+    stages = ["--base", str(tmp_path / "base"), "--relay", str(tmp_path / "relay"), "--num", "2", "--base-steps", "3",
+              "--relay-steps", "12", "--no-progress"]
+    common = [*stages, "--class", "3"]
     assert main(["sample", *common, "--preset", "imagenet256", "--out", str(tmp_path / "a")]) == 0
     assert main(["sample", *common, "--preset", "imagenet256", "--no-enhance", "--out", str(tmp_path / "b")]) == 0
     assert "wrote 2 images of 32x32" in capsys.readouterr().out
@@ -226,6 +227,11 @@ def test_cli_convert_and_sample_with_the_authors_preset(tmp_path, marker, capsys
     # the preset saves as the authors' script does: PIL brightness 1.06 on the 8-bit image
     want = np.asarray(Image.fromarray(b.astype(np.uint8)).point(lambda v: min(255, round(v * 1.06))), np.float64)
     assert np.abs(a - want).max() <= 1
+
+    # no --class: the authors' rule, class (seed + b) mod label_dim; bfloat16 networks
+    assert main(["sample", *stages, "--preset", "imagenet256",
+                 "--network-dtype", "bfloat16", "--out", str(tmp_path / "d")]) == 0
+    assert (tmp_path / "d" / "000001.png").exists()
 
     # without a preset, a relay network that did not record its settings needs one
     with pytest.raises(SystemExit):

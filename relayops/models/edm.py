@@ -1,12 +1,14 @@
-"""EDM's networks and preconditioning (Karras et al. 2022), with EDM's parameter names and shapes.
+"""EDM's networks and preconditioning ("Elucidating the Design Space of Diffusion-Based Generative
+Models", NeurIPS 2022), with EDM's parameter names and shapes.
 
 The released EDM and RDM checkpoints hold these modules; building them here with the same
 constructor arguments gives state dicts with the same keys and shapes, so the released weights
 load with ``strict=True`` (see :mod:`relayops.models.convert`).
 
-* :class:`DhariwalUNet`: the ADM architecture (Dhariwal & Nichol 2021) as EDM configures it;
-  the RDM stages are all DhariwalUNets.
-* :class:`SongUNet`: DDPM++ / NCSN++ (Song et al. 2021) as EDM configures them.
+* :class:`DhariwalUNet`: the ADM architecture ("Diffusion Models Beat GANs on Image Synthesis")
+  as EDM configures it; the RDM stages are all DhariwalUNets.
+* :class:`SongUNet`: DDPM++ / NCSN++ ("Score-Based Generative Modeling through Stochastic
+  Differential Equations") as EDM configures them.
 * :class:`EDMPrecond`: ``D(x; sigma) = c_skip x + c_out F(c_in x, c_noise)`` (docs/spec.md
   section 6), the denoiser the samplers call as ``denoiser(x, sigma, class_labels)``.
 
@@ -253,7 +255,7 @@ class _UNetBase(nn.Module):
 
 
 class DhariwalUNet(_UNetBase):
-    """ADM (Dhariwal & Nichol 2021) as EDM builds it; the arguments and defaults are EDM's.
+    """ADM as EDM builds it; the arguments and defaults are EDM's.
 
     Mapping: ``emb = silu(map_layer1(silu(map_layer0(pe(c_noise) + map_augment(aug)))) +
     map_label(labels))``. Encoder ``enc.{R}x{R}_conv``, then per lower level ``enc.{r}x{r}_down``
@@ -327,7 +329,7 @@ class DhariwalUNet(_UNetBase):
 
 
 class SongUNet(_UNetBase):
-    """DDPM++ / NCSN++ (Song et al. 2021) as EDM builds them; the arguments and defaults are EDM's.
+    """DDPM++ / NCSN++ as EDM builds them; the arguments and defaults are EDM's.
 
     DDPM++: ``embedding_type='positional'``, ``channel_mult_noise=1``, encoder and decoder
     ``'standard'``, ``resample_filter=[1, 1]``. NCSN++: ``'fourier'``, 2, ``'residual'``,
