@@ -110,6 +110,22 @@ def test_a_training_state_reads_only_the_chosen_network(tmp_path, marker, monkey
     assert len(storages) == len(net.state_dict()) < len(records)
 
 
+@pytest.mark.parametrize("fmt", ["pkl", "pt"])
+def test_tensor_views_and_dtypes(tmp_path, fmt):
+    """Views (offsets, strides, shared storages) and the storage dtypes read back exactly."""
+    base = torch.arange(24, dtype=torch.float64).reshape(4, 6)
+    data = {"t": base[1:3].t(), "row": base[2], "whole": base, "half": torch.randn(3, 2).half(),
+            "bf16": torch.randn(5).bfloat16(), "long": torch.arange(-3, 3), "bool": torch.tensor([True, False]),
+            "empty": torch.zeros(0, 3)}
+    path = tmp_path / f"views.{fmt}"
+    _write(data, path, fmt)
+    got = read_file(path)
+    for k, v in data.items():
+        t = got[k].load()
+        assert t.dtype == v.dtype and torch.equal(t, v), k
+        assert t.is_contiguous()
+
+
 # --- refusals -------------------------------------------------------------------------------------
 
 class Payload:

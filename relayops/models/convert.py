@@ -40,7 +40,7 @@ def _module_state(obj, prefix: str, out: dict, where: str) -> None:
     """The state-dict entries of a pickled module tree (nn.Module.state_dict's rules)."""
     if not isinstance(obj, (PersistentObject, PlainModule)):
         raise UnsafeCheckpointError(f"{where or 'the network'} is a {type(obj).__name__}, not a module")
-    state = obj.state
+    state = obj.state or {}
     skip = state.get("_non_persistent_buffers_set") or set()
     for group in ("_parameters", "_buffers"):
         entries = state.get(group) or {}

@@ -106,8 +106,8 @@ class Conv2d(nn.Module):
             x = self._up(x, f, max(fp - wp, 0))
             return F.conv2d(x, w, b, padding=max(wp - fp, 0))
         if w is not None and self.fused_resample and self.down:
-            x = F.conv2d(x, w, b, padding=wp + fp)
-            return self._down(x, f, 0)
+            x = self._down(F.conv2d(x, w, padding=wp + fp), f, 0)
+            return x if b is None else x + b.reshape(1, -1, 1, 1)
         if self.up:
             x = self._up(x, f, fp)
         if self.down:

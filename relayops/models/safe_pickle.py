@@ -73,23 +73,24 @@ class _NoState:
 
 
 class StorageRef(_NoState):
-    """A storage of ``numel`` elements of ``dtype`` whose bytes ``read()`` returns, read once, on demand."""
+    """A storage of ``numel`` elements of ``dtype`` whose bytes ``read()`` returns, on demand.
+
+    Not cached: each tensor's data is read when it is loaded, so a whole network is never held
+    twice (tensors of EDM's modules each have a storage of their own)."""
 
     def __init__(self, dtype: torch.dtype, numel: int, read: Callable[[], bytes]):
-        self.dtype, self.numel, self._read, self._data = dtype, numel, read, None
+        self.dtype, self.numel, self._read = dtype, numel, read
 
     def data(self) -> torch.Tensor:
-        if self._data is None:
-            try:
-                raw = self._read()
-            except (zipfile.BadZipFile, OSError, EOFError, ValueError) as e:
-                raise UnsafeCheckpointError(f"a storage could not be read ({type(e).__name__}: {e})") from None
-            itemsize = torch.empty((), dtype=self.dtype).element_size()
-            if len(raw) != self.numel * itemsize:
-                raise UnsafeCheckpointError(f"a {self.dtype} storage of {self.numel} elements holds {len(raw)} bytes")
-            self._data = (torch.frombuffer(bytearray(raw), dtype=self.dtype) if raw
-                          else torch.empty(0, dtype=self.dtype))
-        return self._data
+        """The storage as a new 1-D tensor."""
+        try:
+            raw = self._read()
+        except (zipfile.BadZipFile, OSError, EOFError, ValueError) as e:
+            raise UnsafeCheckpointError(f"a storage could not be read ({type(e).__name__}: {e})") from None
+        itemsize = torch.empty((), dtype=self.dtype).element_size()
+        if len(raw) != self.numel * itemsize:
+            raise UnsafeCheckpointError(f"a {self.dtype} storage of {self.numel} elements holds {len(raw)} bytes")
+        return torch.frombuffer(bytearray(raw), dtype=self.dtype) if raw else torch.empty(0, dtype=self.dtype)
 
 
 class TensorRef(_NoState):
@@ -118,10 +119,20 @@ class TensorRef(_NoState):
     def load(self) -> torch.Tensor:
         """The tensor's values: a new contiguous CPU tensor."""
         flat = self.storage.data()
+        if self.offset == 0 and self.numel() == flat.numel() and self.stride == _contiguous_strides(self.shape):
+            return flat.view(self.shape)  # the whole storage, in order: no copy
         return torch.as_strided(flat, self.shape, self.stride, self.offset).clone(memory_format=torch.contiguous_format)
 
     def __repr__(self) -> str:
         return f"TensorRef({list(self.shape)}, {self.dtype})"
+
+
+def _contiguous_strides(shape) -> tuple:
+    strides, step = [], 1
+    for n in reversed(shape):
+        strides.append(step)
+        step *= max(n, 1)
+    return tuple(reversed(strides))
 
 
 def _rebuild_tensor(storage, storage_offset, size, stride, *rest):
@@ -178,7 +189,7 @@ class PlainModule:
 
     class_name = "Module"
 
-    def __init__(self):  # pragma: no cover - instances come from __new__ (pickle's NEWOBJ)
+    def __init__(self):  # instances come from pickle's NEWOBJ, which calls __new__ only
         raise TypeError("PlainModule records come from a checkpoint")
 
     def __setstate__(self, state):
