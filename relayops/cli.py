@@ -237,7 +237,7 @@ def _cmd_sample(args) -> int:
     base, base_rec = load(args.base, "base")
     resolution, channels, num_classes = _stage_geometry(base_rec)
     base_opts = dict(preset.base) if preset else {}
-    base_steps = args.base_steps or base_opts.pop("num_steps", 18)
+    base_steps = args.base_steps or base_opts.get("num_steps", 18)
     base_opts.pop("num_steps", None)
     if args.base_cfg is not None:
         base_opts["cfg"] = args.base_cfg

@@ -90,7 +90,7 @@ def test_round_trip(tmp_path, marker, fmt, kwargs):
         assert {k: on_disk["train"][k] for k in ("patch", "alpha", "L", "sigma_b_max", "normalize")} == dict(
             patch=4, alpha=0.15, L=0.93, sigma_b_max=3.0, normalize=False)
     else:
-        assert on_disk["stage"] is None and on_disk["step"] == 1250000
+        assert on_disk["stage"] is None and on_disk["source"]["images_seen"] == 1250000
         raw = load_checkpoint(path, module="net")
         assert torch.equal(raw.model.out_conv.weight, extra["net"].model.out_conv.weight)
 

@@ -28,7 +28,7 @@ import torch
 
 from ..training import checkpoint as ckpt
 from .edm import EDMPrecond
-from .safe_pickle import PersistentObject, PlainModule, TensorRef, UnsafeCheckpointError, _is_zip, read_file
+from .safe_pickle import PersistentObject, PlainModule, TensorRef, UnsafeCheckpointError, is_zip, read_file
 
 __all__ = ["build_network", "convert", "load_checkpoint", "network_from_record", "read_checkpoint"]
 
@@ -36,28 +36,25 @@ STAGES = ("base", "relay")
 _EDM_NAME = "EDMPrecond"
 
 
-def _module_state(obj, prefix: str, out: dict, where: str) -> None:
+def _module_state(obj, prefix: str, out: dict) -> None:
     """The state-dict entries of a pickled module tree (nn.Module.state_dict's rules)."""
     if not isinstance(obj, (PersistentObject, PlainModule)):
-        raise UnsafeCheckpointError(f"{where or 'the network'} is a {type(obj).__name__}, not a module")
+        raise UnsafeCheckpointError(f"{prefix.rstrip('.') or 'the network'} is a {type(obj).__name__}, not a module")
     state = obj.state or {}
     skip = state.get("_non_persistent_buffers_set") or set()
+    for group in ("_parameters", "_buffers", "_modules"):
+        if not isinstance(state.get(group) or {}, dict):
+            raise UnsafeCheckpointError(f"{prefix}{group} is not a dict")
     for group in ("_parameters", "_buffers"):
-        entries = state.get(group) or {}
-        if not isinstance(entries, dict):
-            raise UnsafeCheckpointError(f"{where}{group} is not a dict")
-        for name, value in entries.items():
+        for name, value in (state.get(group) or {}).items():
             if value is None or (group == "_buffers" and name in skip):
                 continue
             if not isinstance(value, TensorRef):
                 raise UnsafeCheckpointError(f"{prefix}{name} is a {type(value).__name__}, not a tensor")
             out[prefix + name] = value
-    children = state.get("_modules") or {}
-    if not isinstance(children, dict):
-        raise UnsafeCheckpointError(f"{where}_modules is not a dict")
-    for name, child in children.items():
+    for name, child in (state.get("_modules") or {}).items():
         if child is not None:
-            _module_state(child, f"{prefix}{name}.", out, f"{prefix}{name}")
+            _module_state(child, f"{prefix}{name}.", out)
 
 
 def _plain(value, key: str):
@@ -98,7 +95,7 @@ def build_network(kwargs: dict, device="meta") -> EDMPrecond:
             from None
 
 
-def _check_against(net: EDMPrecond, tensors: dict[str, TensorRef], source: str) -> None:
+def _check_against(net: EDMPrecond, tensors: dict, source: str) -> None:
     """Keys and shapes of the file's tensors against the network's state dict, before reading data."""
     expected = {k: tuple(v.shape) for k, v in net.state_dict().items()}
     missing = sorted(set(expected) - set(tensors))
@@ -168,16 +165,17 @@ def read_checkpoint(path, module: str = "ema", stage: str | None = None):
                          "(EDM's and RDM's released models)")
     kwargs = _constructor_kwargs(net)
     tensors: dict[str, TensorRef] = {}
-    _module_state(net, "", tensors, "")
+    _module_state(net, "", tensors)
     _check_against(build_network(kwargs), tensors, str(path))
-    step = top.get("step")
+    seen = top.get("step")  # RDM's training states count images, not steps
     record = {
-        "stage": None, "step": step if isinstance(step, int) and not isinstance(step, bool) else None,
+        "stage": None, "step": None,
         "network": {"class_name": _EDM_NAME, "kwargs": kwargs},
         "train": {**_training_info(top, stage), "resolution": kwargs.get("img_resolution")},
         "source": {"file": path.name, "bytes": path.stat().st_size, "sha256": _sha256(path), "module": module,
-                   "container": "torch-zip" if _is_zip(path) else "pickle",
-                   "class_source_sha256": net.source_sha256},
+                   "container": "torch-zip" if is_zip(path) else "pickle",
+                   "class_source_sha256": net.source_sha256,
+                   "images_seen": seen if isinstance(seen, int) and not isinstance(seen, bool) else None},
     }
     record["stage"] = record["train"]["stage"]
     return kwargs, tensors, record
@@ -200,17 +198,9 @@ def network_from_record(record: dict, state: dict[str, torch.Tensor], source: st
     if spec.get("class_name") != _EDM_NAME or not isinstance(spec.get("kwargs"), dict):
         raise RuntimeError(f"{source} has no EDMPrecond network record")
     net = build_network(spec["kwargs"])
-    refs = {k: _Shape(v) for k, v in state.items()}
-    _check_against(net, refs, source)
+    _check_against(net, state, source)
     net.load_state_dict(state, strict=True, assign=True)
     return net.requires_grad_(False).eval()
-
-
-class _Shape:
-    """A loaded tensor seen through the ``shape`` that :func:`_check_against` reads."""
-
-    def __init__(self, t: torch.Tensor):
-        self.shape = tuple(t.shape)
 
 
 def load_checkpoint(path, *, module: str = "ema", device="cpu", dtype: torch.dtype | None = None,
@@ -221,6 +211,8 @@ def load_checkpoint(path, *, module: str = "ema", device="cpu", dtype: torch.dty
     ``dtype``: float16 or bfloat16 runs the network (and holds its weights) in that type; the
     preconditioning stays float32. ``channels_last``: weights and activations channels-last.
     """
+    if dtype not in (None, torch.float16, torch.bfloat16, torch.float32):
+        raise ValueError(f"dtype must be float16, bfloat16 or float32, got {dtype}")
     p = Path(path)
     if p.suffix in (".pkl", ".pt", ".pth"):
         _, refs, record = read_checkpoint(p, module)
@@ -230,8 +222,6 @@ def load_checkpoint(path, *, module: str = "ema", device="cpu", dtype: torch.dty
         state = {k[len("ema."):]: v for k, v in tensors.items() if k.startswith("ema.")}
     net = network_from_record(record, state, str(p)).to(device)
     if dtype is not None:
-        if dtype not in (torch.float16, torch.bfloat16, torch.float32):
-            raise ValueError(f"dtype must be float16, bfloat16 or float32, got {dtype}")
         net.to(dtype)
         net.activation_dtype = dtype
     if channels_last:

@@ -345,7 +345,8 @@ def _storage_from_bytes(blob) -> StorageRef:
 
 # --- the two containers --------------------------------------------------------------------------
 
-def _is_zip(path: Path) -> bool:
+def is_zip(path: Path) -> bool:
+    """Whether ``path`` is a zip (``torch.save``'s container) rather than a plain pickle."""
     return zipfile.is_zipfile(path)
 
 
@@ -393,7 +394,7 @@ def read_file(path) -> Any:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint {str(path)!r} does not exist")
-    if _is_zip(path):
+    if is_zip(path):
         return _read_zip(path)
     extra = {("torch.storage", "_load_from_bytes"): _storage_from_bytes}
     with open(path, "rb") as f:
