@@ -235,26 +235,7 @@ def _drop_labels(labels: torch.Tensor, p: float, training: bool) -> torch.Tensor
     return labels * keep.to(labels.dtype)
 
 
-class _UNetBase(nn.Module):
-    """The encoder/decoder walk shared by both architectures (module kinds fixed at construction)."""
-
-    def _plan(self) -> None:
-        # Decoder blocks named "*_block*" take the matching encoder output (concatenated).
-        self._dec_concat = [("_block" in name) for name in self.dec]
-
-    def _unet(self, x: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
-        skips = []
-        for block in self.enc.values():
-            x = block(x, emb) if isinstance(block, UNetBlock) else block(x)
-            skips.append(x)
-        for concat, block in zip(self._dec_concat, self.dec.values()):
-            if concat:
-                x = torch.cat([x, skips.pop()], dim=1)
-            x = block(x, emb)
-        return x
-
-
-class DhariwalUNet(_UNetBase):
+class DhariwalUNet(nn.Module):
     """ADM as EDM builds it; the arguments and defaults are EDM's.
 
     Mapping: ``emb = silu(map_layer1(silu(map_layer0(pe(c_noise) + map_augment(aug)))) +
@@ -314,7 +295,8 @@ class DhariwalUNet(_UNetBase):
                                                                 **block_kwargs)
         self.out_norm = GroupNorm(cout)
         self.out_conv = Conv2d(cout, out_channels, 3, **init_zero)
-        self._plan()
+        # Decoder blocks named "*_block*" take the matching encoder output (fixed here, not read in forward).
+        self._dec_concat = ["_block" in name for name in self.dec]
 
     def forward(self, x: torch.Tensor, noise_labels: torch.Tensor, class_labels: torch.Tensor | None,
                 augment_labels: torch.Tensor | None = None) -> torch.Tensor:
@@ -324,11 +306,19 @@ class DhariwalUNet(_UNetBase):
         emb = self.map_layer1(F.silu(self.map_layer0(emb)))
         if self.map_label is not None:
             emb = emb + self.map_label(_drop_labels(class_labels, self.label_dropout, self.training))
-        x = self._unet(x, F.silu(emb))
+        emb = F.silu(emb)
+        skips = []
+        for block in self.enc.values():
+            x = block(x, emb) if isinstance(block, UNetBlock) else block(x)
+            skips.append(x)
+        for concat, block in zip(self._dec_concat, self.dec.values()):
+            if concat:
+                x = torch.cat([x, skips.pop()], dim=1)
+            x = block(x, emb)
         return self.out_conv(F.silu(self.out_norm(x)))
 
 
-class SongUNet(_UNetBase):
+class SongUNet(nn.Module):
     """DDPM++ / NCSN++ as EDM builds them; the arguments and defaults are EDM's.
 
     DDPM++: ``embedding_type='positional'``, ``channel_mult_noise=1``, encoder and decoder
