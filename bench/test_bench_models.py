@@ -12,7 +12,8 @@ holds ``network_s`` (the four passes and the two guidance combinations), ``relay
 
 Devices: the CPU (float32), and the GPU when there is one (float32 and bfloat16 activations).
 Rounds: ``RELAYOPS_BENCH_MODEL_ROUNDS`` (default 2 on the CPU, where one pass takes seconds; 10
-on a GPU). Run: ``pytest bench/test_bench_models.py --benchmark-json=bench/results/models.json``.
+on a GPU). The step benchmark is marked ``slow`` (about 3.5 minutes and 2.2 GB on 2 CPU cores).
+Run: ``pytest bench/test_bench_models.py --benchmark-json=bench/results/models_cpu.json``.
 """
 from __future__ import annotations
 
@@ -56,6 +57,7 @@ def _place(network, device, dtype_name):
     return net
 
 
+@pytest.mark.slow  # minutes on a CPU: `pytest bench -m "not slow"` leaves it out
 @pytest.mark.parametrize("device,dtype_name", CASES, ids=[f"{d}-{t}" for d, t in CASES])
 def test_relay_stage_step(benchmark, network, device, dtype_name):
     net = _place(network, device, dtype_name)
