@@ -3,6 +3,8 @@
     relayops train --stage base --data builtin --resolution 16 --steps 2000 --out runs/base
     relayops train --stage relay --data photos/ --resolution 64 --patch 4 --out runs/relay
     relayops sample --base runs/base --relay runs/relay --num 16 --out runs/samples
+    relayops convert imagenet_second_stage.pt runs/rdm-relay   # a released EDM/RDM network, read safely
+    relayops sample --base runs/rdm-base --relay runs/rdm-relay --preset imagenet256 --class 207
     relayops demo                       # the main job: both stages, samples and metrics
     relayops spectrum ...               # DCT SNR spectra (relayops.analysis)
     relayops bench                      # the benchmarks (pytest bench)
@@ -14,12 +16,14 @@ from __future__ import annotations
 
 import argparse
 import os
+import pickle
 import shlex
 import subprocess
 import sys
 from pathlib import Path
 
-USER_ERRORS = (ValueError, RuntimeError, FileNotFoundError, NotADirectoryError, TypeError)
+# pickle.UnpicklingError: a checkpoint refused by relayops.models.safe_pickle.
+USER_ERRORS = (ValueError, RuntimeError, FileNotFoundError, NotADirectoryError, TypeError, pickle.UnpicklingError)
 
 
 def _int_at_least(low: int):
@@ -139,51 +143,180 @@ def _cmd_train(args) -> int:
 
 
 def _build_sample(sub) -> None:
+    from .sampling import PIPELINE_PRESETS
+
     p = sub.add_parser("sample", help="generate images with a base stage and relay stages",
                        description="Run the multi-stage pipeline: the base checkpoint's EDM sampler, then "
-                                   "each --relay checkpoint's relay sampler, in order.")
+                                   "each --relay checkpoint's relay sampler, in order. Checkpoints are relayops "
+                                   "runs or networks converted by 'relayops convert'.")
     p.add_argument("--base", required=True, help="base-stage checkpoint (run directory or .safetensors)")
     p.add_argument("--relay", action="append", default=[], help="relay-stage checkpoint (repeat for more stages)")
+    p.add_argument("--preset", choices=sorted(PIPELINE_PRESETS), default=None,
+                   help="the RDM authors' sampler settings for their released models: base-stage EDM sampler, "
+                        "relay preset and guidance, float64 state, their PNG enhancement "
+                        "(relayops.sampling.PIPELINE_PRESETS); the options below override it")
+    p.add_argument("--class", dest="class_idx", type=_nonneg_int, default=None,
+                   help="class index for class-conditional models (default for converted EDM/RDM networks: "
+                        "class (seed + b) mod label_dim, as the authors' script; relayops models: no label)")
+    p.add_argument("--cfg", type=float, default=None,
+                   help="classifier-free guidance weight of the relay stages (default: the preset's; else none)")
+    p.add_argument("--base-cfg", type=float, default=None, help="guidance weight of the base stage (default none)")
     p.add_argument("--num", type=_positive_int, default=16, help="number of images (default 16)")
     p.add_argument("--out", default="runs/samples", help="output folder (default runs/samples)")
     p.add_argument("--seed", type=_nonneg_int, default=0, help="image b uses seed + b")
-    p.add_argument("--base-steps", type=_positive_int, default=18, help="EDM sampler steps (default 18)")
-    p.add_argument("--relay-steps", type=_positive_int, default=60,
-                   help="relay Karras grid size before truncation at sigma 0.9 (default 60: 21 steps)")
-    p.add_argument("--eta", type=float, default=0.2, help="relay sampler stochasticity (default 0.2)")
+    p.add_argument("--base-steps", type=_positive_int, default=None,
+                   help="EDM sampler steps (default: the preset's, else 18)")
+    p.add_argument("--relay-steps", type=_positive_int, default=None,
+                   help="relay Karras grid size before truncation (default: the preset's, else 60: 21 steps "
+                        "below sigma 0.9)")
+    p.add_argument("--eta", type=float, default=None, help="relay sampler stochasticity (default: the preset's, "
+                   "else 0.2)")
+    p.add_argument("--dtype", choices=["float32", "float64"], default=None,
+                   help="sampler state dtype (default: the preset's float64, else float32)")
+    p.add_argument("--network-dtype", choices=["float32", "bfloat16", "float16"], default=None,
+                   help="run converted EDM/RDM networks in this dtype (default float32)")
+    p.add_argument("--no-enhance", dest="enhance", action="store_false",
+                   help="save the raw images, without the preset's PIL enhancement")
     p.add_argument("--raw", action="store_true", help="use the raw weights instead of the EMA weights")
     p.add_argument("--device", default="auto")
     p.add_argument("--no-progress", dest="progress", action="store_false")
     p.set_defaults(func=_cmd_sample)
 
 
+def _stage_geometry(rec: dict) -> tuple[int, int, int]:
+    """(resolution, channels, number of classes) of a checkpoint's network."""
+    if "network" in rec:
+        kw = rec["network"]["kwargs"]
+        return int(kw["img_resolution"]), int(kw["img_channels"]), int(kw.get("label_dim", 0))
+    return int(rec["train"]["resolution"]), int(rec["unet"]["in_channels"]), int(rec["unet"].get("num_classes", 0))
+
+
+def _relay_options(path: str, rec: dict) -> tuple[int, dict]:
+    """(s, relay_sample options) recorded by a relay checkpoint; a clear error where it has none."""
+    t = rec["train"]
+    if t.get("relay_mode", "blur") != "blur":
+        raise ValueError(f"checkpoint {path!r} is a linear-relay model; the pipeline runs blur relay stages")
+    needed = ("patch", "alpha", "L", "sigma_b_max", "normalize")
+    missing = [k for k in needed if k not in t]
+    if missing:
+        raise ValueError(f"checkpoint {path!r} does not record its relay settings ({', '.join(missing)}); "
+                         "pass --preset")
+    return int(t["patch"]), dict(alpha=t["alpha"], L=t["L"], sigma_b_max=t["sigma_b_max"], normalize=t["normalize"])
+
+
+def _clip_to_network(options: dict, denoiser, sigma_min: float, sigma_max: float) -> dict:
+    """The authors' samplers keep the grid inside a network's supported levels (EDMPrecond's
+    sigma_min/sigma_max; 0 and inf unless the network says otherwise)."""
+    lo, hi = getattr(denoiser, "sigma_min", None), getattr(denoiser, "sigma_max", None)
+    if lo is not None and hi is not None and (lo > 0 or hi < float("inf")):
+        options = dict(options, sigma_min=max(options.get("sigma_min", sigma_min), float(lo)),
+                       sigma_max=min(options.get("sigma_max", sigma_max), float(hi)))
+    return options
+
+
 def _cmd_sample(args) -> int:
     import torch
 
-    from . import sampling
+    from . import sampling, schedules
     from .training import load_denoiser, save_grid
     from .training.data import save_png
 
     device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device)
-    base, base_rec = load_denoiser(args.base, "base", ema=not args.raw, device=device)
-    stages = [sampling.BaseStage(base, resolution=base_rec["train"]["resolution"],
-                                 channels=base_rec["unet"]["in_channels"], num_steps=args.base_steps)]
+    preset = sampling.get_pipeline_preset(args.preset) if args.preset else None
+    net_dtype = {"float32": None, "bfloat16": torch.bfloat16, "float16": torch.float16}[args.network_dtype or "float32"]
+
+    def load(path, stage):
+        denoiser, rec = load_denoiser(path, stage, ema=not args.raw, device=device)
+        if net_dtype is not None:
+            if "network" not in rec:
+                raise ValueError(f"--network-dtype applies to converted EDM/RDM networks; {path!r} is a relayops UNet")
+            denoiser.to(net_dtype)
+            denoiser.activation_dtype = net_dtype
+        return denoiser, rec
+
+    base, base_rec = load(args.base, "base")
+    resolution, channels, num_classes = _stage_geometry(base_rec)
+    base_opts = dict(preset.base) if preset else {}
+    base_steps = args.base_steps or base_opts.get("num_steps", 18)
+    base_opts.pop("num_steps", None)
+    if args.base_cfg is not None:
+        base_opts["cfg"] = args.base_cfg
+    stages = [sampling.BaseStage(base, resolution=resolution, channels=channels, num_steps=base_steps,
+                                 options=_clip_to_network(base_opts, base, 0.002, 80.0))]
+    classes = {"base": num_classes}
+    edm_conditional = "network" in base_rec and num_classes > 0
     for path in args.relay:
-        relay, rec = load_denoiser(path, "relay", ema=not args.raw, device=device)
-        t = rec["train"]
-        if t.get("relay_mode", "blur") != "blur":
-            raise ValueError(f"checkpoint {path!r} is a linear-relay model; the pipeline runs blur relay stages")
-        stages.append(sampling.RelayStage(relay, s=t["patch"], num_steps=args.relay_steps,
-                                          options=dict(eta=args.eta, alpha=t["alpha"], L=t["L"],
-                                                       sigma_b_max=t["sigma_b_max"], normalize=t["normalize"])))
+        relay, rec = load(path, "relay")
+        classes[path] = _stage_geometry(rec)[2]
+        edm_conditional |= "network" in rec and classes[path] > 0
+        opts = {} if args.eta is None else {"eta": args.eta}
+        cfg = args.cfg if args.cfg is not None else (preset.relay_cfg if preset else None)
+        if cfg is not None:
+            opts["cfg"] = cfg
+        if preset:
+            relay_preset = schedules.get_preset(preset.relay)
+            s, steps = relay_preset.s, args.relay_steps
+            opts = _clip_to_network(opts, relay, relay_preset.sigma_min, relay_preset.sigma_max)
+        else:
+            s, recorded = _relay_options(path, rec)
+            relay_preset, steps = None, args.relay_steps or 60
+            opts = _clip_to_network({"eta": 0.2, **recorded, **opts}, relay, 0.008, 80.0)
+        stages.append(sampling.RelayStage(relay, s=s, num_steps=steps, preset=relay_preset, options=opts))
+
+    conditional = {k: n for k, n in classes.items() if n > 0}
+    labels = None
+    if args.class_idx is not None:
+        if not conditional:
+            raise ValueError("--class was given, but no stage is class-conditional")
+        too_big = {k: n for k, n in conditional.items() if args.class_idx >= n}
+        if too_big:
+            raise ValueError(f"--class {args.class_idx} is out of range for {too_big} classes")
+        labels = torch.full((args.num,), args.class_idx, dtype=torch.long, device=device)
+    elif edm_conditional:  # the authors' script: class (seed + b) mod label_dim
+        if len(set(conditional.values())) != 1:
+            raise ValueError(f"the stages have different numbers of classes {conditional}; pass --class")
+        n = next(iter(conditional.values()))
+        labels = torch.tensor([(args.seed + b) % n for b in range(args.num)], dtype=torch.long, device=device)
+
+    dtype = {"float32": torch.float32, "float64": torch.float64}[args.dtype] if args.dtype else (
+        preset.dtype if preset else torch.float32)
     with torch.no_grad():
-        images = sampling.RelayPipeline(stages, device=device)(args.num, seed=args.seed, progress=args.progress)[-1]
-    images = images.cpu().clamp(-1, 1)
+        images = sampling.RelayPipeline(stages, dtype=dtype, device=device)(
+            args.num, seed=args.seed, class_labels=labels, progress=args.progress)[-1]
+    images = images.float().cpu().clamp(-1, 1)
+    enhance = preset.enhance if (preset and args.enhance) else ()
     out = Path(args.out)
-    save_grid(images, out / "grid.png")
+    save_grid(images, out / "grid.png", enhance=enhance)
     for b in range(images.shape[0]):
-        save_png(images[b], out / f"{args.seed + b:06d}.png")
+        save_png(images[b], out / f"{args.seed + b:06d}.png", enhance=enhance)
     print(f"wrote {images.shape[0]} images of {images.shape[-1]}x{images.shape[-2]} and grid.png to {out}")
+    return 0
+
+
+def _build_convert(sub) -> None:
+    p = sub.add_parser("convert", help="convert a released EDM/RDM checkpoint (.pkl/.pt) without running its code",
+                       description="Read an EDM network snapshot (.pkl) or an RDM training state (.pt) with a "
+                                   "restricted unpickler (an allowlist of tensor, container and EDM persistence "
+                                   "names; the pickled source code is never run) and write DEST/checkpoint."
+                                   "safetensors + checkpoint.json for 'relayops sample'.")
+    p.add_argument("src", help="the released file (.pkl or .pt)")
+    p.add_argument("dest", help="output directory")
+    p.add_argument("--module", default="ema", help="which network of the file (default ema; RDM's .pt also has net)")
+    p.add_argument("--stage", choices=["base", "relay"], default=None,
+                   help="record the stage (default: from the file's loss when it has one, else either)")
+    p.set_defaults(func=_cmd_convert)
+
+
+def _cmd_convert(args) -> int:
+    from .models import convert
+    from .training import read_record
+
+    path = convert(args.src, args.dest, module=args.module, stage=args.stage)
+    rec = read_record(path)
+    kw = rec["network"]["kwargs"]
+    print(f"converted {args.src} ({args.module}: EDMPrecond {kw.get('model_type', 'DhariwalUNet')} "
+          f"{kw['img_resolution']}x{kw['img_resolution']}, label_dim {kw.get('label_dim', 0)}, "
+          f"stage {rec['stage'] or 'not recorded'}) to {path}")
     return 0
 
 
@@ -269,11 +402,12 @@ PASSTHROUGH = {"bench": _cmd_bench}
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="relayops", description="Relay diffusion: train, sample, demo, "
-                                     "spectrum analysis and benchmarks.")
+    parser = argparse.ArgumentParser(prog="relayops", description="Relay diffusion: train, sample, convert, "
+                                     "demo, spectrum analysis and benchmarks.")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     _build_train(sub)
     _build_sample(sub)
+    _build_convert(sub)
     _build_demo(sub)
     _build_spectrum(sub)
     p = sub.add_parser("bench", help="run the benchmarks (python -m pytest bench [ARGS])", add_help=False)

@@ -29,11 +29,11 @@ import torch
 from tqdm.auto import tqdm
 
 from . import schedules, solvers
-from ._validate import check_image, seed_args
+from ._validate import check_image, check_real, seed_args
 from .ops import linear_relay_step, patch_dct, patch_idct, relay_noise, relay_step
 
 __all__ = ["edm_sample", "relay_sample", "linear_relay_sample", "nearest_upsample", "BaseStage",
-           "RelayStage", "RelayPipeline"]
+           "RelayStage", "RelayPipeline", "PipelinePreset", "PIPELINE_PRESETS", "get_pipeline_preset"]
 
 Denoiser = Callable[..., torch.Tensor]
 
@@ -113,19 +113,22 @@ def nearest_upsample(x: torch.Tensor, s: int) -> torch.Tensor:
 @torch.no_grad()
 def edm_sample(denoiser: Denoiser, shape, *, sigmas=None, num_steps: int = 18, sigma_min: float = 0.002,
                sigma_max: float = 80.0, rho: float = 7.0, S_churn: float = 0.0, S_min: float = 0.0,
-               S_max: float = float("inf"), S_noise: float = 1.0, seed=0, class_labels=None,
-               dtype=torch.float32, device="cpu", progress: bool = False, cfg: float | None = None,
-               offset: int = 0, backend: str | None = None) -> torch.Tensor:
+               S_max: float = float("inf"), S_noise: float = 1.0, sde_scale: float = 0.0, seed=0,
+               class_labels=None, dtype=torch.float32, device="cpu", progress: bool = False,
+               cfg: float | None = None, offset: int = 0, backend: str | None = None) -> torch.Tensor:
     """EDM's stochastic Heun sampler, Karras et al. 2022 Algorithm 2 (SPEC 9).
 
     shape: ``(B, C, H, W)``. Grid: ``sigmas`` (decreasing; a final 0 is appended) or the Karras
     grid of SPEC 7 with ``num_steps, sigma_min, sigma_max, rho``. ``S_churn`` etc. as in EDM
-    (defaults: deterministic). Starts from ``sigma_0 * N(0, I)``. Returns ``[B, C, H, W]`` in
-    ``dtype`` (float32 or float64) on ``device``.
+    (defaults: deterministic). ``sde_scale`` (the RDM authors' CelebA-HQ base sampler, default
+    0: off): each step from t_hat lands at noise ``sqrt(t_next^2 - g^2)`` and adds fresh noise
+    ``g = sde_scale t_next`` (Euler and Heun alike). Starts from ``sigma_0 * N(0, I)``. Returns
+    ``[B, C, H, W]`` in ``dtype`` (float32 or float64) on ``device``.
     """
     shape = tuple(int(v) for v in shape)
     if len(shape) != 4:
         raise ValueError(f"shape must be (B, C, H, W), got {shape}")
+    sde_scale = check_real("sde_scale", sde_scale, low=0.0, high=1.0, high_open=True)
     grid = _grid(sigmas) if sigmas is not None else _grid(
         schedules.karras_sigmas(num_steps, sigma_min, sigma_max, rho).tolist())
     n = len(grid) - 1
@@ -139,11 +142,18 @@ def edm_sample(denoiser: Denoiser, shape, *, sigmas=None, num_steps: int = 18, s
         t_hat = t_cur + gamma * t_cur
         if gamma > 0:
             x = x + (t_hat**2 - t_cur**2) ** 0.5 * S_noise * _white_noise(x, seeds, offset + i + 1, backend)
+        # With sde_scale, the step keeps noise sqrt(t_next^2 - g^2) and adds g of fresh noise.
+        g = sde_scale * t_next
+        h = ((t_next**2 - g**2) ** 0.5 if g > 0 else t_next) - t_hat
+
+        def sde_noise(k):  # Euler k = 1, Heun k = 2: offsets after the churn's
+            return g * _white_noise(x, seeds, offset + n + 2 * i + k, backend) if g > 0 else 0.0
+
         d = (x - _denoise(denoiser, x, t_hat, class_labels, cfg)) / t_hat
-        x_next = x + (t_next - t_hat) * d
+        x_next = x + h * d + sde_noise(1)
         if t_next > 0:  # second-order correction, every step but the last
             d_next = (x_next - _denoise(denoiser, x_next, t_next, class_labels, cfg)) / t_next
-            x_next = x + (t_next - t_hat) * (d + d_next) / 2
+            x_next = x + h * (d + d_next) / 2 + sde_noise(2)
         x = x_next
     return x
 
@@ -386,3 +396,46 @@ class RelayPipeline:
             bar.update(1)
         bar.close()
         return outputs
+
+
+# --- The authors' settings for a whole pipeline --------------------------------------------------
+
+@dataclass(frozen=True)
+class PipelinePreset:
+    """The RDM authors' sampler settings for their released two-stage models (their
+    ``generate_imagenet.py`` and ``generate_celebahq.py``).
+
+    ``base``: keywords of :func:`edm_sample` for the 64x64 stage; ``relay``: the relay preset
+    (``schedules.PRESETS``) for the 64 -> 256 stage, with guidance weight ``relay_cfg`` (None:
+    none) and ``base_cfg`` for the base stage; ``dtype``: the sampler state's dtype (the authors
+    keep it in float64; the networks run in float32 or lower); ``enhance``: the PIL
+    ``ImageEnhance`` steps (name, factor) their scripts apply to every saved PNG. Class-conditional
+    models get one-hot labels: a given class, else class ``seed mod label_dim`` per image.
+    """
+    name: str
+    base: dict
+    relay: str
+    relay_cfg: float | None = None
+    base_cfg: float | None = None
+    dtype: torch.dtype = torch.float64
+    enhance: tuple = ()
+
+
+PIPELINE_PRESETS = {p.name: p for p in (
+    PipelinePreset("imagenet256", relay="imagenet256", relay_cfg=3.5,
+                   base=dict(num_steps=256, sigma_min=0.002, sigma_max=80.0, rho=7.0, S_churn=40.0, S_min=0.05,
+                             S_max=50.0, S_noise=1.003),
+                   enhance=(("Brightness", 1.06),)),
+    PipelinePreset("celebahq256", relay="celebahq256",
+                   base=dict(num_steps=120, sigma_min=0.002, sigma_max=80.0, rho=7.0, sde_scale=0.05),
+                   enhance=(("Contrast", 0.9), ("Brightness", 1.05), ("Color", 0.99))),
+)}
+
+
+def get_pipeline_preset(name) -> PipelinePreset:
+    """A pipeline preset by name (``"imagenet256"``, ``"celebahq256"``), or the preset itself."""
+    if isinstance(name, PipelinePreset):
+        return name
+    if name not in PIPELINE_PRESETS:
+        raise ValueError(f"unknown pipeline preset {name!r}; known: {sorted(PIPELINE_PRESETS)}")
+    return PIPELINE_PRESETS[name]

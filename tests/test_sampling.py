@@ -112,6 +112,34 @@ def test_edm_constant_denoiser_follows_its_path():
     torch.testing.assert_close(den.calls[0][0], grid[0] * eps, rtol=0, atol=1e-12)
 
 
+def test_edm_sde_steps_by_hand():
+    """sde_scale (the authors' CelebA-HQ base sampler): from t to t' the step lands at noise
+    a = sqrt(t'^2 - g^2) and adds g n, g = sde_scale t', in the Euler and again in the Heun step;
+    n = the Philox normals at offsets n_steps + 2 i + 1 and + 2 (SPEC 4), here with x0_hat = x / 2."""
+    grid, sde, seed = [2.0, 1.0, 0.5], 0.3, 11
+    den = lambda x, s: x / 2  # noqa: E731
+    out = edm_sample(den, (2, 1, 4, 4), sigmas=grid, sde_scale=sde, seed=seed, dtype=DT)
+    like = torch.zeros(2, 1, 4, 4, dtype=DT)
+    normals = lambda off: reference.draw_normals(like, seed, off)[0]  # noqa: E731
+    n = len(grid)
+    x = grid[0] * normals(0)
+    for i, (t, t_n) in enumerate(zip(grid, grid[1:] + [0.0])):
+        g = sde * t_n
+        h = (t_n**2 - g**2) ** 0.5 - t
+        d = (x - x / 2) / t
+        x1 = x + h * d + g * normals(n + 2 * i + 1)
+        if t_n > 0:
+            d1 = (x1 - x1 / 2) / t_n
+            x1 = x + h * (d + d1) / 2 + g * normals(n + 2 * i + 2)
+        x = x1
+    torch.testing.assert_close(out, x, rtol=0, atol=1e-12)
+    # sde_scale = 0 is the plain Heun sampler
+    plain = edm_sample(den, (2, 1, 4, 4), sigmas=grid, seed=seed, dtype=DT)
+    assert torch.equal(edm_sample(den, (2, 1, 4, 4), sigmas=grid, sde_scale=0.0, seed=seed, dtype=DT), plain)
+    with pytest.raises(ValueError, match="sde_scale"):
+        edm_sample(den, (2, 1, 4, 4), sigmas=grid, sde_scale=1.0)
+
+
 def test_linear_relay_invariant():
     """SPEC 10 with a denoiser returning z0*: z_t = A_t(z0*) + sigma_t eps at every step, end z0*."""
     g = torch.Generator().manual_seed(3)

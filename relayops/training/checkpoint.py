@@ -73,11 +73,13 @@ def read_record(path) -> dict:
 
 def load_checkpoint(path, expected_stage: str | None = None) -> tuple[dict[str, torch.Tensor], dict]:
     """``(tensors, record)`` of a checkpoint. ``expected_stage`` ("base"/"relay") is checked
-    against the record, with a ``ValueError`` naming both when they differ."""
+    against the record, with a ``ValueError`` naming both when they differ. A record without a
+    stage (a converted network whose file did not say, :mod:`relayops.models.convert`) serves
+    as either."""
     p = checkpoint_path(path)
     record = read_record(p)
     stage = record.get("train", {}).get("stage")
-    if expected_stage is not None and stage != expected_stage:
+    if expected_stage is not None and stage is not None and stage != expected_stage:
         raise ValueError(f"checkpoint {str(p)!r} is a {stage!r} stage model; a {expected_stage!r} stage "
                          f"checkpoint is needed here")
     try:

@@ -181,8 +181,9 @@ def eval_crops(images: list[torch.Tensor], resolution: int, count: int, seed: in
     return torch.stack(out)
 
 
-def save_grid(images: torch.Tensor, path, nrow: int | None = None, pad: int = 2) -> None:
-    """Write ``[N, 3, H, W]`` images in [-1, 1] as one PNG grid (atomically)."""
+def save_grid(images: torch.Tensor, path, nrow: int | None = None, pad: int = 2, enhance=()) -> None:
+    """Write ``[N, 3, H, W]`` images in [-1, 1] as one PNG grid (atomically); ``enhance`` as in
+    :func:`save_png`."""
     n, c, h, w = images.shape
     nrow = nrow or int(np.ceil(np.sqrt(n)))
     ncol = int(np.ceil(n / nrow))
@@ -190,17 +191,26 @@ def save_grid(images: torch.Tensor, path, nrow: int | None = None, pad: int = 2)
     for i in range(n):
         r, q = divmod(i, nrow)
         grid[:, pad + r * (h + pad):pad + r * (h + pad) + h, pad + q * (w + pad):pad + q * (w + pad) + w] = images[i]
-    save_png(grid, path)
+    save_png(grid, path, enhance)
 
 
-def save_png(image: torch.Tensor, path) -> None:
-    """Write one ``[3, H, W]`` image in [-1, 1] to a PNG (temporary file, then rename)."""
-    from PIL import Image
+def save_png(image: torch.Tensor, path, enhance=()) -> None:
+    """Write one ``[3, H, W]`` image in [-1, 1] to a PNG (temporary file, then rename).
+
+    ``enhance``: ``(name, factor)`` pairs of PIL ``ImageEnhance`` classes (``"Brightness"``,
+    ``"Contrast"``, ``"Color"``, ``"Sharpness"``) applied in order to the 8-bit image.
+    """
+    from PIL import Image, ImageEnhance
 
     arr = ((image.detach().float().cpu().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
     arr = arr.permute(1, 2, 0).numpy()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
-    Image.fromarray(arr).save(tmp, format="PNG")
+    img = Image.fromarray(arr)
+    for name, factor in enhance:
+        if name not in ("Brightness", "Contrast", "Color", "Sharpness"):
+            raise ValueError(f"unknown image enhancement {name!r}")
+        img = getattr(ImageEnhance, name)(img).enhance(factor)
+    img.save(tmp, format="PNG")
     os.replace(tmp, path)

@@ -132,11 +132,21 @@ def build_denoiser(unet: UNet, parameterization: str = "edm"):
 
 
 def load_denoiser(path, expected_stage: str | None = None, *, ema: bool = True, device="cpu"):
-    """``(denoiser, record)`` from a checkpoint: the EMA (default) or raw weights, in eval mode."""
+    """``(denoiser, record)`` from a checkpoint: the EMA (default) or raw weights, in eval mode.
+
+    A checkpoint converted from an EDM/RDM release (a record with ``network``) gives
+    :class:`relayops.models.EDMPrecond`, called the same way (it holds one set of weights)."""
     tensors, record = ckpt.load_checkpoint(path, expected_stage)
-    unet = UNet(UNetConfig.from_dict(record["unet"]))
     prefix = "ema." if ema else "model."
     state = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
+    if "network" in record:
+        from ..models import network_from_record
+
+        if not state:
+            raise RuntimeError(f"checkpoint {str(path)!r} holds one network (converted from "
+                               f"{record.get('source', {}).get('file')!r}) under 'ema.'; it has no raw weights")
+        return network_from_record(record, state, str(path)).to(device), record
+    unet = UNet(UNetConfig.from_dict(record["unet"]))
     try:
         unet.load_state_dict(state)
     except RuntimeError as e:
