@@ -187,6 +187,9 @@ def _torch_save_bytes(marker: Path) -> bytes:
     return buf.getvalue()
 
 
+BAD_CHECKPOINT = r"checkpoint '.*' (is corrupt|has a corrupt|is not a relayops|has format)"
+
+
 def test_bad_checkpoints_are_refused_with_one_clear_error_and_run_no_code(tmp_path):
     good = _good_checkpoint(tmp_path / "good")
     marker = tmp_path / "code_ran"
@@ -196,7 +199,7 @@ def test_bad_checkpoints_are_refused_with_one_clear_error_and_run_no_code(tmp_pa
         d = tmp_path / name
         d.mkdir()
         (d / ckpt.WEIGHTS_NAME).write_bytes(raw)
-        with pytest.raises(RuntimeError, match=r"checkpoint '.*' (is corrupt|has a corrupt|is not a relayops|has format)") as e:
+        with pytest.raises(RuntimeError, match=BAD_CHECKPOINT) as e:
             load_checkpoint(d)
         assert "\n" not in str(e.value), name
         # The command line prints one line and exits with status 2, whatever the damage.
