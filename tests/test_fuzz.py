@@ -13,7 +13,7 @@ image-valued input never raise on any backend; the output is non-finite exactly 
 reference's is, and equal to it elsewhere.
 
 In CI every test runs a fixed, derandomized set of ``RELAYOPS_FUZZ_EXAMPLES`` examples (default
-3). ``make fuzz`` runs many more with random seeds and prints the examples tried per test.
+10). ``make fuzz`` runs many more with random seeds and prints the examples tried per test.
 """
 from __future__ import annotations
 
@@ -33,7 +33,7 @@ from relayops._validate import signed64
 pytestmark = pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning",
                                         "ignore:overflow encountered:RuntimeWarning")
 
-EXAMPLES = int(os.environ.get("RELAYOPS_FUZZ_EXAMPLES", "3"))
+EXAMPLES = int(os.environ.get("RELAYOPS_FUZZ_EXAMPLES", "10"))
 LONG = os.environ.get("RELAYOPS_FUZZ_LONG") == "1"   # make fuzz: random, not derandomized
 FUZZ = settings(max_examples=EXAMPLES, derandomize=not LONG, deadline=None, database=None,
                 suppress_health_check=list(HealthCheck), print_blob=True)
@@ -64,26 +64,19 @@ def op_inputs(draw, op, target, dtypes=DTYPES):
 
 @pytest.mark.parametrize("target", TARGETS, ids=_target_id)
 @pytest.mark.parametrize("op", OPS)
-def test_fuzz_values(op, target):
-    @FUZZ
-    @given(data=op_inputs(op, target))
-    def run(data):
-        name, shape, dtype, inputs, exact = data
-        check_case(name, target, inputs, exact, shape[4], dtype)
-
-    run()
+@FUZZ
+@given(data=st.data())
+def test_fuzz_values(op, target, data):
+    name, shape, dtype, inputs, exact = data.draw(op_inputs(op, target))
+    check_case(name, target, inputs, exact, shape[4], dtype)
 
 
 @pytest.mark.parametrize("target", TARGETS, ids=_target_id)
-def test_fuzz_gradients(target):
-    @FUZZ
-    @given(name=st.sampled_from(GRAD_CASES), b=st.integers(1, 2), c=st.integers(1, 2),
-           s=st.sampled_from((2, 3, 4)), hp=st.integers(1, 2), wp=st.integers(1, 2),
-           layout=st.sampled_from(LAYOUTS), seed=st.integers(0, 2**31 - 1))
-    def run(name, b, c, s, hp, wp, layout, seed):
-        check_gradients(name, target, (b, c, s * hp, s * wp, s), seed=seed, layout=layout)
-
-    run()
+@FUZZ
+@given(name=st.sampled_from(GRAD_CASES), b=st.integers(1, 2), c=st.integers(1, 2), s=st.sampled_from((2, 3, 4)),
+       hp=st.integers(1, 2), wp=st.integers(1, 2), layout=st.sampled_from(LAYOUTS), seed=st.integers(0, 2**31 - 1))
+def test_fuzz_gradients(target, name, b, c, s, hp, wp, layout, seed):
+    check_gradients(name, target, (b, c, s * hp, s * wp, s), seed=seed, layout=layout)
 
 
 # --- non-finite input -----------------------------------------------------------------------------
@@ -132,20 +125,17 @@ def test_non_finite_inputs_propagate_and_never_raise(name, target):
 
 
 @pytest.mark.parametrize("target", TARGETS, ids=_target_id)
-def test_fuzz_non_finite(target):
-    @FUZZ
-    @given(data=st.data())
-    def run(data):
-        op = data.draw(st.sampled_from(OPS))
-        dtypes = (torch.float64,) if takes_float64(target[0]) else (torch.float32,)
-        name, shape, dtype, inputs, exact = data.draw(op_inputs(op, target, dtypes))
-        if shape[0] == 0:
-            return
-        poison = {}
-        for n in data.draw(st.lists(st.sampled_from(IMAGES), min_size=1, max_size=3, unique=True)):
-            k = data.draw(st.integers(1, 3))
-            poison[n] = (data.draw(st.lists(st.integers(0, 10**6), min_size=k, max_size=k)),
-                         data.draw(st.lists(st.sampled_from(NON_FINITE), min_size=k, max_size=k)))
-        check_non_finite(name, target, inputs, exact, shape[4], dtype, poison)
-
-    run()
+@FUZZ
+@given(data=st.data())
+def test_fuzz_non_finite(target, data):
+    op = data.draw(st.sampled_from(OPS))
+    dtypes = (torch.float64,) if takes_float64(target[0]) else (torch.float32,)
+    name, shape, dtype, inputs, exact = data.draw(op_inputs(op, target, dtypes))
+    if shape[0] == 0:
+        return
+    poison = {}
+    for n in data.draw(st.lists(st.sampled_from(IMAGES), min_size=1, max_size=3, unique=True)):
+        k = data.draw(st.integers(1, 3))
+        poison[n] = (data.draw(st.lists(st.integers(0, 10**6), min_size=k, max_size=k)),
+                     data.draw(st.lists(st.sampled_from(NON_FINITE), min_size=k, max_size=k)))
+    check_non_finite(name, target, inputs, exact, shape[4], dtype, poison)
