@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: setup build test demo bench gpu-check clean
+.PHONY: setup build test demo bench gpu-check fuzz fault soak clean
 
 $(STAMP): requirements.txt pyproject.toml setup.py
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -22,6 +22,25 @@ build: setup
 
 test: build
 	$(BIN)/python -m pytest
+
+# Long reliability runs (the CI suite runs bounded versions of each; README "Reliability").
+# fuzz: hypothesis, FUZZ_EXAMPLES random examples per test (seed SEED), statistics printed.
+FUZZ_EXAMPLES ?= 500
+SEED ?= 0
+fuzz: build
+	RELAYOPS_FUZZ_EXAMPLES=$(FUZZ_EXAMPLES) RELAYOPS_FUZZ_LONG=1 $(BIN)/python -m pytest tests/test_fuzz.py \
+		-p no:cacheprovider --hypothesis-show-statistics --hypothesis-seed=$(SEED)
+
+# fault: FAULT_KILLS SIGKILLs of `relayops train` (a third inside checkpoint writes), restarts,
+# bit-exact comparison with an unbroken run.
+FAULT_KILLS ?= 20
+fault: build
+	$(BIN)/python tests/fault_harness.py --kills $(FAULT_KILLS) --seed $(SEED)
+
+# soak: SOAK_CALLS calls of every op (mixed shapes, dtypes, backends) in one process; RSS bounded.
+SOAK_CALLS ?= 10000
+soak: build
+	$(BIN)/python tests/soak.py --calls $(SOAK_CALLS)
 
 demo: build
 	$(BIN)/relayops demo

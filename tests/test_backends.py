@@ -160,11 +160,27 @@ def test_values(target, name, shape, dtype):
     check_case(name, target, inputs, exact, shape[4], dtype)
 
 
-def _layout(t: torch.Tensor, layout: str) -> torch.Tensor:
-    if t.dim() != 4:
+LAYOUTS = ("contiguous", "channels_last", "strided", "transposed", "offset", "batch_strided")
+
+
+def relayout(t: torch.Tensor, layout: str) -> torch.Tensor:
+    """The same values as ``t`` (4-D) in another memory layout; other tensors unchanged."""
+    if t.dim() != 4 or layout == "contiguous":
         return t
     if layout == "channels_last":
         return t.contiguous(memory_format=torch.channels_last)
+    if layout == "transposed":  # H and W swapped in memory
+        return t.transpose(-1, -2).contiguous().transpose(-1, -2)
+    if layout == "offset":  # a view starting 7 elements into its storage
+        flat = torch.full((t.numel() + 7,), float("nan"), dtype=t.dtype, device=t.device)
+        flat[7:] = t.reshape(-1)
+        return flat[7:].view(t.shape)
+    if layout == "batch_strided":  # every other sample and channel of a larger tensor
+        big = torch.full((2 * t.shape[0], 2 * t.shape[1], *t.shape[2:]), float("nan"), dtype=t.dtype,
+                         device=t.device)
+        big[::2, ::2] = t
+        return big[::2, ::2]
+    assert layout == "strided", layout
     wide = torch.zeros(*t.shape[:3], 2 * t.shape[3], dtype=t.dtype, device=t.device)  # every other column
     wide[..., ::2] = t
     return wide[..., ::2]
@@ -176,7 +192,7 @@ def _layout(t: torch.Tensor, layout: str) -> torch.Tensor:
 def test_layouts(target, name, layout, dtype):
     """channels_last and strided inputs give the same numbers; outputs keep channels_last."""
     inputs, exact = make_inputs((2, 3, 8, 12, 4), dtype, target[1], seed=1)
-    inputs = {n: _layout(v, layout) if n in IMAGES else v for n, v in inputs.items()}
+    inputs = {n: relayout(v, layout) if n in IMAGES else v for n, v in inputs.items()}
     assert not inputs["x"].is_contiguous()
     out = check_case(name, target, inputs, exact, 4, dtype)
     if layout == "channels_last":
@@ -229,23 +245,30 @@ def _gradients(call, inputs, names, backend, weight):
     return dict(zip(names, grads))
 
 
-@pytest.mark.parametrize("shape", [(2, 3, 8, 12, 4), (1, 1, 16, 16, 8)], ids=_shape_id)
-@pytest.mark.parametrize("name", GRAD_CASES)
-def test_gradients(target, name, shape):
-    """Every backend's gradients w.r.t. images, given noise and the per-sample parameters the
-    op is differentiable in (tau of patch_blur, sigma and tau of relay_corrupt) equal the
-    reference's autograd: float64 within 1e-10, float32 (Triton) within 1e-5 of the scale."""
+def check_gradients(name, target, shape, seed=3, layout="contiguous"):
+    """Case ``name``'s gradients on ``target`` against autograd through the float64 reference:
+    float64 within 1e-10, float32 (Triton) within 1e-5 of the scale (5e-5 for parameters)."""
     backend, device = target
     dtype = torch.float64 if takes_float64(backend) else torch.float32
     call, names = CASES[name]
     s = shape[4]
-    inputs, exact = make_inputs(shape, dtype, device, seed=3)
-    weight = torch.randn(shape[:4], generator=torch.Generator().manual_seed(4), dtype=torch.float64).to(device)
+    inputs, exact = make_inputs(shape, dtype, device, seed=seed)
+    inputs = {n: relayout(v, layout) if n in IMAGES else v for n, v in inputs.items()}
+    weight = torch.randn(shape[:4], generator=torch.Generator().manual_seed(seed + 1), dtype=torch.float64).to(device)
     got = _gradients(lambda t, _s, be: call(t, s, be), inputs, names, backend, weight)
     want = _gradients(lambda t, _s, be: call(t, s, be), exact, names, "reference", weight)
     for n in names:
         tol = (1e-10 if dtype == torch.float64 else 5e-5 if n in PARAMS else 1e-5) * scale_of(want[n])
         assert_close(got[n], want[n], atol=tol, what=f"{name} on {backend}: gradient w.r.t. {n}")
+
+
+@pytest.mark.parametrize("shape", [(2, 3, 8, 12, 4), (1, 1, 16, 16, 8)], ids=_shape_id)
+@pytest.mark.parametrize("name", GRAD_CASES)
+def test_gradients(target, name, shape):
+    """Every backend's gradients w.r.t. images, given noise and the per-sample parameters the
+    op is differentiable in (tau of patch_blur, sigma and tau of relay_corrupt) equal the
+    reference's autograd."""
+    check_gradients(name, target, shape)
 
 
 @pytest.mark.parametrize("name", GRAD_CASES)

@@ -95,7 +95,7 @@ def test_tiles_values(tile_target, name, shape, dtype):
 def test_tiles_layouts(tile_target, name, layout, dtype):
     """channels_last and strided inputs on several tiles (the tiles' loads are then not contiguous)."""
     inputs, exact = matrix.make_inputs((2, 3, 40, 72, 4), dtype, tile_target[1], seed=1)
-    inputs = {n: matrix._layout(v, layout) if n in matrix.IMAGES else v for n, v in inputs.items()}
+    inputs = {n: matrix.relayout(v, layout) if n in matrix.IMAGES else v for n, v in inputs.items()}
     out = matrix.check_case(name, tile_target, inputs, exact, 4, dtype)
     if layout == "channels_last":
         assert out.is_contiguous(memory_format=torch.channels_last)

@@ -266,7 +266,7 @@ def test_checkpoint_round_trip_and_errors(tmp_path, monkeypatch):
     # A failure while writing leaves the old checkpoint intact and no temporary file behind.
     def boom(*a, **k):
         raise OSError("disk full")
-    monkeypatch.setattr(ckpt, "save_file", boom)
+    monkeypatch.setattr(ckpt, "serialize", boom)
     with pytest.raises(OSError):
         save_checkpoint(d, {"a": torch.zeros(3)}, {"train": {"stage": "base"}, "step": 2})
     monkeypatch.undo()

@@ -13,6 +13,7 @@ same order, whichever process draws it.
 from __future__ import annotations
 
 import functools
+import io
 import os
 from pathlib import Path
 
@@ -21,6 +22,11 @@ import torch
 import torch.nn.functional as F
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
+IMAGE_FORMATS = ("PNG", "JPEG")
+# Refused before decoding (a small file can declare a huge image): 8192 x 8192 pixels.
+MAX_IMAGE_PIXELS = 8192 * 8192
+MAX_IMAGE_BYTES = 256 << 20
+_PNG_END = b"\x00\x00\x00\x00IEND\xaeB`\x82"
 
 # scikit-image's bundled photographs (no download needed). Two are held out for evaluation.
 BUILTIN_TRAIN = ("astronaut", "rocket", "immunohistochemistry", "hubble_deep_field", "retina",
@@ -42,11 +48,40 @@ def _to_chw_uint8(array: np.ndarray) -> torch.Tensor:
 
 
 def read_image(path) -> torch.Tensor:
-    """One image file (any format PIL reads) as a uint8 ``[3, H, W]`` tensor."""
+    """One PNG or JPEG file as a uint8 ``[3, H, W]`` tensor.
+
+    Raises ``FileNotFoundError`` for a missing file and ``ValueError`` (naming the file) for
+    anything else: another format, a truncated or corrupt file (PNG: every chunk checksum and
+    the end chunk are checked), more than ``MAX_IMAGE_BYTES`` bytes or more than
+    ``MAX_IMAGE_PIXELS`` pixels (from the header, before decoding). Only the PNG and JPEG
+    decoders are allowed: some PIL formats (EPS) would start external programs.
+    """
     from PIL import Image
 
-    with Image.open(path) as im:
-        return _to_chw_uint8(np.asarray(im.convert("RGB")))
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"image {str(path)!r} does not exist")
+    try:
+        if not path.is_file():
+            raise ValueError("not a file")
+        size = path.stat().st_size
+        if size > MAX_IMAGE_BYTES:
+            raise ValueError(f"{size} bytes is more than the limit of {MAX_IMAGE_BYTES} "
+                             f"(relayops.training.data.MAX_IMAGE_BYTES)")
+        data = path.read_bytes()
+        with Image.open(io.BytesIO(data), formats=IMAGE_FORMATS) as im:
+            w, h = im.size
+            if w * h > MAX_IMAGE_PIXELS:
+                raise ValueError(f"{w}x{h} pixels is more than the limit of {MAX_IMAGE_PIXELS} "
+                                 f"(relayops.training.data.MAX_IMAGE_PIXELS)")
+            if im.format == "PNG":
+                im.verify()  # chunk checksums; decoding alone accepts a cut-off end
+                if not data.endswith(_PNG_END):
+                    raise ValueError("truncated PNG file (no end chunk)")
+        with Image.open(io.BytesIO(data), formats=IMAGE_FORMATS) as im:
+            return _to_chw_uint8(np.asarray(im.convert("RGB")))
+    except Exception as e:  # PIL raises several types (OSError, SyntaxError, ...) for broken files
+        raise ValueError(f"cannot read image {str(path)!r}: {e}") from None
 
 
 @functools.cache
@@ -92,10 +127,7 @@ def folder_images(path) -> tuple[list[torch.Tensor], list[int], list[str]]:
     class_names = sorted({class_of(p) for p in files})
     images, labels = [], []
     for p in files:
-        try:
-            images.append(read_image(p))
-        except Exception as e:  # PIL raises several types for broken files
-            raise ValueError(f"cannot read image {str(p)!r}: {e}") from None
+        images.append(read_image(p))
         labels.append(class_names.index(class_of(p)))
     return images, labels, class_names
 

@@ -145,7 +145,8 @@ def _right(x, m):
 
 @triton.jit
 def _box_matrices(S: tl.constexpr, SP: tl.constexpr, ADJOINT: tl.constexpr):
-    """``(L0, L1)`` of the block-noise box sum (module docstring), transposed for the adjoint."""
+    """``(L0, L1)`` of the block-noise box sum (module docstring) as boolean masks, transposed
+    for the adjoint."""
     a = tl.arange(0, SP)[:, None]
     k = tl.arange(0, SP)[None, :]
     inside = (a < S) & (k < S)
@@ -155,7 +156,20 @@ def _box_matrices(S: tl.constexpr, SP: tl.constexpr, ADJOINT: tl.constexpr):
     else:
         l0 = inside & (k <= a)
         l1 = inside & (k > a)
-    return l0.to(tl.float32), l1.to(tl.float32)
+    return l0, l1
+
+
+@triton.jit
+def _left_select(m, x):
+    """``Y[p] = m @ X[p]`` for a boolean ``m``: a sum of the selected entries. Not a product
+    with 0/1: 0 * NaN is NaN, which would spread one non-finite input over the whole tile."""
+    return tl.sum(tl.where(m[None, :, :, None], x[:, None, :, :], 0.0), axis=2)
+
+
+@triton.jit
+def _right_select(x, m):
+    """``Y[p] = X[p] @ m^T`` for a boolean ``m`` (see ``_left_select``)."""
+    return tl.sum(tl.where(m[None, None, :, :], x[:, :, None, :], 0.0), axis=3)
 
 
 @triton.jit
@@ -163,9 +177,9 @@ def _box_sum(g00, g01, g10, g11, S: tl.constexpr, SP: tl.constexpr, ADJOINT: tl.
     """``(1/s) * box sum`` of one output patch from its four input patches (gRC = patch
     (p -+ R, q -+ C)), in float32 (SPEC 3)."""
     l0, l1 = _box_matrices(S, SP, ADJOINT)
-    upper = _right(g00, l0) + _right(g01, l1)
-    lower = _right(g10, l0) + _right(g11, l1)
-    return (_left(l0, upper) + _left(l1, lower)) * (1.0 / S)
+    upper = _right_select(g00, l0) + _right_select(g01, l1)
+    lower = _right_select(g10, l0) + _right_select(g11, l1)
+    return (_left_select(l0, upper) + _left_select(l1, lower)) * (1.0 / S)
 
 
 @triton.jit

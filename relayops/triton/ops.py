@@ -9,6 +9,8 @@ copy of the formula); everything image-sized happens in the kernels, in float32.
 """
 from __future__ import annotations
 
+import contextlib
+import threading
 from typing import Optional
 
 import torch
@@ -19,6 +21,13 @@ from .._alloc import empty
 from . import kernels
 
 MASK32 = 0xFFFFFFFF
+# The Triton interpreter (TRITON_INTERPRET=1, no GPU) keeps the running program's grid in
+# global state, so launches from several threads at once fail or mix up; serialize them there.
+_INTERPRETER_LOCK = threading.Lock()
+
+
+def _launching():
+    return _INTERPRETER_LOCK if kernels.INTERPRET else contextlib.nullcontext()
 
 
 def _geometry(x: torch.Tensor, s: int):
@@ -51,7 +60,8 @@ def patch_transform(x: torch.Tensor, s: int, inverse: bool) -> torch.Tensor:
     n, _, hp, wp = _geometry(x, s)
     if n:
         sp = _padded(s)
-        kernels.transform_kernel[_grid(n, sp)](x, out, n, hp, wp, S=s, SP=sp, INVERSE=inverse)
+        with _launching():
+            kernels.transform_kernel[_grid(n, sp)](x, out, n, hp, wp, S=s, SP=sp, INVERSE=inverse)
     return out
 
 
@@ -70,7 +80,8 @@ def block_noise(g, s, adjoint):
     n, _, hp, wp = _geometry(g, s)
     if n:
         sp = _padded(s)
-        kernels.block_noise_kernel[_grid(n, sp)](g, out, n, hp, wp, S=s, SP=sp, ADJOINT=adjoint)
+        with _launching():
+            kernels.block_noise_kernel[_grid(n, sp)](g, out, n, hp, wp, S=s, SP=sp, ADJOINT=adjoint)
     return out
 
 
@@ -86,14 +97,16 @@ def _launch_relay(like, s, *, x=None, x0=None, x_prop=None, x0_prop=None, factor
         return out
     sp = _padded(s)
     tensor = lambda t: like if t is None else t  # noqa: E731
-    kernels.relay_kernel[_grid(n, sp)](
-        tensor(_contiguous(x)), tensor(_contiguous(x0)), tensor(_contiguous(x_prop)), tensor(_contiguous(x0_prop)),
-        tensor(_contiguous(eps)), tensor(_contiguous(eps2)), tensor(factor), tensor(gamma), tensor(coef),
-        tensor(sigma), tensor(sigma_next), tensor(seeds), out,
-        n, c, hp, wp, float(alpha), float(k), seed & MASK32, (seed >> 32) & MASK32, offset & MASK32,
-        (offset >> 32) & MASK32,
-        S=s, SP=sp, HAS_X=x is not None, HAS_BLUR=x0 is not None, HEUN=x_prop is not None,
-        NOISE=noise, HAS_BLOCK=alpha != 0.0, PER_SAMPLE_SEEDS=seeds is not None)
+    with _launching():
+        kernels.relay_kernel[_grid(n, sp)](
+            tensor(_contiguous(x)), tensor(_contiguous(x0)), tensor(_contiguous(x_prop)),
+            tensor(_contiguous(x0_prop)),
+            tensor(_contiguous(eps)), tensor(_contiguous(eps2)), tensor(factor), tensor(gamma), tensor(coef),
+            tensor(sigma), tensor(sigma_next), tensor(seeds), out,
+            n, c, hp, wp, float(alpha), float(k), seed & MASK32, (seed >> 32) & MASK32, offset & MASK32,
+            (offset >> 32) & MASK32,
+            S=s, SP=sp, HAS_X=x is not None, HAS_BLUR=x0 is not None, HEUN=x_prop is not None,
+            NOISE=noise, HAS_BLOCK=alpha != 0.0, PER_SAMPLE_SEEDS=seeds is not None)
     return out
 
 
@@ -144,5 +157,6 @@ def normals_from_words(words: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]
     n = words.shape[1]
     eps, eps2 = (torch.empty(n, dtype=torch.float32, device=words.device) for _ in range(2))
     if n:
-        kernels.words_kernel[(triton.cdiv(n, 256),)](words, eps, eps2, n, BLOCK=256)
+        with _launching():
+            kernels.words_kernel[(triton.cdiv(n, 256),)](words, eps, eps2, n, BLOCK=256)
     return eps, eps2
