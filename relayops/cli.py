@@ -16,14 +16,13 @@ from __future__ import annotations
 
 import argparse
 import os
-import pickle
 import shlex
 import subprocess
 import sys
 from pathlib import Path
 
-# pickle.UnpicklingError: a checkpoint refused by relayops.models.safe_pickle.
-USER_ERRORS = (ValueError, RuntimeError, FileNotFoundError, NotADirectoryError, TypeError, pickle.UnpicklingError)
+# (relayops.models.safe_pickle's UnsafeCheckpointError, a refused checkpoint, is a ValueError.)
+USER_ERRORS = (ValueError, RuntimeError, FileNotFoundError, NotADirectoryError, TypeError)
 
 
 def _int_at_least(low: int):

@@ -42,8 +42,9 @@ import torch
 __all__ = ["PersistentObject", "PlainModule", "TensorRef", "UnsafeCheckpointError", "load_pickle", "read_file"]
 
 
-class UnsafeCheckpointError(pickle.UnpicklingError):
-    """A checkpoint asks for a name off the allowlist, or is malformed; nothing from it ran."""
+class UnsafeCheckpointError(pickle.UnpicklingError, ValueError):
+    """A checkpoint asks for a name off the allowlist, or is malformed; nothing from it ran. A
+    ValueError too, so callers that catch bad input (the command line) catch it."""
 
 
 # --- what the allowlisted names build ------------------------------------------------------------
