@@ -93,7 +93,7 @@ def test_seeded_noise_streams_equal_reference(s, shape, seed, offset):
 
 @pytest.mark.gpu
 def test_larger_shapes_on_gpu():
-    """Shapes that span many tiles of every autotune configuration, per-sample seeds included."""
+    """Shapes that span many tiles of the kernels' tile configurations, per-sample seeds included."""
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(4, 3, 96, 160, generator=gen, dtype=torch.float64)
     tau = 0.1 + 2 * torch.rand(4, generator=gen, dtype=torch.float64)
