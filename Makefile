@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: setup build test demo bench gpu-check fuzz fault soak clean
+.PHONY: setup build lint test demo bench gpu-check fuzz fault soak clean
 
 $(STAMP): requirements.txt pyproject.toml setup.py
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -20,7 +20,11 @@ setup: $(STAMP)
 build: setup
 	$(BIN)/python setup.py build_ext --inplace
 
-test: build
+# ruff (rules and exclusions in pyproject.toml) before the tests.
+lint: setup
+	$(BIN)/ruff check .
+
+test: lint build
 	$(BIN)/python -m pytest
 
 # Long reliability runs (the CI suite runs bounded versions of each; README "Reliability").

@@ -3,9 +3,10 @@
     pytest bench --benchmark-json=bench/results/cpu.json
     python bench/report.py [--stat min] bench/results/cpu.json [more.json ...] > table.md
 
-One row per (op, device, dtype, size): median (or, with ``--stat min``, fastest round's) time of the compiled kernels, the reference and a
-copy of the same bytes, the compiled kernels' GB/s (bytes the op must move / median), their time
-as a multiple of the copy, and their speedup over the reference (all from the chosen statistic).
+One row per (op, device, dtype, size): median (or, with ``--stat min``, fastest round's) time of the
+compiled kernels, the reference and a copy of the same bytes, the compiled kernels' GB/s (bytes the
+op must move / median), their time as a multiple of the copy, and their speedup over the reference
+(all from the chosen statistic).
 """
 from __future__ import annotations
 
@@ -50,10 +51,11 @@ def table(rows, stat="median") -> str:
         ref = impls.get("reference")
         shape = "x".join(str(v) for v in main["shape"])
         speedup = f"{ref['median'] / main['median']:.1f}x" if ref and "compiled" in impls else "-"
+        compiled_ms = ms(impls["compiled"]["median"]) if "compiled" in impls else ms(main["median"])
         lines.append(
-            f"| {op} | {device} | {dtype} | {shape} | {ms(impls['compiled']['median']) if 'compiled' in impls else ms(main['median'])}"
-            f" | {ms(ref['median']) if ref else '-'} | {ms(main['copy_s'])} | {main['bytes'] / main['median'] / 1e9:.1f}"
-            f" | {main['median'] / main['copy_s']:.2f} | {speedup} |")
+            f"| {op} | {device} | {dtype} | {shape} | {compiled_ms}"
+            f" | {ms(ref['median']) if ref else '-'} | {ms(main['copy_s'])}"
+            f" | {main['bytes'] / main['median'] / 1e9:.1f} | {main['median'] / main['copy_s']:.2f} | {speedup} |")
     threads = sorted({r.get("threads") for r in rows})
     lines.append("")
     what = "Medians" if stat == "median" else "Fastest rounds"
@@ -67,7 +69,8 @@ def sampler_table(rows) -> str:
     groups = defaultdict(dict)
     for r in rows:
         groups[(r["sampler"], r["device"], tuple(r["shape"]))][r["seeds"]] = r
-    lines = ["| sampler | device | output B x C x H x W | steps | int seed ms/step | per-sample seeds ms/step | ratio |",
+    lines = ["| sampler | device | output B x C x H x W | steps | int seed ms/step | per-sample seeds ms/step"
+             " | ratio |",
              "|---|---|---|---|---|---|---|"]
     for (sampler, device, shape), by_seeds in sorted(groups.items()):
         one, each = by_seeds.get("int"), by_seeds.get("per_sample")
