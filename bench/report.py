@@ -6,7 +6,9 @@
 One row per (op, device, dtype, size): median (or, with ``--stat min``, fastest round's) time of the
 compiled kernels, the reference and a copy of the same bytes, the compiled kernels' GB/s (bytes the
 op must move / median), their time as a multiple of the copy, and their speedup over the reference
-(all from the chosen statistic).
+(all from the chosen statistic). Each table ends with the machine of every file: CPU model and
+AVX-512F, torch version and commit (from results written before bench/conftest.py recorded them:
+pytest-benchmark's CPU brand and commit, torch unknown).
 """
 from __future__ import annotations
 
@@ -28,6 +30,23 @@ def load(paths, stat="median", kind="op"):
                 info["median"] = bench["stats"][stat]
                 rows.append(info)
     return rows
+
+
+def machine_line(path) -> str:
+    """One line naming the machine a results file was measured on."""
+    with open(path) as f:
+        data = json.load(f)
+    info = data.get("machine_info", {})
+    m = info.get("relayops")
+    if m is None:  # results from before conftest.machine(): what pytest-benchmark recorded
+        cpu = info.get("cpu", {})
+        commit = data.get("commit_info", {})
+        m = {"cpu_model": cpu.get("brand_raw", "?"), "avx512f": "avx512f" in cpu.get("flags", []), "torch": "?",
+             "commit": commit.get("id"), "dirty": commit.get("dirty")}
+    commit = (m.get("commit") or "?")[:10] + (" (uncommitted changes)" if m.get("dirty") else "")
+    gpu = f", GPU {m['gpu']}" if m.get("gpu") else ""
+    return (f"{path}: CPU {m['cpu_model']} ({'with' if m['avx512f'] else 'without'} AVX-512F){gpu}, "
+            f"torch {m['torch']}, commit {commit}")
 
 
 def ms(seconds):
@@ -96,6 +115,7 @@ def main(argv):
     samplers = load(argv, stat, kind="sampler")
     if samplers:
         print("\n" + sampler_table(samplers))
+    print("\nMachine: " + "; ".join(machine_line(p) for p in argv) + ".")
     return 0
 
 
