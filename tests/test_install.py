@@ -51,7 +51,7 @@ def core_site(folder: Path) -> Path:
             continue
         todo += [r.name for r in map(Requirement, dist.requires or [])
                  if r.marker is None or r.marker.evaluate({"extra": ""})]
-        for top in {Path(f).parts[0] for f in dist.files or []} - {".."}:
+        for top in {Path(f).parts[0] for f in dist.files or []} - {"..", "__pycache__"}:
             link = folder / top
             if not link.exists():
                 link.symlink_to(dist.locate_file(top))
