@@ -66,4 +66,4 @@ def progress_bar(show: bool, **tqdm_args):
     that does nothing, so progress off works without tqdm."""
     if not show:
         return _NoBar()
-    return require("tqdm.auto", "progress bars").tqdm(**tqdm_args)
+    return require("tqdm.auto", "showing progress bars").tqdm(**tqdm_args)

@@ -21,6 +21,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from ._optional import EXTRAS
+
 # (relayops.models.safe_pickle's UnsafeCheckpointError, a refused checkpoint, is a ValueError.)
 USER_ERRORS = (ValueError, RuntimeError, FileNotFoundError, NotADirectoryError, TypeError)
 
@@ -431,6 +433,10 @@ def main(argv: list[str] | None = None) -> int:
         print("relayops: interrupted (the last saved checkpoint is intact)", file=sys.stderr)
         return 130
     except USER_ERRORS as e:
+        parser.exit(2, f"relayops {args.command}: error: {e}\n")
+    except ImportError as e:
+        if e.name not in EXTRAS:  # a missing extra is the user's to install; any other ImportError is a bug
+            raise
         parser.exit(2, f"relayops {args.command}: error: {e}\n")
 
 

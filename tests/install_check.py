@@ -46,7 +46,7 @@ def main(out_dir: str) -> None:
             importable[name] = False
 
     x = torch.randn(2, 3, 8, 8, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
-    dct_err = (relayops.patch_dct(x, 4, backend="cpu").numpy() - numpy_patch_dct(x.numpy(), 4)).__abs__().max()
+    dct_err = np.abs(relayops.patch_dct(x, 4, backend="cpu").numpy() - numpy_patch_dct(x.numpy(), 4)).max()
     noise = {be: relayops.relay_noise(x, 4, seed=7, backend=be) for be in ("cpu", "reference")}
 
     def zero_denoiser(x, sigma):

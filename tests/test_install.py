@@ -81,11 +81,11 @@ def check_core(report: dict) -> None:
 
 def test_require_imports_or_names_the_extra(monkeypatch):
     import tqdm.auto
-    assert require("tqdm.auto", "progress bars") is tqdm.auto
+    assert require("tqdm.auto", "showing progress bars") is tqdm.auto
     monkeypatch.setitem(sys.modules, "tqdm.auto", None)  # importing it now fails as if it were not installed
-    message = r"^progress bars needs the \[train\] extra: pip install 'relayops\[train\]'"
+    message = r"^showing progress bars needs the \[train\] extra: pip install 'relayops\[train\]'"
     with pytest.raises(ImportError, match=message) as info:
-        require("tqdm.auto", "progress bars")
+        require("tqdm.auto", "showing progress bars")
     assert info.value.name == "tqdm" and isinstance(info.value.__cause__, ImportError)
     with pytest.raises(ValueError, match="not one of relayops' optional dependencies"):
         missing_extra("numpy", "anything")
@@ -144,3 +144,7 @@ def test_sdist_and_wheel_install_in_a_fresh_venv(tmp_path):
     assert report["version"] == version
     check_core(report)
     assert "usage: relayops" in run([venv / "bin" / "relayops", "--help"], cwd=tmp_path).stdout
+    spectrum = subprocess.run([venv / "bin" / "relayops", "spectrum", "--out", tmp_path / "s"], cwd=tmp_path,
+                              capture_output=True, text=True, timeout=600)
+    assert spectrum.returncode == 2
+    assert "relayops spectrum: error: loading scikit-image's sample images needs the [train] extra" in spectrum.stderr

@@ -35,7 +35,8 @@ _CHUNK = 1 << 20
 
 def _safetensors():
     """``(safetensors, safetensors.torch)``: the [train] extra, imported on first use."""
-    return require("safetensors", "relayops checkpoints"), require("safetensors.torch", "relayops checkpoints")
+    feature = "saving and loading checkpoints"
+    return require("safetensors", feature), require("safetensors.torch", feature)
 
 
 def checkpoint_path(path) -> Path:

@@ -93,7 +93,7 @@ def skimage_image(name: str) -> torch.Tensor:
     Raises ``ValueError`` for a name that is not one. Cached: decoding takes up to a second
     and callers only ever read the tensor.
     """
-    skimage_data = require("skimage.data", "scikit-image's sample images")
+    skimage_data = require("skimage.data", "loading scikit-image's sample images")
     load = getattr(skimage_data, name, None)
     if not callable(load):
         raise ValueError(f"scikit-image has no sample image {name!r}")
