@@ -20,7 +20,7 @@ setup: $(STAMP)
 build: setup
 	$(BIN)/python setup.py build_ext --inplace
 
-# ruff (rules and exclusions in pyproject.toml) before the tests.
+# ruff (its configuration is in pyproject.toml) before the tests.
 lint: setup
 	$(BIN)/ruff check .
 
