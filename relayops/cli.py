@@ -220,7 +220,8 @@ def _build_sample(sub) -> None:
                    help="class index for class-conditional models (default for converted EDM/RDM networks: "
                         "class (seed + b) mod label_dim, as the authors' script; relayops models: no label)")
     p.add_argument("--cfg", type=float, default=None,
-                   help="classifier-free guidance weight of the relay stages (default: the preset's; else none)")
+                   help="classifier-free guidance weight of the relay stages (default: the preset's; else none); "
+                        "for a student distilled with guidance, its guidance input (one call per step)")
     p.add_argument("--base-cfg", type=float, default=None, help="guidance weight of the base stage (default none)")
     p.add_argument("--num", type=_positive_int, default=16, help="number of images (default 16)")
     p.add_argument("--out", default="runs/samples", help="output folder (default runs/samples)")
@@ -229,7 +230,7 @@ def _build_sample(sub) -> None:
                    help="EDM sampler steps (default: the preset's, else 18)")
     p.add_argument("--relay-steps", type=_positive_int, default=None,
                    help="relay Karras grid size before truncation (default: the preset's, else 60: 21 steps "
-                        "below sigma 0.9)")
+                        "below sigma 0.9); a distilled relay student always samples on its own grid")
     p.add_argument("--eta", type=float, default=None, help="relay sampler stochasticity (default: the preset's, "
                    "else 0.2)")
     p.add_argument("--dtype", choices=["float32", "float64"], default=None,

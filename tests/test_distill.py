@@ -250,14 +250,14 @@ def test_one_round_lowers_the_loss_and_the_student_approaches_the_two_step_teach
 
 # --- guidance input, command line ------------------------------------------------------------
 
+@torch.no_grad()
 def test_guidance_embedding_starts_at_zero_and_is_used():
     from relayops.training import EDMPrecond, UNet, UNetConfig
 
     torch.manual_seed(0)
     teacher = UNet(UNetConfig(**TINY, num_classes=2))
-    with torch.no_grad():   # a non-trivial network (the zero-initialised layers made non-zero)
-        for v in teacher.parameters():
-            v.add_(0.1 * torch.randn_like(v))
+    for v in teacher.parameters():   # a non-trivial network (the zero-initialised layers made non-zero)
+        v.add_(0.1 * torch.randn_like(v))
     student = UNet(UNetConfig(**TINY, num_classes=2, guidance=True))
     missing, unexpected = student.load_state_dict(teacher.state_dict(), strict=False)
     assert not unexpected and missing and all(k.startswith("guidance_embed.") for k in missing)

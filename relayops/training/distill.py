@@ -299,7 +299,7 @@ class Distiller(Trainer):
         self.path = RelayPath.from_dict(cfg.path)
         self.path.target_weights()  # an odd grid is an error before anything loads
         super().__init__(cfg, resume=resume)
-        self.teacher, rec = load_denoiser(cfg.teacher, "relay", device=self.device)
+        self.teacher, _ = load_denoiser(cfg.teacher, "relay", device=self.device)
         self.teacher.requires_grad_(False)
         if self.step == 0:
             missing, unexpected = self.unet.load_state_dict(self.teacher.net.state_dict(), strict=False)
@@ -323,9 +323,6 @@ class Distiller(Trainer):
             labels = self._training_labels(labels, seeds)
         return distillation_loss(self.denoiser, self.teacher, y, labels, path=self.path, seeds=seeds,
                                  guidance=cfg.guidance, teacher_guided=cfg.teacher_guided, backend=cfg.backend)
-
-    def sample_grid(self, num: int = 16):
-        return None   # the comparison of :func:`compare` replaces the trainer's sample grids
 
 
 @dataclass
@@ -482,7 +479,8 @@ def compare(teacher, students, *, num: int = 32, resolution: int = 64, seed: int
     """Super-resolve ``num`` held-out crops with the teacher at N, N/2, N/4 ... steps (on the
     coarsened grids) and each student at its own steps, all Euler with eta = 0 from the same
     start noise; PSNR and log-spectral distance (as ``relayops demo``) against the ground truth,
-    and the wall time per image (one batch of ``num`` after a warm-up call). Writes the dict as
+    and the wall and process CPU time per image (one batch of ``num`` after a warm-up call; on a
+    shared machine the CPU time is the steadier measure). Writes the dict as
     JSON to ``out`` when given."""
     device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device)
     loaded = [load_student(p, device=device) for p in students]
@@ -497,13 +495,14 @@ def compare(teacher, students, *, num: int = 32, resolution: int = 64, seed: int
     teacher_grid.sample(t_den, low[:1], seed=seed)   # warm-up: the first call pays one-time costs
 
     def run(name, denoiser, grid):
-        start = time.perf_counter()
+        start, cpu_start = time.perf_counter(), time.process_time()
         x = grid.sample(denoiser, low, seed=seed + 1000).cpu().clamp(-1, 1)
-        seconds = time.perf_counter() - start
+        seconds, cpu_seconds = time.perf_counter() - start, time.process_time() - cpu_start
         rows.append({"model": name, "steps": grid.num_steps, "psnr_db": round(float(psnr(x, truth).mean()), 3),
                      "log_spectral_distance_db": {b: round(v, 3) for b, v in
                                                   log_spectral_distance(x, truth, BANDS).items()},
-                     "seconds_per_image": round(seconds / num, 4)})
+                     "seconds_per_image": round(seconds / num, 4),
+                     "cpu_seconds_per_image": round(cpu_seconds / num, 4)})
 
     grid = teacher_grid
     for _ in range(len(loaded) + 1):
@@ -528,9 +527,9 @@ def format_comparison(m: dict) -> str:
     """The rows of :func:`compare` as a terminal table."""
     bands = list(m["rows"][0]["log_spectral_distance_db"])
     lines = [f"{'model':<16} {'steps':>5} {'PSNR dB':>8}  " + "  ".join(f"LSD {b:>9}" for b in bands)
-             + f"  {'s/image':>8}"]
+             + f"  {'s/image':>8}  {'CPU s/image':>11}"]
     for r in m["rows"]:
         lines.append(f"{r['model']:<16} {r['steps']:>5} {r['psnr_db']:>8.2f}  "
                      + "  ".join(f"{r['log_spectral_distance_db'][b]:>13.2f}" for b in bands)
-                     + f"  {r['seconds_per_image']:>8.4f}")
+                     + f"  {r['seconds_per_image']:>8.4f}  {r['cpu_seconds_per_image']:>11.4f}")
     return "\n".join(lines)
