@@ -479,6 +479,7 @@ def compare(teacher, students, *, num: int = 32, resolution: int = 64, seed: int
     """Super-resolve ``num`` held-out crops with the teacher at N, N/2, N/4 ... steps (on the
     coarsened grids) and each student at its own steps, all Euler with eta = 0 from the same
     start noise; PSNR and log-spectral distance (as ``relayops demo``) against the ground truth,
+    the PSNR against the teacher's N-step output (what distillation aims at),
     and the wall and process CPU time per image (one batch of ``num`` after a warm-up call; on a
     shared machine the CPU time is the steadier measure). Writes the dict as
     JSON to ``out`` when given."""
@@ -491,14 +492,17 @@ def compare(teacher, students, *, num: int = 32, resolution: int = 64, seed: int
     teacher_grid = RelayPath.from_dict(loaded[0][2]["distill"]["teacher_path"])
     truth = heldout_crops(train["data"], num, resolution, train.get("crop_scale", [1.0, 2.0]), seed)
     low = area_downsample(truth, teacher_grid.s).to(device)
-    rows = []
+    rows, teacher_n = [], {}
     teacher_grid.sample(t_den, low[:1], seed=seed)   # warm-up: the first call pays one-time costs
 
     def run(name, denoiser, grid):
         start, cpu_start = time.perf_counter(), time.process_time()
         x = grid.sample(denoiser, low, seed=seed + 1000).cpu().clamp(-1, 1)
         seconds, cpu_seconds = time.perf_counter() - start, time.process_time() - cpu_start
+        teacher_n.setdefault("x", x)   # the first run: the teacher at N steps
         rows.append({"model": name, "steps": grid.num_steps, "psnr_db": round(float(psnr(x, truth).mean()), 3),
+                     "psnr_vs_teacher_n_db": (None if x is teacher_n["x"] else
+                                              round(float(psnr(x, teacher_n["x"]).mean()), 3)),
                      "log_spectral_distance_db": {b: round(v, 3) for b, v in
                                                   log_spectral_distance(x, truth, BANDS).items()},
                      "seconds_per_image": round(seconds / num, 4),
@@ -526,10 +530,11 @@ def compare(teacher, students, *, num: int = 32, resolution: int = 64, seed: int
 def format_comparison(m: dict) -> str:
     """The rows of :func:`compare` as a terminal table."""
     bands = list(m["rows"][0]["log_spectral_distance_db"])
-    lines = [f"{'model':<16} {'steps':>5} {'PSNR dB':>8}  " + "  ".join(f"LSD {b:>9}" for b in bands)
+    lines = [f"{'model':<16} {'steps':>5} {'PSNR dB':>8} {'vs N dB':>8}  " + "  ".join(f"LSD {b:>9}" for b in bands)
              + f"  {'s/image':>8}  {'CPU s/image':>11}"]
     for r in m["rows"]:
-        lines.append(f"{r['model']:<16} {r['steps']:>5} {r['psnr_db']:>8.2f}  "
+        vs = "" if r["psnr_vs_teacher_n_db"] is None else f"{r['psnr_vs_teacher_n_db']:.2f}"
+        lines.append(f"{r['model']:<16} {r['steps']:>5} {r['psnr_db']:>8.2f} {vs:>8}  "
                      + "  ".join(f"{r['log_spectral_distance_db'][b]:>13.2f}" for b in bands)
                      + f"  {r['seconds_per_image']:>8.4f}  {r['cpu_seconds_per_image']:>11.4f}")
     return "\n".join(lines)
