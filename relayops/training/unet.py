@@ -3,13 +3,14 @@
 The network ``UNet`` maps ``(x [B, C, H, W], c_noise [B], class_labels [B] or None)`` to
 ``[B, C, H, W]``: residual blocks with GroupNorm and a noise embedding applied as a scale and
 shift (ADM), self-attention at chosen resolutions, dropout, channel multipliers per level,
-optional class conditioning. It is fully convolutional, so a model trained on crops samples at
+optional class conditioning and an optional guidance-weight input (a distilled student,
+docs/spec.md 10.1). It is fully convolutional, so a model trained on crops samples at
 any size that is a multiple of ``2 ** (len(channel_mult) - 1)``.
 
 ``EDMPrecond`` wraps it into the denoiser ``D(x; sigma)`` of SPEC 6 (the samplers' contract:
 ``denoiser(x, sigma[, class_labels]) -> x0_hat``; a distilled student with a guidance input also
-takes ``guidance=w``). ``VPredPrecond`` wraps a v-prediction
-network (SPEC 11) into the same contract, so every sampler works with either.
+takes ``guidance=w``). ``VPredPrecond`` wraps a v-prediction network (SPEC 11) into the same
+contract, so every sampler works with either.
 """
 from __future__ import annotations
 
