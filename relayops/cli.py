@@ -3,6 +3,8 @@
     relayops train --stage base --data builtin --resolution 16 --steps 2000 --out runs/base
     relayops train --stage relay --data photos/ --resolution 64 --patch 4 --out runs/relay
     relayops sample --base runs/base --relay runs/relay --num 16 --out runs/samples
+    relayops distill --teacher runs/relay --out runs/distill --rounds 2   # 16 -> 8 -> 4 relay steps
+    relayops sample --base runs/base --relay runs/distill/round2 --out runs/samples4
     relayops convert imagenet_second_stage.pt runs/rdm-relay   # a released EDM/RDM network, read safely
     relayops sample --base runs/rdm-base --relay runs/rdm-relay --preset imagenet256 --class 207
     relayops demo                       # the main job: both stages, samples and metrics
@@ -143,6 +145,66 @@ def _cmd_train(args) -> int:
     return 0
 
 
+def _build_distill(sub) -> None:
+    from .training.distill import DistillConfig
+
+    d = DistillConfig(teacher="")
+    p = sub.add_parser("distill", help="progressive distillation of a relay stage (fewer sampling steps)",
+                       description="CogView3's relay distillation: each round trains a student, started from the "
+                                   "teacher's weights, to do in one deterministic relay step what the teacher does in "
+                                   "two, halving the steps (16 -> 8 -> 4 ...). Round k writes OUT/round<k>; "
+                                   "'relayops sample --relay OUT/round<k>' samples with its own grid. Works for the "
+                                   "blurring relay and the linear relay (--relay-mode linear models).")
+    p.add_argument("--teacher", required=True, help="relay-stage checkpoint (a relayops run, or a distilled student "
+                   "to continue from)")
+    p.add_argument("--out", required=True, help="output folder (round1, round2, ... and metrics.json)")
+    p.add_argument("--rounds", type=_positive_int, required=True, help="halvings of the step count")
+    p.add_argument("--teacher-steps", type=_positive_int, default=None,
+                   help="the teacher's deterministic relay steps (blur relay: Karras grid from --sigma-start to "
+                        "--sigma-min, default 16; linear relay: levels of its training grid, default all); "
+                        "must be divisible by 2^rounds")
+    p.add_argument("--sigma-start", type=float, default=None, help="first noise level (default: the teacher's "
+                   "sigma_trunc, 0.9)")
+    p.add_argument("--sigma-min", type=float, default=d.sigma_min, help=f"default {d.sigma_min}")
+    p.add_argument("--cfg", type=float, nargs="+", default=None, metavar="W",
+                   help="distil classifier-free guidance: one weight W, or a range W_MIN W_MAX the student learns "
+                        "to take as an input (class-conditional teachers)")
+    p.add_argument("--steps", type=_nonneg_int, default=d.steps, help=f"training steps per round (default {d.steps})")
+    p.add_argument("--batch-size", type=_positive_int, default=d.batch_size)
+    p.add_argument("--lr", type=float, default=d.lr, help=f"default {d.lr}")
+    p.add_argument("--warmup", type=_nonneg_int, default=d.warmup)
+    p.add_argument("--ema-decay", type=float, default=d.ema_decay, help=f"default {d.ema_decay}")
+    p.add_argument("--seed", type=_nonneg_int, default=0)
+    p.add_argument("--eval", dest="num_eval", type=_nonneg_int, default=0, metavar="N",
+                   help="compare teacher and students on N held-out crops: OUT/metrics.json (default 0: off)")
+    p.add_argument("--eval-resolution", type=_positive_int, default=d.eval_resolution)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--retrain", action="store_true", help="ignore existing round checkpoints in --out")
+    p.add_argument("--no-progress", dest="progress", action="store_false")
+    p.set_defaults(func=_cmd_distill)
+
+
+def _cmd_distill(args) -> int:
+    from .training.distill import DistillConfig, distill, format_comparison
+
+    if args.cfg is not None and len(args.cfg) not in (1, 2):
+        raise ValueError(f"--cfg takes one weight or a range W_MIN W_MAX, got {len(args.cfg)} values")
+    guidance = None if args.cfg is None else [args.cfg[0], args.cfg[-1]]
+    cfg = DistillConfig(teacher=args.teacher, out=args.out, rounds=args.rounds, teacher_steps=args.teacher_steps,
+                        sigma_start=args.sigma_start, sigma_min=args.sigma_min, guidance=guidance, steps=args.steps,
+                        batch_size=args.batch_size, lr=args.lr, warmup=args.warmup, ema_decay=args.ema_decay,
+                        seed=args.seed, device=args.device, progress=args.progress, num_eval=args.num_eval,
+                        eval_resolution=args.eval_resolution)
+    dirs = distill(cfg, resume=not args.retrain,
+                   command="relayops " + " ".join(shlex.quote(a) for a in args.argv))
+    if args.num_eval:
+        import json
+
+        print(format_comparison(json.loads((Path(args.out) / "metrics.json").read_text())))
+    print(f"distilled {len(dirs)} round(s); final student: {dirs[-1]}")
+    return 0
+
+
 def _build_sample(sub) -> None:
     from .sampling import PIPELINE_PRESETS
 
@@ -160,7 +222,8 @@ def _build_sample(sub) -> None:
                    help="class index for class-conditional models (default for converted EDM/RDM networks: "
                         "class (seed + b) mod label_dim, as the authors' script; relayops models: no label)")
     p.add_argument("--cfg", type=float, default=None,
-                   help="classifier-free guidance weight of the relay stages (default: the preset's; else none)")
+                   help="classifier-free guidance weight of the relay stages (default: the preset's; else none); "
+                        "for a student distilled with guidance, its guidance input (one call per step)")
     p.add_argument("--base-cfg", type=float, default=None, help="guidance weight of the base stage (default none)")
     p.add_argument("--num", type=_positive_int, default=16, help="number of images (default 16)")
     p.add_argument("--out", default="runs/samples", help="output folder (default runs/samples)")
@@ -169,7 +232,7 @@ def _build_sample(sub) -> None:
                    help="EDM sampler steps (default: the preset's, else 18)")
     p.add_argument("--relay-steps", type=_positive_int, default=None,
                    help="relay Karras grid size before truncation (default: the preset's, else 60: 21 steps "
-                        "below sigma 0.9)")
+                        "below sigma 0.9); a distilled relay student always samples on its own grid")
     p.add_argument("--eta", type=float, default=None, help="relay sampler stochasticity (default: the preset's, "
                    "else 0.2)")
     p.add_argument("--dtype", choices=["float32", "float64"], default=None,
@@ -250,6 +313,12 @@ def _cmd_sample(args) -> int:
         relay, rec = load(path, "relay")
         classes[path] = _stage_geometry(rec)[2]
         edm_conditional |= "network" in rec and classes[path] > 0
+        if "distill" in rec:  # a distilled student samples on its own grid, one call per step
+            from .training.distill import pipeline_stage
+
+            stages.append(pipeline_stage(path, relay, rec, guidance=args.cfg, relay_steps=args.relay_steps,
+                                         eta=args.eta))
+            continue
         opts = {} if args.eta is None else {"eta": args.eta}
         cfg = args.cfg if args.cfg is not None else (preset.relay_cfg if preset else None)
         if cfg is not None:
@@ -408,6 +477,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     _build_train(sub)
     _build_sample(sub)
+    _build_distill(sub)
     _build_convert(sub)
     _build_demo(sub)
     _build_spectrum(sub)

@@ -344,7 +344,7 @@ class Trainer:
             tensors, record = ckpt.load_checkpoint(self.out, expected_stage=self.cfg.stage)
         except (RuntimeError, ValueError) as e:
             raise type(e)(f"{e} (to start over in this directory, use --retrain)") from None
-        old = TrainConfig.from_dict(record["train"])
+        old = type(self.cfg).from_dict(record["train"])
         changed = sorted(k for k, v in asdict(self.cfg).items()
                          if k not in RESUMABLE_CHANGES and getattr(old, k) != v)
         if changed:
@@ -405,16 +405,19 @@ class Trainer:
         seeds = torch.from_numpy(sample_seeds(self.cfg.seed, step, self.cfg.batch_size, positions).view(np.int64))
         return self._to_device(y), self._to_device(labels), self._to_device(seeds)
 
+    def _training_labels(self, labels: torch.Tensor, seeds: torch.Tensor) -> torch.Tensor | None:
+        """The labels the network sees: None without class conditioning; else some replaced by the
+        "no label" token (classifier-free guidance needs an unconditional model too)."""
+        if not self.cfg.class_cond:
+            return None
+        drop = sample_uniforms(seeds, labels, 1, LABEL_OFFSET, self.cfg.backend)[:, 0] < self.cfg.label_dropout
+        return torch.where(drop, torch.full_like(labels, self.unet_config.num_classes), labels)
+
     def _loss(self, y: torch.Tensor, labels: torch.Tensor, seeds: torch.Tensor) -> torch.Tensor:
         """The stage's loss on this rank's batch (the mean over its samples); sample b's
         randomness comes from ``seeds[b]``."""
         cfg = self.cfg
-        if cfg.class_cond:
-            # Classifier-free guidance needs an unconditional model too: drop some labels.
-            drop = sample_uniforms(seeds, y, 1, LABEL_OFFSET, cfg.backend)[:, 0] < cfg.label_dropout
-            labels = torch.where(drop, torch.full_like(labels, self.unet_config.num_classes), labels)
-        else:
-            labels = None
+        labels = self._training_labels(labels, seeds)
         if cfg.stage == "relay" and cfg.relay_mode == "linear":
             return linear_relay_loss(self.denoiser, y, labels, seeds=seeds, s=cfg.patch, sigmas=self.relay_grid,
                                      backend=cfg.backend)

@@ -3,12 +3,14 @@
 The network ``UNet`` maps ``(x [B, C, H, W], c_noise [B], class_labels [B] or None)`` to
 ``[B, C, H, W]``: residual blocks with GroupNorm and a noise embedding applied as a scale and
 shift (ADM), self-attention at chosen resolutions, dropout, channel multipliers per level,
-optional class conditioning. It is fully convolutional, so a model trained on crops samples at
+optional class conditioning and an optional guidance-weight input (a distilled student,
+docs/spec.md 10.1). It is fully convolutional, so a model trained on crops samples at
 any size that is a multiple of ``2 ** (len(channel_mult) - 1)``.
 
 ``EDMPrecond`` wraps it into the denoiser ``D(x; sigma)`` of SPEC 6 (the samplers' contract:
-``denoiser(x, sigma[, class_labels]) -> x0_hat``). ``VPredPrecond`` wraps a v-prediction
-network (SPEC 11) into the same contract, so every sampler works with either.
+``denoiser(x, sigma[, class_labels]) -> x0_hat``; a distilled student with a guidance input also
+takes ``guidance=w``). ``VPredPrecond`` wraps a v-prediction network (SPEC 11) into the same
+contract, so every sampler works with either.
 """
 from __future__ import annotations
 
@@ -35,6 +37,7 @@ class UNetConfig:
     dropout: float = 0.0
     num_classes: int = 0          # 0: unconditional
     num_heads: int = 1
+    guidance: bool = False        # a guidance-weight input (distilled classifier-free guidance)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -124,6 +127,12 @@ class UNet(nn.Module):
         self.embed = NoiseEmbedding(ch, emb_ch)
         # Class labels: index num_classes is the "no label" token (used by classifier-free guidance).
         self.label_embed = nn.Embedding(cfg.num_classes + 1, emb_ch) if cfg.num_classes > 0 else None
+        # The guidance weight w of a distilled student, embedded like the noise level and added to
+        # its embedding. The last layer starts at zero: a student starts as its teacher.
+        self.guidance_embed = NoiseEmbedding(ch, emb_ch) if cfg.guidance else None
+        if self.guidance_embed is not None:
+            nn.init.zeros_(self.guidance_embed.mlp[-1].weight)
+            nn.init.zeros_(self.guidance_embed.mlp[-1].bias)
         self.conv_in = nn.Conv2d(cfg.in_channels, ch, 3, padding=1)
 
         self.down = nn.ModuleList()
@@ -166,10 +175,18 @@ class UNet(nn.Module):
         """H and W must be multiples of this (one halving per level but the last)."""
         return 2 ** (len(self.config.channel_mult) - 1)
 
-    def forward(self, x: torch.Tensor, c_noise: torch.Tensor, class_labels: torch.Tensor | None = None):
+    def forward(self, x: torch.Tensor, c_noise: torch.Tensor, class_labels: torch.Tensor | None = None,
+                guidance: torch.Tensor | None = None):
+        """``guidance``: the guidance weight w per sample (``[B]``), for a network built with
+        ``guidance=True`` only (None there means w = 1: the conditional model)."""
         if x.shape[-1] % self.size_multiple or x.shape[-2] % self.size_multiple:
             raise ValueError(f"UNet input H x W = {tuple(x.shape[-2:])} must be multiples of {self.size_multiple}")
         emb = self.embed(c_noise)
+        if self.guidance_embed is not None:
+            w = torch.ones(x.shape[0], device=x.device) if guidance is None else guidance
+            emb = emb + self.guidance_embed(w)
+        elif guidance is not None:
+            raise ValueError("guidance was given, but this network has no guidance input (UNetConfig.guidance)")
         if self.label_embed is not None:
             if class_labels is None:
                 class_labels = torch.full((x.shape[0],), self.config.num_classes, dtype=torch.long, device=x.device)
@@ -201,12 +218,14 @@ class EDMPrecond(nn.Module):
         self.net = net
         self.sigma_data = sigma_data
 
-    def forward(self, x: torch.Tensor, sigma, class_labels: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, sigma, class_labels: torch.Tensor | None = None,
+                guidance=None) -> torch.Tensor:
         sigma = per_sample("sigma", sigma, x, positive=True).float()  # [B]; the wrapper computes in float32
         c_skip, c_out, c_in, c_noise = schedules.edm_precond(sigma, self.sigma_data)
         c_skip, c_out, c_in = (c[:, None, None, None] for c in (c_skip, c_out, c_in))
         xf = x.float()
-        out = self.net(c_in * xf, c_noise, class_labels)
+        extra = {} if guidance is None else {"guidance": per_sample("guidance", guidance, x).float()}
+        out = self.net(c_in * xf, c_noise, class_labels, **extra)
         return (c_skip * xf + c_out * out.float()).to(x.dtype)
 
 
