@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: setup build test demo bench gpu-check fuzz fault soak clean
+.PHONY: setup build lint test demo bench gpu-check fuzz fault soak install-check clean
 
 $(STAMP): requirements.txt pyproject.toml setup.py
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -20,7 +20,11 @@ setup: $(STAMP)
 build: setup
 	$(BIN)/python setup.py build_ext --inplace
 
-test: build
+# ruff (its configuration is in pyproject.toml) before the tests.
+lint: setup
+	$(BIN)/ruff check .
+
+test: lint build
 	$(BIN)/python -m pytest
 
 # Long reliability runs (the CI suite runs bounded versions of each; README "Reliability").
@@ -30,6 +34,11 @@ SEED ?= 0
 fuzz: build
 	RELAYOPS_FUZZ_EXAMPLES=$(FUZZ_EXAMPLES) RELAYOPS_FUZZ_LONG=1 $(BIN)/python -m pytest tests/test_fuzz.py \
 		-p no:cacheprovider --hypothesis-show-statistics --hypothesis-seed=$(SEED)
+
+# install-check: the packaging test with the CUDA module built too (where nvcc is found): sdist,
+# wheel, fresh virtual environment with torch and numpy only (tests/test_install.py).
+install-check: setup
+	RELAYOPS_TEST_CUDA_BUILD=1 $(BIN)/python -m pytest tests/test_install.py
 
 # fault: FAULT_KILLS SIGKILLs of `relayops train` (a third inside checkpoint writes), restarts,
 # bit-exact comparison with an unbroken run.

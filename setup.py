@@ -7,7 +7,8 @@
   Turing, Ampere (86/89 run sm_80 code), Hopper, Blackwell datacenter and consumer). Machine code
   is built for each, plus PTX of the newest, which later GPUs compile at first launch.
 
-Neither module includes torch headers (pointers travel as integers), so the build needs only a
+The C++ sources of an extension compile in parallel, one per core (``RELAYOPS_BUILD_JOBS=N``
+for N). Neither module includes torch headers (pointers travel as integers), so the build needs only a
 C++17 compiler, pybind11 and, for CUDA, nvcc. Usage: ``python setup.py build_ext --inplace``.
 """
 import os
@@ -15,8 +16,12 @@ import shutil
 import subprocess
 
 import pybind11
+from pybind11.setup_helpers import ParallelCompile
 from setuptools import Extension, setup
 from setuptools.command.build_ext import build_ext
+
+# Compile an extension's C++ sources side by side, one per core (RELAYOPS_BUILD_JOBS=N sets N).
+ParallelCompile("RELAYOPS_BUILD_JOBS").install()
 
 # -fno-math-errno lets sqrt vectorise (the Philox + Box-Muller loops); nothing here reads errno.
 CXX_FLAGS = ["-O3", "-std=c++17", "-fopenmp", "-fno-math-errno", "-fvisibility=hidden"]

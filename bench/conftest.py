@@ -8,7 +8,9 @@ bytes as the op must, the memory-bound limit; ``randn``: torch.randn of the same
 the same run, and the speedup over the reference (when the reference ran first in the session).
 
 Run: ``pytest bench --benchmark-json=bench/results/cpu.json`` then
-``python bench/report.py bench/results/cpu.json`` for the Markdown table. Threads: torch's
+``python bench/report.py bench/results/cpu.json`` for the Markdown table. The JSON's
+``machine_info["relayops"]`` records the machine (``relayops._machine.machine_info``: CPU model
+and flags, torch and relayops versions, commit) and the table ends with it. Threads: torch's
 default, or ``RELAYOPS_BENCH_THREADS``. The reference is skipped for the noise and step ops at
 1024^2 (tens of seconds and GBs of temporaries per call) unless ``RELAYOPS_BENCH_FULL=1``.
 """
@@ -34,6 +36,10 @@ if os.environ.get("RELAYOPS_BENCH_THREADS"):
 # Medians (seconds) of the runs so far: key (op, size, dtype, device, impl).
 MEDIANS: dict[tuple, float] = {}
 _COPY_TIMES: dict[tuple, float] = {}
+
+
+def pytest_benchmark_update_machine_info(config, machine_info):
+    machine_info["relayops"] = machine_info()
 
 
 def sync(device: str) -> None:

@@ -15,6 +15,7 @@ interpreter is a correctness tool, not something to time).
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import sys
 
@@ -87,7 +88,7 @@ def run(sizes, batches, channels, s, dtype, ops, backends, device, bench, backwa
                 src = torch.empty(max(1, nbytes // 2 // elt), dtype=dtype, device=device)
                 dst = torch.empty_like(src)
                 row = {"op": name, "shape": [b, channels, size, size], "s": s, "dtype": str(dtype).split(".")[-1],
-                       "bytes": nbytes, "copy_ms": timed(bench, lambda: dst.copy_(src))}
+                       "bytes": nbytes, "copy_ms": timed(bench, functools.partial(dst.copy_, src))}
                 del src, dst
                 for be in backends:
                     row[f"{be}_ms"] = timed(bench, lambda: call(be))

@@ -3,9 +3,12 @@
     pytest bench --benchmark-json=bench/results/cpu.json
     python bench/report.py [--stat min] bench/results/cpu.json [more.json ...] > table.md
 
-One row per (op, device, dtype, size): median (or, with ``--stat min``, fastest round's) time of the compiled kernels, the reference and a
-copy of the same bytes, the compiled kernels' GB/s (bytes the op must move / median), their time
-as a multiple of the copy, and their speedup over the reference (all from the chosen statistic).
+One row per (op, device, dtype, size): median (or, with ``--stat min``, fastest round's) time of the
+compiled kernels, the reference and a copy of the same bytes, the compiled kernels' GB/s (bytes the
+op must move / median), their time as a multiple of the copy, and their speedup over the reference
+(all from the chosen statistic). Each table ends with the machine of every file: CPU model and
+AVX-512F, torch version and commit (from results written before bench/conftest.py recorded them:
+pytest-benchmark's CPU brand and commit, torch unknown).
 """
 from __future__ import annotations
 
@@ -29,6 +32,23 @@ def load(paths, stat="median", kind="op"):
     return rows
 
 
+def machine_line(path) -> str:
+    """One line naming the machine a results file was measured on."""
+    with open(path) as f:
+        data = json.load(f)
+    info = data.get("machine_info", {})
+    m = info.get("relayops")
+    if m is None:  # results from before conftest.machine(): what pytest-benchmark recorded
+        cpu = info.get("cpu", {})
+        commit = data.get("commit_info", {})
+        m = {"cpu_model": cpu.get("brand_raw", "?"), "avx512f": "avx512f" in cpu.get("flags", []), "torch": "?",
+             "commit": commit.get("id"), "dirty": commit.get("dirty")}
+    commit = (m.get("commit") or "?")[:10] + (" (uncommitted changes)" if m.get("dirty") else "")
+    gpu = f", GPU {m['gpu']}" if m.get("gpu") else ""
+    return (f"{path}: CPU {m['cpu_model']} ({'with' if m['avx512f'] else 'without'} AVX-512F){gpu}, "
+            f"torch {m['torch']}, commit {commit}")
+
+
 def ms(seconds):
     return "-" if seconds is None else f"{seconds * 1e3:.3g}"
 
@@ -50,10 +70,11 @@ def table(rows, stat="median") -> str:
         ref = impls.get("reference")
         shape = "x".join(str(v) for v in main["shape"])
         speedup = f"{ref['median'] / main['median']:.1f}x" if ref and "compiled" in impls else "-"
+        compiled_ms = ms(impls["compiled"]["median"]) if "compiled" in impls else ms(main["median"])
         lines.append(
-            f"| {op} | {device} | {dtype} | {shape} | {ms(impls['compiled']['median']) if 'compiled' in impls else ms(main['median'])}"
-            f" | {ms(ref['median']) if ref else '-'} | {ms(main['copy_s'])} | {main['bytes'] / main['median'] / 1e9:.1f}"
-            f" | {main['median'] / main['copy_s']:.2f} | {speedup} |")
+            f"| {op} | {device} | {dtype} | {shape} | {compiled_ms}"
+            f" | {ms(ref['median']) if ref else '-'} | {ms(main['copy_s'])}"
+            f" | {main['bytes'] / main['median'] / 1e9:.1f} | {main['median'] / main['copy_s']:.2f} | {speedup} |")
     threads = sorted({r.get("threads") for r in rows})
     lines.append("")
     what = "Medians" if stat == "median" else "Fastest rounds"
@@ -67,7 +88,8 @@ def sampler_table(rows) -> str:
     groups = defaultdict(dict)
     for r in rows:
         groups[(r["sampler"], r["device"], tuple(r["shape"]))][r["seeds"]] = r
-    lines = ["| sampler | device | output B x C x H x W | steps | int seed ms/step | per-sample seeds ms/step | ratio |",
+    lines = ["| sampler | device | output B x C x H x W | steps | int seed ms/step | per-sample seeds ms/step"
+             " | ratio |",
              "|---|---|---|---|---|---|---|"]
     for (sampler, device, shape), by_seeds in sorted(groups.items()):
         one, each = by_seeds.get("int"), by_seeds.get("per_sample")
@@ -93,6 +115,7 @@ def main(argv):
     samplers = load(argv, stat, kind="sampler")
     if samplers:
         print("\n" + sampler_table(samplers))
+    print("\nMachine: " + "; ".join(machine_line(p) for p in argv) + ".")
     return 0
 
 

@@ -1,4 +1,5 @@
-"""The machine a measurement came from, recorded next to every timing the project publishes."""
+"""The machine a measurement came from, recorded next to every timing the project publishes
+(benchmark JSON, the demo's metrics.json)."""
 from __future__ import annotations
 
 import os
@@ -8,49 +9,41 @@ from pathlib import Path
 
 import torch
 
-# Instruction sets the CPU kernels dispatch on (or that change their speed), as /proc/cpuinfo names them.
-CPU_FEATURES = ("avx512f", "avx2", "fma", "neon", "asimd")
+REPO = Path(__file__).resolve().parents[1]
 
 
-def cpu_model() -> str:
-    """The CPU's model name as ``lscpu`` shows it (from /proc/cpuinfo on Linux)."""
-    for line in _cpuinfo().splitlines():
-        if line.split(":")[0].strip() in ("model name", "Model", "CPU part"):
-            return line.split(":", 1)[1].strip()
-    return platform.processor() or platform.machine()
-
-
-def _cpuinfo() -> str:
+def _cpuinfo() -> dict:
+    """The first value of every key in /proc/cpuinfo (Linux; empty elsewhere)."""
+    cpu: dict = {}
     try:
-        return Path("/proc/cpuinfo").read_text()
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                key, _, value = line.partition(":")
+                cpu.setdefault(key.strip(), value.strip())
     except OSError:
-        return ""
+        pass
+    return cpu
 
 
-def cpu_features() -> list[str]:
-    """Which of :data:`CPU_FEATURES` the CPU has."""
-    flags = set()
-    for line in _cpuinfo().splitlines():
-        if line.split(":")[0].strip() in ("flags", "Features"):
-            flags.update(line.split(":", 1)[1].split())
-    return [f for f in CPU_FEATURES if f in flags]
-
-
-def git_commit(path=None) -> str | None:
-    """The commit of the checkout the package runs from (None outside a git checkout)."""
-    where = Path(path) if path is not None else Path(__file__).resolve().parent
+def _git(*args: str) -> str | None:
     try:
-        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=where, capture_output=True,
-                             text=True, timeout=10)
+        out = subprocess.run(["git", *args], cwd=REPO, capture_output=True, text=True, timeout=10, check=True)
     except (OSError, subprocess.SubprocessError):
         return None
-    return out.stdout.strip() if out.returncode == 0 else None
+    return out.stdout.strip()
 
 
 def machine_info() -> dict:
-    """CPU model, its vector instruction sets, core count, torch version, GPU (if any) and commit."""
-    info = {"cpu": cpu_model(), "cpu_features": cpu_features(), "cores": os.cpu_count(),
-            "machine": platform.machine(), "torch": torch.__version__, "commit": git_commit()}
-    if torch.cuda.is_available():
-        info["gpu"] = torch.cuda.get_device_name()
-    return info
+    """CPU model and flags (as ``lscpu`` shows them), whether it has AVX-512F, cores, torch and
+    relayops versions, threads, GPU, and the git commit (and whether the tree had changes)."""
+    import relayops
+
+    cpu = _cpuinfo()
+    flags = (cpu.get("flags") or cpu.get("Features") or "").split()
+    commit = _git("rev-parse", "HEAD")
+    dirty = None if commit is None else bool(_git("status", "--porcelain", "--untracked-files=no"))
+    return {"cpu_model": cpu.get("model name") or platform.processor() or platform.machine(),
+            "cpu_flags": flags, "avx512f": "avx512f" in flags, "cpu_count": os.cpu_count(),
+            "torch": torch.__version__, "relayops": relayops.__version__, "threads": torch.get_num_threads(),
+            "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
+            "commit": commit, "dirty": dirty}

@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from . import reference
+from ._optional import require
 from .ops import block_noise
 from .training.data import read_image, skimage_image
 
@@ -140,8 +141,8 @@ def snr_spectrum(images: torch.Tensor | None = None, *, sigma: float = 0.5, s: i
 
 def plot_spectrum(result: dict, path) -> None:
     """Write the SNR curves (dB against frequency, log axis) as a PNG, like RDM's Figure 2."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
+    FigureCanvasAgg = require("matplotlib.backends.backend_agg", "plotting").FigureCanvasAgg
+    Figure = require("matplotlib.figure", "plotting").Figure
 
     # A bare Figure on the Agg canvas: no pyplot state, no change to the session's backend.
     fig = Figure(figsize=(6, 4), dpi=120)

@@ -21,6 +21,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from ._optional import EXTRAS
+
 # (relayops.models.safe_pickle's UnsafeCheckpointError, a refused checkpoint, is a ValueError.)
 USER_ERRORS = (ValueError, RuntimeError, FileNotFoundError, NotADirectoryError, TypeError)
 
@@ -146,7 +148,8 @@ def _cmd_train(args) -> int:
                  attn_resolutions=args.attn, dropout=args.dropout)
     cfg = TrainConfig(stage=args.stage, data=args.data, out=args.out or f"runs/{args.stage}", resolution=resolution,
                       patch=args.patch, crop_scale=list(args.crop_scale), steps=args.steps,
-                      time_limit=args.time_limit or 0.0, batch_size=args.batch_size, lr=args.lr, warmup=args.warmup, weight_decay=args.weight_decay,
+                      time_limit=args.time_limit or 0.0, batch_size=args.batch_size, lr=args.lr, warmup=args.warmup,
+                      weight_decay=args.weight_decay,
                       grad_clip=args.grad_clip, ema_decay=args.ema_decay, bf16=args.bf16, seed=args.seed,
                       relay_mode=args.relay_mode, alpha=args.alpha, normalize=args.normalize, L=args.L,
                       sigma_b_max=args.sigma_b_max, parameterization="vpred" if args.vpred else "edm",
@@ -466,6 +469,10 @@ def main(argv: list[str] | None = None) -> int:
         print("relayops: interrupted (the last saved checkpoint is intact)", file=sys.stderr)
         return 130
     except USER_ERRORS as e:
+        parser.exit(2, f"relayops {args.command}: error: {e}\n")
+    except ImportError as e:
+        if e.name not in EXTRAS:  # a missing extra is the user's to install; any other ImportError is a bug
+            raise
         parser.exit(2, f"relayops {args.command}: error: {e}\n")
 
 

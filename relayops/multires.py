@@ -103,7 +103,7 @@ def mdm_noising(x: torch.Tensor, t: torch.Tensor, resolutions, *, eps=None, sche
     r's (each dividing d). eps: optional list of ``[B, C, r, r]`` noises (default: standard
     normals from ``generator``). Schedules per resolution as in :func:`mdm_alpha_sigma`.
     """
-    d = _square("x", x)
+    _square("x", x)
     res = sorted(int(r) for r in resolutions)
     if not res or len(set(res)) != len(res):
         raise ValueError(f"resolutions must be distinct ints, got {resolutions!r}")

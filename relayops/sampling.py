@@ -26,9 +26,9 @@ from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
 import torch
-from tqdm.auto import tqdm
 
 from . import schedules, solvers
+from ._optional import progress_bar
 from ._validate import check_image, check_real, seed_args
 from .ops import linear_relay_step, patch_dct, patch_idct, relay_noise, relay_step
 
@@ -135,7 +135,8 @@ def edm_sample(denoiser: Denoiser, shape, *, sigmas=None, num_steps: int = 18, s
     x_like = torch.empty(shape, dtype=dtype, device=device)
     seeds = _seeds(seed, x_like)
     x = grid[0] * _white_noise(x_like, seeds, offset, backend)
-    for i in tqdm(range(n), disable=not progress, desc="edm", leave=False):
+    bar = progress_bar(progress, total=n, desc="edm", leave=False)
+    for i in range(n):
         t_cur, t_next = grid[i], grid[i + 1]
         # Churn: raise the noise level to t_hat by adding fresh noise (EDM Alg. 2, lines 4-6).
         gamma = min(S_churn / n, 2**0.5 - 1) if S_min <= t_cur <= S_max else 0.0
@@ -155,6 +156,8 @@ def edm_sample(denoiser: Denoiser, shape, *, sigmas=None, num_steps: int = 18, s
             d_next = (x_next - _denoise(denoiser, x_next, t_next, class_labels, cfg)) / t_next
             x_next = x + h * (d + d_next) / 2 + sde_noise(2)
         x = x_next
+        bar.update(1)
+    bar.close()
     return x
 
 
@@ -232,7 +235,7 @@ def relay_sample(denoiser: Denoiser, x_lr: torch.Tensor | None = None, s: int = 
         return relay_step(x, x0_hat, grid[i], grid[i + 1], taus[i], taus[i + 1], eta=eta, s=s, alpha=alpha,
                           normalize=normalize, d_min=d_min, backend=backend, **noise, **heun_args)
 
-    with tqdm(total=len(grid) - 1, disable=not progress, desc="relay", leave=False) as bar:
+    with progress_bar(progress, total=len(grid) - 1, desc="relay", leave=False) as bar:
         for i in range(len(grid) - 1):
             x0_hat = _denoise(denoiser, x, grid[i], class_labels, cfg)
             if grid[i + 1] == 0.0:  # the last step returns x0_hat
@@ -265,7 +268,7 @@ def _relay_second_order(denoiser, x, grid, taus, solver, seeds, *, s, eta, alpha
                                    d_min=d_min).to(x.dtype).to(x.device)
     g = (1.0 - eta * eta) ** 0.5
     prev = None  # relay-2m: patch_dct of the previous step's x0_hat
-    with tqdm(total=len(grid) - 1, disable=not progress, desc=f"relay ({solver})", leave=False) as bar:
+    with progress_bar(progress, total=len(grid) - 1, desc=f"relay ({solver})", leave=False) as bar:
         for i in range(len(grid) - 1):
             sig, sig_n = grid[i], grid[i + 1]
             x0_hat = _denoise(denoiser, x, sig, class_labels, cfg)
@@ -321,7 +324,7 @@ def linear_relay_sample(denoiser: Denoiser, z_lr: torch.Tensor, *, t_relay: floa
         raise ValueError(f"the grid must start at t = t_relay = {t_relay} (where A_t(z0) = z_L), got {ts[0]}")
     seeds = _seeds(seed, z_lr)
     z = z_lr + grid[0] * _white_noise(z_lr, seeds, offset, backend)
-    with tqdm(total=len(grid) - 1, disable=not progress, desc="linear relay", leave=False) as bar:
+    with progress_bar(progress, total=len(grid) - 1, desc="linear relay", leave=False) as bar:
         for i in range(len(grid) - 1):
             z0_hat = _denoise(denoiser, z, grid[i], class_labels, cfg)
             if grid[i + 1] == 0.0:  # the last step returns z0_hat
@@ -364,7 +367,7 @@ class RelayStage:
 class RelayPipeline:
     """A base stage then one or more relay stages (16 -> 64 -> 256, say).
 
-    ``pipeline(num_images, seed=0, class_labels=None, progress=True)`` returns the list of every
+    ``pipeline(num_images, seed=0, class_labels=None, progress=False)`` returns the list of every
     stage's output (last = final images). Seeds are per sample: an int seed means the seeds
     ``seed, seed + 1, ..., seed + num_images - 1``, so image b is regenerated alone with
     ``pipeline(1, seed=[seed + b])``. Stage k draws its noise at Philox offsets from ``k * 2**32``.
@@ -378,11 +381,11 @@ class RelayPipeline:
             raise ValueError("every stage after the first must be a RelayStage")
         self.stages, self.dtype, self.device, self.backend = stages, dtype, device, backend
 
-    def __call__(self, num_images: int, seed=0, class_labels=None, progress: bool = True) -> list[torch.Tensor]:
+    def __call__(self, num_images: int, seed=0, class_labels=None, progress: bool = False) -> list[torch.Tensor]:
         seeds = [seed + b for b in range(num_images)] if isinstance(seed, int) and not isinstance(seed, bool) else seed
         base = self.stages[0]
         shape = (num_images, base.channels, base.resolution, base.resolution)
-        bar = tqdm(total=len(self.stages), disable=not progress, desc="stages")
+        bar = progress_bar(progress, total=len(self.stages), desc="stages")
         x = edm_sample(base.denoiser, shape, num_steps=base.num_steps, seed=seeds, class_labels=class_labels,
                        dtype=self.dtype, device=self.device, progress=progress, offset=0, backend=self.backend,
                        **base.options)

@@ -109,7 +109,8 @@ CASES = {
     "relay_corrupt_seed_list": (lambda t, s, be: relayops.relay_corrupt(
         t["x"], t["sigma"], t["tau"], s, seed=t["seed_list"], offset=3, backend=be), ("x", "sigma", "tau")),
     "relay_corrupt_given": (lambda t, s, be: relayops.relay_corrupt(
-        t["x"], t["sigma"], t["tau"], s, eps=t["eps"], eps2=t["eps2"], backend=be), ("x", "sigma", "tau", "eps", "eps2")),
+        t["x"], t["sigma"], t["tau"], s, eps=t["eps"], eps2=t["eps2"], backend=be),
+        ("x", "sigma", "tau", "eps", "eps2")),
     "relay_step_euler_seed": (lambda t, s, be: _step(t, s, be, seed=2**63 + 1, offset=4), ("x", "x0")),
     "relay_step_euler_seed_list": (lambda t, s, be: _step(t, s, be, seed=t["seed_list"], offset=6), ("x", "x0")),
     "relay_step_eta0": (lambda t, s, be: _step(t, s, be, eta=0.0), ("x", "x0")),

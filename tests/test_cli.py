@@ -54,8 +54,9 @@ def test_train_writes_checkpoints(trained):
 
 def test_sample_pipeline_writes_pngs(trained, capsys):
     out = trained / "samples"
-    assert main(["sample", "--base", str(trained / "base"), "--relay", str(trained / "relay" / "checkpoint.safetensors"),
-                 "--num", "3", "--out", str(out), "--base-steps", "3", "--relay-steps", "12", "--no-progress"]) == 0
+    relay = trained / "relay" / "checkpoint.safetensors"
+    assert main(["sample", "--base", str(trained / "base"), "--relay", str(relay), "--num", "3", "--out", str(out),
+                 "--base-steps", "3", "--relay-steps", "12", "--no-progress"]) == 0
     assert "wrote 3 images of 32x32" in capsys.readouterr().out
     for name in ("grid.png", "000000.png", "000002.png"):
         assert (out / name).exists()
@@ -78,7 +79,8 @@ def test_corrupt_checkpoint(trained, capsys):
 
 def test_train_errors(tmp_path, capsys):
     out = ["--out", str(tmp_path / "run"), "--steps", "1", *TINY]
-    assert "does not exist" in run_error(capsys, ["train", "--stage", "base", "--data", str(tmp_path / "missing"), *out])
+    missing = str(tmp_path / "missing")
+    assert "does not exist" in run_error(capsys, ["train", "--stage", "base", "--data", missing, *out])
     (tmp_path / "empty").mkdir()
     assert "no PNG or JPEG" in run_error(capsys, ["train", "--stage", "base", "--data", str(tmp_path / "empty"), *out])
     write_images(tmp_path / "small", 2, 12)

@@ -50,7 +50,8 @@ def test_edm_key_names_and_shapes():
         "model.enc.32x32_block0.qkv.weight": (1152, 384, 1, 1), "model.enc.32x32_block0.proj.weight": (384, 384, 1, 1),
         "model.dec.8x8_in0.qkv.weight": (2304, 768, 1, 1), "model.dec.8x8_in1.conv1.weight": (768, 768, 3, 3),
         "model.dec.16x16_up.conv0.resample_filter": (1, 1, 2, 2), "model.dec.64x64_block0.norm0.weight": (384 + 192,),
-        "model.dec.64x64_block0.skip.weight": (192, 576, 1, 1), "model.dec.64x64_block3.norm0.weight": (192 + 192,), "model.out_norm.weight": (192,),
+        "model.dec.64x64_block0.skip.weight": (192, 576, 1, 1), "model.dec.64x64_block3.norm0.weight": (192 + 192,),
+        "model.out_norm.weight": (192,),
         "model.out_conv.weight": (3, 192, 3, 3), "model.out_conv.bias": (3,),
     }
     for key, shape in expected.items():
@@ -205,7 +206,8 @@ def test_song_unet_variants(variant):
                      channel_mult=[1, 2], num_blocks=1, attn_resolutions=[8], augment_dim=9, **kw).eval()
     keys = set(net.state_dict())
     assert {"model.map_label.bias", "model.map_augment.weight", "model.dec.16x16_aux_norm.weight",
-            "model.dec.16x16_aux_conv.weight", "model.dec.8x8_in0.qkv.weight", "model.dec.8x8_block1.qkv.weight"} <= keys
+            "model.dec.16x16_aux_conv.weight", "model.dec.8x8_in0.qkv.weight",
+            "model.dec.8x8_block1.qkv.weight"} <= keys
     assert "model.dec.8x8_block0.qkv.weight" not in keys  # DDPM++: attention in the last decoder block only
     assert ("model.map_noise.freqs" in keys) == (variant == "ncsnpp")
     assert ("model.enc.8x8_aux_residual.weight" in keys) == (variant == "ncsnpp")

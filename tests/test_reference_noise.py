@@ -127,8 +127,12 @@ def test_philox_layout_written_in_the_docs():
     e = 21  # (b=0, c=1, h=1, w=1)
     words = philox4x32((torch.tensor([e]), torch.tensor([0]), torch.tensor([offset & 0xFFFFFFFF]),
                         torch.tensor([offset >> 32])), (seed & 0xFFFFFFFF, seed >> 32))
-    z0 = math.sqrt(-2 * math.log(((int(words[0]) >> 8) + 1) * 2.0**-24)) * math.cos(2 * math.pi * (int(words[1]) >> 8) * 2.0**-24)
-    z1 = math.sqrt(-2 * math.log(((int(words[2]) >> 8) + 1) * 2.0**-24)) * math.cos(2 * math.pi * (int(words[3]) >> 8) * 2.0**-24)
+
+    def box_muller(radius_word, angle_word):
+        u = ((int(radius_word) >> 8) + 1) * 2.0**-24
+        return math.sqrt(-2 * math.log(u)) * math.cos(2 * math.pi * (int(angle_word) >> 8) * 2.0**-24)
+
+    z0, z1 = box_muller(words[0], words[1]), box_muller(words[2], words[3])
     assert abs(float(eps[0, 1, 1, 1]) - z0) < 1e-12
     assert abs(float(eps2[0, 1, 1, 1]) - z1) < 1e-12
 

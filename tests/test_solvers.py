@@ -228,7 +228,8 @@ def test_relay_2m_beats_rdm_heun_with_a_fifth_of_the_calls():
 ])
 def test_eta_transports_gaussian(solver, bias_bound):
     """eta = 0.2 (noise drawn per step, k = 1): 4000 chains against the matrix form and Sigma."""
-    k, den = oracle.relay_noise_cov(oracle.ALPHA, False), oracle.posterior_denoiser(oracle.relay_noise_cov(oracle.ALPHA, False))
+    k = oracle.relay_noise_cov(oracle.ALPHA, False)
+    den = oracle.posterior_denoiser(k)
     grid = karras_from_start(16)
     n = oracle.N_CHAINS
     x_true = oracle.true_samples(n, seed=11)

@@ -42,13 +42,18 @@ def register_backend(name: str, table: dict[str, Callable], dtypes=FLOAT_DTYPES,
         _device_checks[name] = device_check
 
 
+# The module that registers each optional backend, and why it could not be imported (for errors).
+_MODULE_OF = {"cpu": "relayops.ops._compiled", "cuda": "relayops.ops._compiled", "triton": "relayops.triton"}
+_import_errors: dict[str, str] = {}
+
+
 def _load_optional_backends() -> None:
     """Import the compiled and Triton backends if they are installed; each registers itself."""
     for module in ("relayops.ops._compiled", "relayops.triton"):
         try:
             __import__(module)
-        except ImportError:
-            pass
+        except ImportError as e:
+            _import_errors[module] = str(e)
 
 
 def available_backends() -> tuple[str, ...]:
@@ -86,7 +91,9 @@ def choose_backend(backend: str | None, device, dtype=None) -> str:
         if requested not in BACKENDS:
             raise ValueError(f"backend must be one of {('auto',) + BACKENDS}, got {requested!r}")
         if requested not in _tables:
-            raise ValueError(f"backend {requested!r} is not available here (available: {available_backends()})")
+            why = _import_errors.get(_MODULE_OF.get(requested, ""))
+            raise ValueError(f"backend {requested!r} is not available here (available: {available_backends()})"
+                             + (f": {why}" if why else ""))
         if not _device_ok(requested, device_type):
             raise ValueError(f"backend {requested!r} cannot run tensors on {device_type}")
         problem = _device_problem(requested, device)

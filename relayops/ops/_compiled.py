@@ -139,9 +139,10 @@ def cuda_device_problem(device: torch.device) -> Optional[str]:
         problem = None
         if not _C_cuda.has_kernel_image(index):
             major, minor = torch.cuda.get_device_capability(index)
+            built = getattr(_C_cuda, "archs", "?").replace(",", ", sm_")
             problem = (f"relayops._C_cuda has no kernel image for {torch.cuda.get_device_name(index)} "
-                       f"(sm_{major}{minor}); it was built for sm_{getattr(_C_cuda, 'archs', '?').replace(',', ', sm_')}"
-                       f" (PTX of the last). Rebuild with RELAYOPS_CUDA_ARCHS={major}{minor} "
+                       f"(sm_{major}{minor}); it was built for sm_{built} (PTX of the last). "
+                       f"Rebuild with RELAYOPS_CUDA_ARCHS={major}{minor} "
                        "python setup.py build_ext --inplace, or use backend='triton'")
         _missing_image[index] = problem
     return _missing_image[index]

@@ -21,9 +21,8 @@ import time
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file, safe_open
-from safetensors.torch import save as serialize
+
+from .._optional import require
 
 FORMAT = "relayops-checkpoint-1"
 WEIGHTS_NAME = "checkpoint.safetensors"
@@ -32,6 +31,12 @@ CONFIG_NAME = "checkpoint.json"
 # half-way through its temporary file, creates that path and waits there to be killed.
 PAUSE_ENV = "RELAYOPS_TEST_PAUSE_IN_WRITE"
 _CHUNK = 1 << 20
+
+
+def _safetensors():
+    """``(safetensors, safetensors.torch)``: the [train] extra, imported on first use."""
+    feature = "saving and loading checkpoints"
+    return require("safetensors", feature), require("safetensors.torch", feature)
 
 
 def checkpoint_path(path) -> Path:
@@ -100,7 +105,8 @@ def save_checkpoint(directory, tensors: dict[str, torch.Tensor], record: dict) -
     record = {"format": FORMAT, **record, "tensors_sha256": tensors_digest(tensors)}
     text = json.dumps(record, indent=2, sort_keys=True)
     weights = directory / WEIGHTS_NAME
-    _atomic_write(weights, serialize(tensors, metadata={"relayops": text}))
+    _, st = _safetensors()
+    _atomic_write(weights, st.save(tensors, metadata={"relayops": text}))
     _atomic_write(directory / CONFIG_NAME, (text + "\n").encode())
     return weights
 
@@ -112,10 +118,11 @@ def read_record(path) -> dict:
         raise FileNotFoundError(f"checkpoint {str(p)!r} does not exist")
     if not p.is_file():
         raise RuntimeError(f"checkpoint {str(p)!r} is not a file")
+    safetensors, st = _safetensors()
     try:
-        with safe_open(str(p), framework="pt") as f:
+        with st.safe_open(str(p), framework="pt") as f:
             meta = f.metadata() or {}
-    except (SafetensorError, OSError, ValueError) as e:
+    except (safetensors.SafetensorError, OSError, ValueError) as e:
         raise RuntimeError(f"checkpoint {str(p)!r} is corrupt or not a safetensors file ({e})") from None
     if "relayops" not in meta:
         raise RuntimeError(f"checkpoint {str(p)!r} is not a relayops checkpoint (no relayops metadata)")
@@ -141,9 +148,10 @@ def load_checkpoint(path, expected_stage: str | None = None) -> tuple[dict[str, 
     if expected_stage is not None and stage is not None and stage != expected_stage:
         raise ValueError(f"checkpoint {str(p)!r} is a {stage!r} stage model; a {expected_stage!r} stage "
                          f"checkpoint is needed here")
+    safetensors, st = _safetensors()
     try:
-        tensors = load_file(str(p))
-    except (SafetensorError, OSError, ValueError, RuntimeError) as e:
+        tensors = st.load_file(str(p))
+    except (safetensors.SafetensorError, OSError, ValueError, RuntimeError) as e:
         raise RuntimeError(f"checkpoint {str(p)!r} is corrupt ({e})") from None
     want = record.get("tensors_sha256")
     if want is not None and tensors_digest(tensors) != want:

@@ -21,6 +21,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from .._optional import require
+
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
 IMAGE_FORMATS = ("PNG", "JPEG")
 # Refused before decoding (a small file can declare a huge image): 8192 x 8192 pixels.
@@ -60,7 +62,7 @@ def read_image(path) -> torch.Tensor:
     ``MAX_IMAGE_PIXELS`` pixels (from the header, before decoding). Only the PNG and JPEG
     decoders are allowed: some PIL formats (EPS) would start external programs.
     """
-    from PIL import Image
+    Image = require("PIL.Image", "reading images")
 
     path = Path(path)
     if not path.exists():
@@ -95,9 +97,8 @@ def skimage_image(name: str) -> torch.Tensor:
     Raises ``ValueError`` for a name that is not one. Cached: decoding takes up to a second
     and callers only ever read the tensor.
     """
-    import skimage.data
-
-    load = getattr(skimage.data, name, None)
+    skimage_data = require("skimage.data", "loading scikit-image's sample images")
+    load = getattr(skimage_data, name, None)
     if not callable(load):
         raise ValueError(f"scikit-image has no sample image {name!r}")
     return _to_chw_uint8(load())
@@ -136,7 +137,10 @@ def folder_images(path) -> tuple[list[torch.Tensor], list[int], list[str]]:
     files = sorted(p for p in root.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
     if not files:
         raise ValueError(f"data folder {str(root)!r} contains no PNG or JPEG images")
-    class_of = lambda p: p.relative_to(root).parts[0] if len(p.relative_to(root).parts) > 1 else ""
+    def class_of(p: Path) -> str:
+        parts = p.relative_to(root).parts
+        return parts[0] if len(parts) > 1 else ""
+
     class_names = sorted({class_of(p) for p in files})
     images, labels = [], []
     for p in files:
@@ -245,7 +249,8 @@ def save_png(image: torch.Tensor, path, enhance=()) -> None:
     ``enhance``: ``(name, factor)`` pairs of PIL ``ImageEnhance`` classes (``"Brightness"``,
     ``"Contrast"``, ``"Color"``, ``"Sharpness"``) applied in order to the 8-bit image.
     """
-    from PIL import Image, ImageEnhance
+    Image = require("PIL.Image", "writing images")
+    ImageEnhance = require("PIL.ImageEnhance", "writing images")
 
     arr = ((image.detach().float().cpu().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
     arr = arr.permute(1, 2, 0).numpy()

@@ -42,6 +42,7 @@ import torch.nn.functional as F
 from .. import sampling
 from .data import CropDataset, area_downsample, builtin_images, load_images, save_grid
 from .._machine import machine_info
+from .._optional import require
 from .metrics import log_spectral_distance, psnr
 from .checkpoint import WEIGHTS_NAME
 from .trainer import TrainConfig, load_denoiser, train
@@ -98,7 +99,8 @@ def _stage_configs(cfg: DemoConfig) -> tuple[TrainConfig, TrainConfig]:
     # Same pixel scale for both stages: a 64x64 image is a crop of side crop_scale * 64, resized.
     base = TrainConfig(stage="base", out=str(Path(cfg.out) / "base"), resolution=cfg.base_resolution,
                        crop_scale=[c * hi / cfg.base_resolution for c in cfg.crop_scale],
-                       batch_size=cfg.base_batch, model=dict(cfg.base_model), **_length(cfg.base_steps, cfg.train_seconds),
+                       batch_size=cfg.base_batch, model=dict(cfg.base_model),
+                       **_length(cfg.base_steps, cfg.train_seconds),
                        **common)
     relay = TrainConfig(stage="relay", out=str(Path(cfg.out) / "relay"), resolution=cfg.relay_crop,
                         crop_scale=list(cfg.crop_scale), batch_size=cfg.relay_batch,
@@ -330,16 +332,18 @@ def save_compare(evaluations: dict, cfg: DemoConfig, path: Path) -> None:
 def save_tradeoff(eval_sets: dict, path: Path) -> None:
     """sr_tradeoff.png: PSNR and high-band log-spectral distance against the relay sampler's
     start level, for every evaluation set, with bicubic and nearest as reference lines."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    FigureCanvasAgg = require("matplotlib.backends.backend_agg", "the demo's plot").FigureCanvasAgg
+    Figure = require("matplotlib.figure", "the demo's plot").Figure
 
     band = f"{HIGH_BAND[0]:.2f}-{HIGH_BAND[1]:.2f}"
     panels = (("PSNR to the truth (dB, higher is better)", lambda m: m["psnr_db"]),
               (f"log-spectral distance, {band} of Nyquist\n(dB, lower is better)",
                lambda m: m["log_spectral_distance_db"][band]),
-              ("agreement with the 16x16 input: PSNR of\nthe result's area downsampling (dB)", lambda m: m["input_psnr_db"]))
-    fig, axes = plt.subplots(1, len(panels), figsize=(15, 4.5))
+              ("agreement with the 16x16 input: PSNR of\nthe result's area downsampling (dB)",
+               lambda m: m["input_psnr_db"]))
+    fig = Figure(figsize=(15, 4.5))
+    FigureCanvasAgg(fig)
+    axes = fig.subplots(1, len(panels))
     for (title, value), ax in zip(panels, axes):
         for (name, e), color in zip(eval_sets.items(), ("C0", "C3", "C2")):
             ax.plot([float(lv) for lv in e["relay"]], [value(m) for m in e["relay"].values()], "o-", color=color,
@@ -356,7 +360,6 @@ def save_tradeoff(eval_sets: dict, path: Path) -> None:
     fig.tight_layout()
     tmp = path.with_name(path.name + ".tmp.png")
     fig.savefig(tmp, dpi=100)
-    plt.close(fig)
     tmp.replace(path)
 
 

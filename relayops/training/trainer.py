@@ -37,6 +37,7 @@ import torch
 import torch.distributed as dist
 
 from .. import schedules
+from .._optional import progress_bar
 from . import checkpoint as ckpt
 from .data import CropDataset, area_downsample, load_images, save_grid
 from .losses import LABEL_OFFSET, edm_base_loss, linear_relay_loss, relay_loss, sample_uniforms, vpred_loss
@@ -126,8 +127,8 @@ class TrainConfig:
 
 
 # Fields that may change between a run and its resumption (nothing that alters the math).
-RESUMABLE_CHANGES = {"steps", "time_limit", "out", "save_every", "sample_every", "log_every", "progress", "progress_position",
-                     "device", "backend", "deterministic"}
+RESUMABLE_CHANGES = {"steps", "time_limit", "out", "save_every", "sample_every", "log_every", "progress",
+                     "progress_position", "device", "backend", "deterministic"}
 
 
 def build_denoiser(unet: UNet, parameterization: str = "edm"):
@@ -499,12 +500,10 @@ class Trainer:
         every ``log_every`` steps); returns ``{"step", "loss"}`` (this rank's mean loss over the
         last log window). The losses are summed on the device and read back every ``log_every``
         steps only."""
-        from tqdm.auto import tqdm
-
         cfg = self.cfg
-        show = cfg.progress and self.rank == 0
-        bar = tqdm(total=None if cfg.time_limit else cfg.steps, initial=self.step, desc=f"train {cfg.stage}", disable=not show,
-                   file=sys.stderr, dynamic_ncols=True, position=cfg.progress_position)
+        bar = progress_bar(cfg.progress and self.rank == 0, total=None if cfg.time_limit else cfg.steps,
+                           initial=self.step, desc=f"train {cfg.stage}", file=sys.stderr, dynamic_ncols=True,
+                           position=cfg.progress_position)
         window, count, last, first = None, 0, float("nan"), self.step
         started = time.monotonic()
         try:

@@ -11,8 +11,10 @@ from __future__ import annotations
 import importlib.util
 import os
 
-if importlib.util.find_spec("triton") is None:
-    raise ImportError("relayops.triton needs the 'triton' package (pip install triton)")
+from .._optional import missing_extra
+
+if importlib.util.find_spec("triton") is None:  # find_spec: the check does not import triton
+    raise missing_extra("triton", "the Triton backend")
 
 import torch  # noqa: E402
 

@@ -143,7 +143,7 @@ def relay_step(x, x0_hat, sigma, sigma_next, tau, tau_next, eta, s, d_min, alpha
     """One DDIM-blur (Euler) or Heun-corrected relay update (SPEC 8), one pass over the images:
     ``gamma x + idct((D' - gamma D) dct(x0)) + eta sigma' n``, gamma = sqrt(1 - eta^2) sigma'/sigma."""
     gamma = (1.0 - eta * eta) ** 0.5 * sigma_next / sigma
-    factor = (reference.blur_response(tau_next, s, d_min) - gamma.view(-1, 1, 1) * reference.blur_response(tau, s, d_min))
+    factor = reference.blur_response(tau_next, s, d_min) - gamma.view(-1, 1, 1) * reference.blur_response(tau, s, d_min)
     return _launch_relay(x, s, x=x, x0=x0_hat, x_prop=x_prop, x0_prop=x0_hat_prop, factor=factor,
                          gamma=gamma, coef=eta * sigma_next, sigma=sigma,
                          sigma_next=sigma_next, alpha=alpha, k=k, seed=seed, offset=offset, seeds=seeds,
