@@ -9,17 +9,15 @@ the same run, and the speedup over the reference (when the reference ran first i
 
 Run: ``pytest bench --benchmark-json=bench/results/cpu.json`` then
 ``python bench/report.py bench/results/cpu.json`` for the Markdown table. The JSON's
-``machine_info["relayops"]`` records the machine (:func:`machine`: CPU model and flags, torch and
-relayops versions, commit) and the table ends with it. Threads: torch's
+``machine_info["relayops"]`` records the machine (``relayops._machine.machine_info``: CPU model
+and flags, torch and relayops versions, commit) and the table ends with it. Threads: torch's
 default, or ``RELAYOPS_BENCH_THREADS``. The reference is skipped for the noise and step ops at
 1024^2 (tens of seconds and GBs of temporaries per call) unless ``RELAYOPS_BENCH_FULL=1``.
 """
 from __future__ import annotations
 
 import os
-import platform
 import statistics
-import subprocess
 import time
 
 import pytest
@@ -40,37 +38,8 @@ MEDIANS: dict[tuple, float] = {}
 _COPY_TIMES: dict[tuple, float] = {}
 
 
-def machine() -> dict:
-    """What the results were measured on: CPU model and flags (/proc/cpuinfo, as ``lscpu`` shows
-    them), whether it has AVX-512F, torch and relayops versions, threads, GPU, git commit."""
-    import relayops
-
-    cpu = {}
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                key, _, value = line.partition(":")
-                cpu.setdefault(key.strip(), value.strip())
-    except OSError:
-        pass
-    flags = cpu.get("flags", "").split()
-    try:
-        root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True,
-                                check=True).stdout.strip()
-        dirty = bool(subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
-                                    capture_output=True, text=True, check=True).stdout.strip())
-    except (OSError, subprocess.CalledProcessError):
-        commit, dirty = None, None
-    return {"cpu_model": cpu.get("model name") or platform.processor() or platform.machine(),
-            "cpu_flags": flags, "avx512f": "avx512f" in flags, "cpu_count": os.cpu_count(),
-            "torch": torch.__version__, "relayops": relayops.__version__, "threads": torch.get_num_threads(),
-            "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
-            "commit": commit, "dirty": dirty}
-
-
 def pytest_benchmark_update_machine_info(config, machine_info):
-    machine_info["relayops"] = machine()
+    machine_info["relayops"] = machine_info()
 
 
 def sync(device: str) -> None:

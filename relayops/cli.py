@@ -46,6 +46,28 @@ _positive_int = _int_at_least(1)
 _nonneg_int = _int_at_least(0)
 
 
+def _positive_float(text: str) -> float:
+    """An argparse type: a finite number > 0."""
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not 0 < v < float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a finite number > 0, got {text}")
+    return v
+
+
+def _level_list(text: str) -> list[float]:
+    """An argparse type: comma-separated noise levels > 0, sorted, without repeats."""
+    try:
+        levels = sorted({float(v) for v in text.split(",") if v.strip()})
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
+    if not levels or not all(0 < v < float("inf") for v in levels):
+        raise argparse.ArgumentTypeError(f"expected noise levels > 0, got {text!r}")
+    return levels
+
+
 def _int_list(text: str) -> list[int]:
     try:
         return [int(v) for v in text.split(",") if v.strip()]
@@ -79,6 +101,9 @@ def _build_train(sub) -> None:
     p.add_argument("--patch", type=_positive_int, default=4, help="relay patch size s = upscaling factor (default 4)")
     p.add_argument("--out", default=None, help="run directory (default runs/<stage>)")
     p.add_argument("--steps", type=_nonneg_int, default=2000)
+    p.add_argument("--time-limit", type=_positive_float, default=None, metavar="SECONDS",
+                   help="stop early when this run has trained for SECONDS (checked every --log-every steps; "
+                        "the checkpoint records the step reached)")
     p.add_argument("--batch-size", type=_positive_int, default=32, help="global batch (split over processes)")
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--warmup", type=_nonneg_int, default=100, help="linear learning-rate warm-up steps")
@@ -125,7 +150,8 @@ def _cmd_train(args) -> int:
                  attn_resolutions=args.attn, dropout=args.dropout)
     cfg = TrainConfig(stage=args.stage, data=args.data, out=args.out or f"runs/{args.stage}", resolution=resolution,
                       patch=args.patch, crop_scale=list(args.crop_scale), steps=args.steps,
-                      batch_size=args.batch_size, lr=args.lr, warmup=args.warmup, weight_decay=args.weight_decay,
+                      time_limit=args.time_limit or 0.0, batch_size=args.batch_size, lr=args.lr, warmup=args.warmup,
+                      weight_decay=args.weight_decay,
                       grad_clip=args.grad_clip, ema_decay=args.ema_decay, bf16=args.bf16, seed=args.seed,
                       relay_mode=args.relay_mode, alpha=args.alpha, normalize=args.normalize, L=args.L,
                       sigma_b_max=args.sigma_b_max, parameterization="vpred" if args.vpred else "edm",
@@ -396,16 +422,25 @@ def _build_demo(sub) -> None:
     d = DemoConfig()
     p = sub.add_parser("demo", help="the main job: train both stages on builtin photos, sample, measure",
                        description="Train a 16x16 base model and a 16 -> 64 relay model (s = 4) on scikit-image's "
-                                   "photographs (about 10 minutes on 2 CPU cores), then write samples.png, "
-                                   "sr_compare.png and metrics.json to --out. A second run reuses the checkpoints.")
+                                   "photographs (the two side by side, --train-seconds each, or exactly "
+                                   "--base-steps/--relay-steps steps), then write samples.png, sr_compare.png, "
+                                   "sr_tradeoff.png and metrics.json to --out. A second run reuses the checkpoints.")
     p.add_argument("--out", default=d.out, help=f"output folder (default {d.out})")
     p.add_argument("--data", default=d.data, help="'builtin' or a folder of PNG/JPEG images (default builtin)")
     p.add_argument("--retrain", action="store_true", help="train from scratch even if checkpoints exist")
     p.add_argument("--seed", type=_nonneg_int, default=d.seed)
-    p.add_argument("--base-steps", type=_nonneg_int, default=d.base_steps, help=f"default {d.base_steps}")
-    p.add_argument("--relay-steps", type=_nonneg_int, default=d.relay_steps, help=f"default {d.relay_steps}")
+    p.add_argument("--train-seconds", type=_positive_float, default=d.train_seconds,
+                   help=f"training time per stage when its step count is not given (default {d.train_seconds:g})")
+    p.add_argument("--base-steps", type=_nonneg_int, default=None,
+                   help="train the base stage for exactly this many steps (reproducible; default: --train-seconds)")
+    p.add_argument("--relay-steps", type=_nonneg_int, default=None,
+                   help="train the relay stage for exactly this many steps (reproducible; default: --train-seconds)")
     p.add_argument("--num-samples", type=_positive_int, default=d.num_samples)
     p.add_argument("--num-eval", type=_positive_int, default=d.num_eval, help="held-out crops for metrics.json")
+    p.add_argument("--sweep-levels", type=_level_list, default=d.sweep_levels, metavar="SIGMAS",
+                   help="relay start levels (truncation) of the super-resolution sweep, comma-separated "
+                        f"(default {','.join(f'{v:g}' for v in d.sweep_levels)}); sr_compare.png shows the lowest "
+                        "and the highest")
     p.add_argument("--base-sample-steps", type=_positive_int, default=d.base_sample_steps)
     p.add_argument("--relay-sample-steps", type=_positive_int, default=d.relay_sample_steps)
     p.add_argument("--device", default="auto")
@@ -417,13 +452,14 @@ def _cmd_demo(args) -> int:
     from .training.demo import DemoConfig, format_metrics, run_demo
 
     cfg = DemoConfig(out=args.out, data=args.data, retrain=args.retrain, seed=args.seed,
-                     base_steps=args.base_steps, relay_steps=args.relay_steps, num_samples=args.num_samples,
-                     num_eval=args.num_eval, base_sample_steps=args.base_sample_steps,
+                     train_seconds=args.train_seconds, base_steps=args.base_steps, relay_steps=args.relay_steps,
+                     num_samples=args.num_samples,
+                     num_eval=args.num_eval, sweep_levels=args.sweep_levels, base_sample_steps=args.base_sample_steps,
                      relay_sample_steps=args.relay_sample_steps, progress=args.progress, device=args.device)
     metrics = run_demo(cfg, command="relayops " + " ".join(shlex.quote(a) for a in args.argv))
     out = Path(cfg.out)
     print(format_metrics(metrics))
-    print(f"wrote {out / 'samples.png'}, {out / 'sr_compare.png'}, {out / 'metrics.json'} "
+    print(f"wrote {out / 'samples.png'}, {out / 'sr_compare.png'}, {out / 'sr_tradeoff.png'}, {out / 'metrics.json'} "
           f"in {metrics['seconds']['total_s']:.0f} s")
     return 0
 

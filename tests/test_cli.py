@@ -6,6 +6,7 @@ import sys
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from relayops.cli import main
@@ -114,22 +115,47 @@ def test_train_deterministic_is_recorded_and_reproducible(tmp_path, monkeypatch,
 
 
 def test_demo_tiny_then_reuse(tmp_path, capsys):
-    argv = ["demo", "--out", str(tmp_path / "demo"), "--base-steps", "2", "--relay-steps", "2", "--num-samples", "2",
-            "--num-eval", "6", "--base-sample-steps", "3", "--relay-sample-steps", "12", "--no-progress"]
+    # Trained to a time budget (spent at the first log step), then a second run reuses both stages.
+    argv = ["demo", "--out", str(tmp_path / "demo"), "--train-seconds", "0.001", "--num-samples", "2",
+            "--num-eval", "4", "--sweep-levels", "0.9,0.2", "--base-sample-steps", "3", "--relay-sample-steps", "12",
+            "--no-progress"]
     assert main(argv) == 0
     demo = tmp_path / "demo"
     assert Image.open(demo / "samples.png").size[0] > 2 * 64
-    assert Image.open(demo / "sr_compare.png").size[0] > 5 * 2 * 64
+    assert Image.open(demo / "sr_compare.png").size[0] > 6 * 2 * 64      # six columns
+    assert Image.open(demo / "sr_tradeoff.png").size[0] > 0
     metrics = json.loads((demo / "metrics.json").read_text())
-    assert metrics["num_heldout_crops"] == 6
-    for method in ("nearest", "bicubic", "relay"):
-        assert np.isfinite(metrics[method]["psnr_db"])
-        assert len(metrics[method]["log_spectral_distance_db"]) == 4
+    assert metrics["train_steps"] == {"base": 10, "relay": 10}           # log_every: where the budget is checked
+    assert metrics["machine"]["cpu"] and metrics["machine"]["torch"] == torch.__version__
+    assert set(metrics["eval_sets"]) == {"test", "heldout"}
+    for e in metrics["eval_sets"].values():
+        assert e["num_crops"] == 4
+        assert list(e["relay"]) == ["0.2", "0.9"]
+        for m in (e["nearest"], e["bicubic"], *e["relay"].values()):
+            assert np.isfinite(m["psnr_db"]) and len(m["log_spectral_distance_db"]) == 3
+        assert e["target"]["best_level"] in e["relay"] and isinstance(e["target"]["met"], bool)
+    printed = capsys.readouterr().out
+    assert "best start level" in printed and "heldout (4 crops)" in printed
     ckpt = demo / "relay" / "checkpoint.safetensors"
     stamp = ckpt.stat().st_mtime_ns
-    capsys.readouterr()
     assert main(argv) == 0          # second run: the checkpoints are reused, not retrained
     assert ckpt.stat().st_mtime_ns == stamp
+
+
+def test_demo_target_picks_the_best_level_that_keeps_the_spectrum():
+    from relayops.training.demo import tradeoff_target
+
+    def m(psnr, high):
+        return {"psnr_db": psnr, "log_spectral_distance_db": {"0.00-0.25": 1.0, "0.50-1.00": high}}
+
+    result = {"bicubic": m(28.0, 20.0), "relay": {"0.1": m(27.9, 12.0), "0.2": m(27.0, 9.0), "0.9": m(20.0, 3.0)}}
+    # 0.1 has the best PSNR but not half of bicubic's high-band distance: 0.2 is the best level.
+    assert tradeoff_target(result) == {"best_level": "0.2", "psnr_below_bicubic_db": 1.0,
+                                       "high_band_lsd_over_bicubic": 0.45, "met": True}
+    result["relay"]["0.2"] = m(26.0, 9.0)
+    assert tradeoff_target(result)["met"] is False                      # 2 dB below bicubic
+    result["relay"] = {"0.1": m(27.9, 12.0)}
+    assert tradeoff_target(result)["best_level"] == "0.1"                # none keeps the spectrum: best PSNR
 
 
 def test_help_and_module_entry_point():
@@ -168,3 +194,14 @@ def test_spectrum_and_bench_dispatch(monkeypatch, capsys):
     assert main(["bench", "-k", "blur"]) == 0
     cmd, cwd = calls[0]
     assert cmd[1:] == ["-m", "pytest", "bench", "-k", "blur"] and (cwd / "bench").is_dir()
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["demo", "--train-seconds", "0"], "--train-seconds: must be a finite number > 0, got 0"),
+    (["demo", "--train-seconds", "soon"], "--train-seconds: expected a number, got 'soon'"),
+    (["demo", "--sweep-levels", "0.2,-1"], "--sweep-levels: expected noise levels > 0, got '0.2,-1'"),
+    (["demo", "--sweep-levels", "low"], "--sweep-levels: expected comma-separated numbers, got 'low'"),
+    (["train", "--stage", "base", "--time-limit", "-5"], "--time-limit: must be a finite number > 0, got -5"),
+])
+def test_demo_and_train_reject_bad_budgets_and_levels(capsys, argv, message):
+    assert message in run_error(capsys, argv)

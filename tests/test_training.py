@@ -385,6 +385,32 @@ def test_config_errors(tmp_path):
         tiny_config(tmp_path, stage="middle").validate()
     with pytest.raises(ValueError, match="multiscale loss needs"):
         tiny_config(tmp_path, multiscale=True).validate()
+    with pytest.raises(ValueError, match="time_limit must be >= 0"):
+        tiny_config(tmp_path, time_limit=-1.0).validate()
+
+
+def test_time_limit_stops_at_a_log_step_and_records_it(tmp_path):
+    # A limit already spent after the first log window: training stops there, saves, and the
+    # checkpoint says which step it reached; without the limit the same run goes to `steps`.
+    cfg = tiny_config(tmp_path, steps=1000, log_every=3, time_limit=1e-9)
+    assert Trainer(cfg).run()["step"] == 3
+    assert load_checkpoint(cfg.out)[1]["step"] == 3
+    more = tiny_config(tmp_path, steps=5, log_every=3)
+    assert Trainer(more).run()["step"] == 5             # the limit may change on resume: it alters no math
+
+
+def test_builtin_test_split_is_the_unseen_bottom_quarter():
+    from relayops.training.data import BUILTIN_TEST_FRACTION, BUILTIN_TRAIN, builtin_images, skimage_image
+
+    train_split, test_split = builtin_images("train"), builtin_images("test")
+    assert len(train_split) == len(test_split) == len(BUILTIN_TRAIN)
+    for name, top, bottom in zip(BUILTIN_TRAIN, train_split, test_split):
+        whole = skimage_image(name)
+        assert top.shape[-2] + bottom.shape[-2] == whole.shape[-2]
+        assert abs(bottom.shape[-2] - BUILTIN_TEST_FRACTION * whole.shape[-2]) <= 1
+        assert torch.equal(torch.cat([top, bottom], dim=-2), whole)   # disjoint rows, nothing lost
+    with pytest.raises(ValueError, match="split must be one of"):
+        builtin_images("validation")
 
 
 # --- distributed --------------------------------------------------------------------------------

@@ -30,10 +30,14 @@ MAX_IMAGE_PIXELS = 8192 * 8192
 MAX_IMAGE_BYTES = 256 << 20
 _PNG_END = b"\x00\x00\x00\x00IEND\xaeB`\x82"
 
-# scikit-image's bundled photographs (no download needed). Two are held out for evaluation.
+# scikit-image's bundled photographs (no download needed). The bottom quarter of each training
+# photograph is held out as the "test" split (unseen crops of the same kind of picture); two other
+# photographs are the "heldout" split (unlike the training set: a harder test).
 BUILTIN_TRAIN = ("astronaut", "rocket", "immunohistochemistry", "hubble_deep_field", "retina",
                  "camera", "moon", "coins", "brick", "grass", "gravel")
 BUILTIN_HELDOUT = ("chelsea", "coffee")
+BUILTIN_TEST_FRACTION = 0.25
+BUILTIN_SPLITS = ("train", "test", "heldout")
 
 
 def _to_chw_uint8(array: np.ndarray) -> torch.Tensor:
@@ -101,11 +105,20 @@ def skimage_image(name: str) -> torch.Tensor:
 
 
 def builtin_images(split: str = "train") -> list[torch.Tensor]:
-    """scikit-image's photographs as uint8 ``[3, H, W]`` tensors; split "train" or "heldout"."""
-    names = {"train": BUILTIN_TRAIN, "heldout": BUILTIN_HELDOUT}.get(split)
-    if names is None:
-        raise ValueError(f"split must be 'train' or 'heldout', got {split!r}")
-    return [skimage_image(name) for name in names]
+    """scikit-image's photographs as uint8 ``[3, H, W]`` tensors.
+
+    split "train": the top three quarters of each training photograph; "test": their bottom
+    quarter (never trained on); "heldout": the photographs kept out of training altogether.
+    """
+    if split not in BUILTIN_SPLITS:
+        raise ValueError(f"split must be one of {BUILTIN_SPLITS}, got {split!r}")
+    if split == "heldout":
+        return [skimage_image(name) for name in BUILTIN_HELDOUT]
+    images = [skimage_image(name) for name in BUILTIN_TRAIN]
+    cuts = [im.shape[-2] - round(im.shape[-2] * BUILTIN_TEST_FRACTION) for im in images]
+    if split == "train":
+        return [im[:, :cut] for im, cut in zip(images, cuts)]
+    return [im[:, cut:] for im, cut in zip(images, cuts)]
 
 
 def folder_images(path) -> tuple[list[torch.Tensor], list[int], list[str]]:

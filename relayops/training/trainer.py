@@ -27,6 +27,7 @@ import inspect
 import math
 import os
 import sys
+import time
 import warnings
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
@@ -55,6 +56,7 @@ class TrainConfig:
     patch: int = 4                     # s: relay patch size / super-resolution factor
     crop_scale: list = field(default_factory=lambda: [1.0, 2.0])
     steps: int = 1000
+    time_limit: float = 0.0            # seconds: stop early (at a step boundary) when spent; 0: no limit
     batch_size: int = 32               # global (split over distributed ranks)
     lr: float = 2e-3
     warmup: int = 100
@@ -110,6 +112,8 @@ class TrainConfig:
                              f"(the UNet halves it {int(math.log2(mult))} times)")
         if self.steps < 0 or self.batch_size < 1:
             raise ValueError("steps must be >= 0 and batch_size >= 1")
+        if not self.time_limit >= 0:
+            raise ValueError(f"time_limit must be >= 0 seconds (0: no limit), got {self.time_limit}")
 
     def unet_config(self, num_classes: int = 0) -> UNetConfig:
         cfg = UNetConfig.from_dict({"resolution": self.resolution, **self.model})
@@ -123,8 +127,8 @@ class TrainConfig:
 
 
 # Fields that may change between a run and its resumption (nothing that alters the math).
-RESUMABLE_CHANGES = {"steps", "out", "save_every", "sample_every", "log_every", "progress", "progress_position",
-                     "device", "backend", "deterministic"}
+RESUMABLE_CHANGES = {"steps", "time_limit", "out", "save_every", "sample_every", "log_every", "progress",
+                     "progress_position", "device", "backend", "deterministic"}
 
 
 def build_denoiser(unet: UNet, parameterization: str = "edm"):
@@ -484,15 +488,27 @@ class Trainer:
         save_grid(x, path)
         return path
 
+    def _out_of_time(self, started: float) -> bool:
+        """Whether ``cfg.time_limit`` is spent; every rank takes rank 0's answer, so all stop at
+        the same step."""
+        if not self.cfg.time_limit:
+            return False
+        spent = torch.tensor([float(time.monotonic() - started >= self.cfg.time_limit)], device=self.device)
+        if self.distributed:
+            dist.broadcast(spent, 0)
+        return bool(spent.item())
+
     def run(self) -> dict:
-        """Train until ``cfg.steps``; returns ``{"step", "loss"}`` (this rank's mean loss over the
+        """Train until ``cfg.steps``, or until ``cfg.time_limit`` seconds are spent (checked
+        every ``log_every`` steps); returns ``{"step", "loss"}`` (this rank's mean loss over the
         last log window). The losses are summed on the device and read back every ``log_every``
         steps only."""
         cfg = self.cfg
-        bar = progress_bar(cfg.progress and self.rank == 0, total=cfg.steps, initial=self.step,
-                           desc=f"train {cfg.stage}", file=sys.stderr, dynamic_ncols=True,
+        bar = progress_bar(cfg.progress and self.rank == 0, total=None if cfg.time_limit else cfg.steps,
+                           initial=self.step, desc=f"train {cfg.stage}", file=sys.stderr, dynamic_ncols=True,
                            position=cfg.progress_position)
         window, count, last, first = None, 0, float("nan"), self.step
+        started = time.monotonic()
         try:
             while self.step < cfg.steps:
                 loss = self.train_step()
@@ -503,6 +519,8 @@ class Trainer:
                     last = float(window) / count   # the only read-back of the loss
                     bar.set_postfix(loss=f"{last:.4f}")
                     window, count = None, 0
+                    if self._out_of_time(started):
+                        break
                 if cfg.save_every and self.step % cfg.save_every == 0 and self.step < cfg.steps:
                     self.save()
                 if cfg.sample_every and self.step % cfg.sample_every == 0 and self.rank == 0:
