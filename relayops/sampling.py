@@ -30,7 +30,7 @@ from tqdm.auto import tqdm
 
 from . import schedules, solvers
 from ._validate import check_image, check_real, seed_args
-from .ops import linear_relay_step, patch_dct, patch_idct, relay_noise, relay_step
+from .ops import linear_relay_step, relay_noise, relay_step
 
 __all__ = ["edm_sample", "relay_sample", "linear_relay_sample", "nearest_upsample", "BaseStage",
            "RelayStage", "RelayPipeline", "PipelinePreset", "PIPELINE_PRESETS", "get_pipeline_preset"]
@@ -248,23 +248,18 @@ def relay_sample(denoiser: Denoiser, x_lr: torch.Tensor | None = None, s: int = 
     return x
 
 
-def _scale_freq(u: torch.Tensor, factor: torch.Tensor, s: int) -> torch.Tensor:
-    """Every s x s patch of patch-DCT coefficients ``u`` times the ``[s, s]`` ``factor``."""
-    b, c, h, w = u.shape
-    return (u.reshape(b, c, h // s, s, w // s, s) * factor[:, None, :]).reshape(u.shape)
-
-
 def _relay_second_order(denoiser, x, grid, taus, solver, seeds, *, s, eta, alpha, normalize, L, sigma_b_max,
                         d_min, class_labels, cfg, progress, backend, offset):
-    """relay-2s / relay-2m (docs/spec.md section 8.1): per step
-    ``x' = gamma x + idct(A dct(x0_a) + E dct(x0_b - x0_a)) + eta sigma' n``, with the factors
-    A, E of :func:`relayops.solvers.step_factors` (host, once per grid). relay-2s: x0_b from the
-    denoiser at the eta = 0 DDIM-blur proposal at sigma'; noise at offset + 2i + 2 as SPEC 8's
-    correction. relay-2m: x0_b is the previous step's x0_hat; noise at offset + 2i + 1."""
-    factors = solvers.step_factors(grid, solver, eta=eta, L=L, sigma_b_max=sigma_b_max, s=s,
-                                   d_min=d_min).to(x.dtype).to(x.device)
-    g = (1.0 - eta * eta) ** 0.5
-    prev = None  # relay-2m: patch_dct of the previous step's x0_hat
+    """relay-2s / relay-2m (docs/spec.md section 8.1): per step one fused :func:`relay_step`,
+    ``x' = gamma x + idct((D' - gamma D) dct(x0_a) + E dct(x0_b - x0_a)) + eta sigma' n``, with the
+    correction factors E of :func:`relayops.solvers.correction_factors` (host, once per grid).
+    relay-2s: x0_b from the denoiser at the eta = 0 DDIM-blur proposal at sigma'; noise at
+    offset + 2i + 2 as SPEC 8's correction. relay-2m: x0_b is the previous step's x0_hat (the
+    first step is SPEC 8's Euler step); noise at offset + 2i + 1."""
+    factors = [None if e is None else e.to(x.device, x.dtype)
+               for e in solvers.correction_factors(grid, solver, eta=eta, L=L, sigma_b_max=sigma_b_max, s=s,
+                                                   d_min=d_min)]
+    prev = None  # relay-2m: the previous step's x0_hat
     with tqdm(total=len(grid) - 1, disable=not progress, desc=f"relay ({solver})", leave=False) as bar:
         for i in range(len(grid) - 1):
             sig, sig_n = grid[i], grid[i + 1]
@@ -273,20 +268,17 @@ def _relay_second_order(denoiser, x, grid, taus, solver, seeds, *, s, eta, alpha
                 x = x0_hat
                 bar.update(1)
                 break
-            u0 = patch_dct(x0_hat, s, backend=backend)
             if solver == "relay-2s":
                 x_prop = relay_step(x, x0_hat, sig, sig_n, taus[i], taus[i + 1], eta=0.0, s=s, d_min=d_min,
                                     seed=0, backend=backend)
-                other, off = patch_dct(_denoise(denoiser, x_prop, sig_n, class_labels, cfg), s, backend=backend), 2
+                x0_b, off = _denoise(denoiser, x_prop, sig_n, class_labels, cfg), 2
             else:
-                other, off = (prev if prev is not None else u0), 1
-            coef = _scale_freq(u0, factors[i, 0], s) + _scale_freq(other - u0, factors[i, 1], s)
-            x_next = (g * sig_n / sig) * x + patch_idct(coef, s, backend=backend)
-            if eta > 0:
-                n = relay_noise(x, s, alpha, normalize, backend=backend,
-                                **_noise_args(seeds, x, offset + 2 * i + off))
-                x_next = x_next + (eta * sig_n) * n
-            x, prev = x_next, u0
+                x0_b, off = prev, 1
+            noise = _noise_args(seeds, x, offset + 2 * i + off) if eta > 0 else {"seed": 0}
+            second = {} if factors[i] is None else {"x0_hat_b": x0_b, "correction": factors[i]}
+            x = relay_step(x, x0_hat, sig, sig_n, taus[i], taus[i + 1], eta=eta, s=s, alpha=alpha,
+                           normalize=normalize, d_min=d_min, backend=backend, **noise, **second)
+            prev = x0_hat
             bar.update(1)
     return x
 

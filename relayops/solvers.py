@@ -105,21 +105,18 @@ def correction_factor(sigma: float, sigma_next: float, sigma_b: float, *, eta: f
     return (1.0 - g) * (t1 - t0) / span * d_end + g * sigma_next * c
 
 
-def step_factors(grid, solver: str, *, eta: float, L: float, sigma_b_max: float, s: int,
-                 d_min: float = 0.001) -> torch.Tensor:
-    """``[n, 2, s, s]`` float64 for the n steps of ``grid`` that end above 0: ``[i, 0]`` is
-    SPEC 8's ``A = D' - gamma D``, ``[i, 1]`` the correction factor E of step i (zero where the
-    step is first order: relay-2m's first step). Computed once per grid, on the host."""
+def correction_factors(grid, solver: str, *, eta: float, L: float, sigma_b_max: float, s: int,
+                       d_min: float = 0.001) -> list[torch.Tensor | None]:
+    """The correction factor E (``[s, s]`` float64) of each of the steps of ``grid`` that end
+    above 0, None where the step is first order (relay-2m's first step). Computed once per grid,
+    on the host; :func:`relayops.relay_step` takes E as ``correction`` (SPEC 8's factor
+    ``D' - gamma D`` it computes itself)."""
     if solver not in SECOND_ORDER:
-        raise ValueError(f"step_factors is for the second-order solvers {SECOND_ORDER}, got {solver!r}")
+        raise ValueError(f"correction_factors is for the second-order solvers {SECOND_ORDER}, got {solver!r}")
     levels = [v for v in grid if v > 0]
-    out = torch.zeros(len(levels) - 1, 2, s, s, dtype=torch.float64)
-    g = math.sqrt(1.0 - eta * eta)
+    out = []
     for i, (sig, sig_n) in enumerate(zip(levels, levels[1:])):
-        resp = _response(torch.tensor([sig, sig_n], dtype=torch.float64), L, sigma_b_max, s, d_min)
-        out[i, 0] = resp[1] - g * sig_n / sig * resp[0]
         anchor = sig_n if solver == "relay-2s" else (levels[i - 1] if i > 0 else None)
-        if anchor is not None:
-            out[i, 1] = correction_factor(sig, sig_n, anchor, eta=eta, L=L, sigma_b_max=sigma_b_max, s=s,
-                                          d_min=d_min)
+        out.append(None if anchor is None else correction_factor(sig, sig_n, anchor, eta=eta, L=L,
+                                                                  sigma_b_max=sigma_b_max, s=s, d_min=d_min))
     return out
