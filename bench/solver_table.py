@@ -1,13 +1,14 @@
 """Exact transport error against network calls for every solver (the tables of docs/solvers.md).
 
-    .venv/bin/python bench/solver_table.py            # markdown tables on stdout (1-3 min on 2 CPU cores)
+    .venv/bin/python bench/solver_table.py            # markdown tables on stdout (about 2 min of CPU time)
 
 The Gaussian oracle of tests/test_sampling_gaussian.py (x* ~ N(0, Sigma) on 8x8 images, s = 4,
 closed-form optimal denoiser) on each preset's relay path (L for sampling, sigma_B_max, alpha,
 noise normalisation k = 1). Error: ``||Cov(output) - Sigma||_F / ||Sigma||_F`` with the output
 covariance propagated exactly through the linear steps (tests/test_solvers.py checks that these
 matrix forms are the sampler's exact transfer). Grids: the preset's own grid, and Karras grids
-(rho 7) with n levels from the preset grid's first level down to 0.008, then 0.
+(rho 7) with n levels from the preset grid's first level down to 0.008, then 0. Then edm_sample's
+and linear_relay_sample's solvers, deterministic, through their exact transfer matrices.
 """
 from __future__ import annotations
 

@@ -352,6 +352,11 @@ def _bad_calls(device):
     tau = torch.ones(2, device=device)
     e_ok, e_bad = torch.zeros(2, 4, 4, device=device), torch.zeros(2, 2, 4, device=device)
     e_int = torch.zeros(4, 4, dtype=torch.int64, device=device)
+
+    def step_op(ops, x0_hat=x, eta=0.2, x_prop=None, x0_hat_prop=None, x0_hat_b=None, correction=None):
+        return ops.relay_step(x, x0_hat, tau, tau, tau, tau, eta, 4, 0.001, 0.15, 1.0, 0, 0, None, None, None, x_prop,
+                              x0_hat_prop, x0_hat_b, correction)
+
     return [
         (lambda be: relayops.patch_blur(x[0], 0.5, backend=be),
          lambda ops: ops.patch_blur(x[0], tau, 4, 0.001), ValueError, r"x must be 4-D"),
@@ -380,31 +385,26 @@ def _bad_calls(device):
          lambda ops: ops.relay_corrupt(x, tau, tau, 4, 0.001, 0.15, 1.0, 0, 0, None, x, x[:1]), ValueError,
          r"eps2 has shape \(1, 3, 8, 8\); it must match the image's"),
         (lambda be: relayops.relay_step(x, x, 1.0, 0.5, 0.5, 0.2, eta=1.0, backend=be),
-         lambda ops: ops.relay_step(x, x, tau, tau, tau, tau, 1.0, 4, 0.001, 0.15, 1.0, 0, 0, None, None, None, None,
-                                    None, None, None), ValueError, r"eta must be < 1"),
+         lambda ops: step_op(ops, eta=1.0), ValueError, r"eta must be < 1"),
         (lambda be: relayops.relay_step(x, x, 1.0, 0.5, 0.5, 0.2, x_prop=x, backend=be),
-         lambda ops: ops.relay_step(x, x, tau, tau, tau, tau, 0.2, 4, 0.001, 0.15, 1.0, 0, 0, None, None, None, x,
-                                    None, None, None), ValueError, r"x_prop and x0_hat_prop go together"),
+         lambda ops: step_op(ops, x_prop=x), ValueError, r"x_prop and x0_hat_prop go together"),
         (lambda be: relayops.relay_step(x, x.double(), 1.0, 0.5, 0.5, 0.2, backend=be),
-         lambda ops: ops.relay_step(x, x.double(), tau, tau, tau, tau, 0.2, 4, 0.001, 0.15, 1.0, 0, 0, None, None,
-                                    None, None, None, None, None), TypeError, r"x0_hat has dtype torch.float64; it must match"),
+         lambda ops: step_op(ops, x0_hat=x.double()), TypeError, r"x0_hat has dtype torch.float64; it must match"),
         (lambda be: relayops.relay_step(x, x, 1.0, 0.5, 0.5, 0.2, x0_hat_b=x, backend=be),
-         lambda ops: ops.relay_step(x, x, tau, tau, tau, tau, 0.2, 4, 0.001, 0.15, 1.0, 0, 0, None, None, None, None,
-                                    None, x, None), ValueError, r"x0_hat_b and correction go together"),
+         lambda ops: step_op(ops, x0_hat_b=x), ValueError, r"x0_hat_b and correction go together"),
         (lambda be: relayops.relay_step(x, x, 1.0, 0.5, 0.5, 0.2, x0_hat_b=x, correction=e_bad, backend=be),
-         lambda ops: ops.relay_step(x, x, tau, tau, tau, tau, 0.2, 4, 0.001, 0.15, 1.0, 0, 0, None, None, None, None,
-                                    None, x, e_bad), ValueError, r"correction must have shape \[B, s, s\] = \[2, 4, 4\], "
-                                                                 r"got \(2, 2, 4\)"),
+         lambda ops: step_op(ops, x0_hat_b=x, correction=e_bad), ValueError,
+         r"correction must have shape \[B, s, s\] = \[2, 4, 4\], got \(2, 2, 4\)"),
         (lambda be: relayops.relay_step(x, x, 1.0, 0.5, 0.5, 0.2, x0_hat_b=x, correction=e_int, backend=be),
-         lambda ops: ops.relay_step(x, x, tau, tau, tau, tau, 0.2, 4, 0.001, 0.15, 1.0, 0, 0, None, None, None, None,
-                                    None, x, e_int.expand(2, 4, 4)), TypeError, r"correction must be a floating tensor"),
+         lambda ops: step_op(ops, x0_hat_b=x, correction=e_int.expand(2, 4, 4)), TypeError,
+         r"correction must be a floating tensor"),
         (lambda be: relayops.relay_step(x, x, 1.0, 0.5, 0.5, 0.2, x0_hat_b=x[:1], correction=e_ok, backend=be),
-         lambda ops: ops.relay_step(x, x, tau, tau, tau, tau, 0.2, 4, 0.001, 0.15, 1.0, 0, 0, None, None, None, None,
-                                    None, x[:1], e_ok), ValueError, r"x0_hat_b has shape \(1, 3, 8, 8\); it must match"),
+         lambda ops: step_op(ops, x0_hat_b=x[:1], correction=e_ok), ValueError,
+         r"x0_hat_b has shape \(1, 3, 8, 8\); it must match"),
         (lambda be: relayops.relay_step(x, x, 1.0, 0.5, 0.5, 0.2, x_prop=x, x0_hat_prop=x, x0_hat_b=x, correction=e_ok,
                                         backend=be),
-         lambda ops: ops.relay_step(x, x, tau, tau, tau, tau, 0.2, 4, 0.001, 0.15, 1.0, 0, 0, None, None, None, x,
-                                    x, x, e_ok), ValueError, r"the Heun step .* and the second-order step .* exclude"),
+         lambda ops: step_op(ops, x_prop=x, x0_hat_prop=x, x0_hat_b=x, correction=e_ok), ValueError,
+         r"the Heun step .* and the second-order step .* exclude"),
     ]
 
 

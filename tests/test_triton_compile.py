@@ -56,10 +56,10 @@ def compile_kernels(arch: int, only_relay: bool = False) -> list[str]:
                                          HAS_BLOCK=True, PER_SAMPLE_SEEDS=False),
         "relay_step second order, philox": dict(HAS_X=True, HAS_BLUR=True, HEUN=False, SECOND=True, NOISE=1,
                                                 HAS_BLOCK=True, PER_SAMPLE_SEEDS=False),
-        "relay_corrupt, given noise": dict(HAS_X=False, HAS_BLUR=True, HEUN=False, SECOND=False, NOISE=2, HAS_BLOCK=True,
-                                           PER_SAMPLE_SEEDS=False),
-        "relay_noise, alpha 0": dict(HAS_X=False, HAS_BLUR=False, HEUN=False, SECOND=False, NOISE=1, HAS_BLOCK=False,
-                                     PER_SAMPLE_SEEDS=False),
+        "relay_corrupt, given noise": dict(HAS_X=False, HAS_BLUR=True, HEUN=False, SECOND=False, NOISE=2,
+                                           HAS_BLOCK=True, PER_SAMPLE_SEEDS=False),
+        "relay_noise, alpha 0": dict(HAS_X=False, HAS_BLUR=False, HEUN=False, SECOND=False, NOISE=1,
+                                     HAS_BLOCK=False, PER_SAMPLE_SEEDS=False),
     }
     for name, flags in modes.items():
         build(kernels.relay_kernel, relay, {"S": 4, "SP": 4, "TILE": 1024, **flags}, name)

@@ -50,8 +50,8 @@ def _view(t: Optional[Tensor]):
 
 
 def _launch(mode, like: Tensor, s: int, *, x=None, x0=None, xp=None, x0p=None, x0b=None, eps=None, eps2=None,
-            sigma=None, sigma_next=None, tau=None, tau_next=None, correction=None, seeds=None, eta=0.0, d_min=0.0, alpha=0.0,
-            k=1.0, seed=0, offset=0, noise=True, shift=0) -> Tensor:
+            sigma=None, sigma_next=None, tau=None, tau_next=None, correction=None, seeds=None, eta=0.0, d_min=0.0,
+            alpha=0.0, k=1.0, seed=0, offset=0, noise=True, shift=0) -> Tensor:
     """Run kernel ``mode`` writing a new tensor like ``like``. noise: the op's noise term is present
     (drawn in the kernel unless eps is given); shift: s - 1 for the adjoint box sum (patch.h Params)."""
     out = empty_like(like)
@@ -62,7 +62,8 @@ def _launch(mode, like: Tensor, s: int, *, x=None, x0=None, xp=None, x0p=None, x
     draw = noise and eps is None
     flags = (int(draw), int(noise), int(alpha != 0.0 and (draw or eps2 is not None)), shift)
     args = (int(mode), int(DTYPE_CODES[out.dtype]), s, tuple(out.shape),
-            [_view(t) for t in (x, x0, xp, x0p, x0b, eps, eps2, out)], [0 if v is None else v.data_ptr() for v in params],
+            [_view(t) for t in (x, x0, xp, x0p, x0b, eps, eps2, out)],
+            [0 if v is None else v.data_ptr() for v in params],
             0 if seeds is None else seeds.data_ptr(), (float(eta), float(d_min), float(alpha), float(k)),
             seed & _U64, offset & _U64, flags)
     if out.device.type == "cuda":

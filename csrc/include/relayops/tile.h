@@ -168,18 +168,17 @@ RELAYOPS_HD void tile_load(const Params<A>& P, const TileGeom& g, const TileBloc
       if (sm.e) sm.e[e] = correction_factor(P, b, e / n, e % n);
     }
   if (P.mode != kNoise) {
-    struct In { A x, x0, xd; };  // x0: x0_hat, or Heun's x0_eff (relay_step); xd: x0b - x0 (second order)
+    struct In { A x, x0; };  // x0: x0_hat, or Heun's x0_eff (relay_step)
     for_cells_batched<kLoadBatch<A>>(
         tb.th, tb.tw, tid, nt,
         [&](int i, int j) {
           const int64_t h = tb.h0 + i, w = tb.w0 + j;
-          In v{load_elem<A>(P.x.template at<const T>(b, c, h, w)), A(0), A(0)};
+          In v{load_elem<A>(P.x.template at<const T>(b, c, h, w)), A(0)};
           if (P.mode == kStep) {
             v.x0 = load_elem<A>(P.x0.template at<const T>(b, c, h, w));
             if (P.xp.present())
               v.x0 = heun_x0(v.x, v.x0, load_elem<A>(P.xp.template at<const T>(b, c, h, w)),
                              load_elem<A>(P.x0p.template at<const T>(b, c, h, w)), ss.sigma, ss.sigma_next);
-            if (sm.xd) v.xd = load_elem<A>(P.x0b.template at<const T>(b, c, h, w)) - v.x0;
           }
           return v;
         },
@@ -188,12 +187,17 @@ RELAYOPS_HD void tile_load(const Params<A>& P, const TileGeom& g, const TileBloc
           if (P.mode == kStep) {
             sm.xk[e] = v.x;
             sm.x[e] = v.x0;
-            if (sm.xd) sm.xd[e] = v.xd;
           } else {
             sm.x[e] = v.x;
           }
         });
   }
+  if (sm.xd)  // second order: xd = x0b - x0, in a loop of its own (fewer live registers); the same
+              // cells as above, so this thread reads the x0 it stored itself
+    for_cells_batched<kLoadBatch<A>>(
+        tb.th, tb.tw, tid, nt,
+        [&](int i, int j) { return load_elem<A>(P.x0b.template at<const T>(b, c, tb.h0 + i, tb.w0 + j)); },
+        [&](int i, int j, A v) { sm.xd[i * g.tw + j] = v - sm.x[i * g.tw + j]; });
   if (!needs_noise(P)) return;
   const NoiseStream ns = noise_stream(P, b, c);
   if (P.has_block) {
