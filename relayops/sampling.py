@@ -353,7 +353,7 @@ def linear_relay_sample(denoiser: Denoiser, z_lr: torch.Tensor, *, t_relay: floa
 class BaseStage:
     """The low-resolution EDM stage: ``edm_sample`` at ``resolution`` with ``channels``.
 
-    Extra keywords of :func:`edm_sample` (sigma_min, S_churn, cfg, ...) go in ``options``.
+    Extra keywords of :func:`edm_sample` (sigma_min, S_churn, cfg, solver, ...) go in ``options``.
     """
     denoiser: Denoiser
     resolution: int
@@ -366,7 +366,7 @@ class BaseStage:
 class RelayStage:
     """A relay super-resolution stage by factor ``s`` (:func:`relay_sample`).
 
-    ``num_steps``/``preset`` and any other keyword of :func:`relay_sample` (eta, heun, sigmas,
+    ``num_steps``/``preset`` and any other keyword of :func:`relay_sample` (eta, solver, sigmas,
     cfg, ...) go in ``options``.
     """
     denoiser: Denoiser
