@@ -90,12 +90,6 @@ def _step(t, s, be, **kw):
                                backend=be, **kw)
 
 
-def _one_factor(correction: torch.Tensor) -> torch.Tensor:
-    """One ``[s, s]`` correction factor for the whole batch (values -1 .. 1 over the frequencies)."""
-    s = correction.shape[-1]
-    return torch.linspace(-1, 1, s * s, dtype=correction.dtype, device=correction.device).reshape(s, s)
-
-
 # Each case: (call(inputs, s, backend) -> output, the inputs it is differentiable in on every backend).
 CASES = {
     "patch_dct": (lambda t, s, be: relayops.patch_dct(t["x"], s, backend=be), ("x",)),
@@ -127,11 +121,10 @@ CASES = {
     "relay_step_heun_seed_tensor_alpha0": (lambda t, s, be: _step(
         t, s, be, eta=0.5, alpha=0.0, seed=t["seed_tensor"], offset=9, x_prop=t["xp"], x0_hat_prop=t["x0p"]),
         ("x", "x0", "xp", "x0p")),
-    # second order (docs/spec.md 8.1): x0_hat_b and the per-sample correction factor E
-    "relay_step_second_seed_list": (lambda t, s, be: _step(t, s, be, seed=t["seed_list"], offset=5,
-                                                           x0_hat_b=t["x0b"], correction=t["correction"]), ()),
-    "relay_step_second_eta0": (lambda t, s, be: _step(t, s, be, eta=0.0, x0_hat_b=t["x0b"],
-                                                      correction=_one_factor(t["correction"])), ("x", "x0", "x0b")),
+    # second order (docs/spec.md 8.1): x0_hat_b and the per-sample correction factor E (drawn noise with
+    # per-sample seeds and one [s, s] factor for the batch: the relay-2s/2m sampler test on every backend)
+    "relay_step_second_given": (lambda t, s, be: _step(t, s, be, eps=t["eps"], eps2=t["eps2"], x0_hat_b=t["x0b"],
+                                                       correction=t["correction"]), ("x", "x0", "x0b")),
 }
 
 # (B, C, H, W, s): B = 1, C = 1, H = W = s, non-square, C = 4 and 16, s = 2, 3 (not a power of
@@ -214,7 +207,7 @@ def test_layouts(target, name, layout, dtype):
 
 
 SEEDED_LIST = ("relay_noise_seed_list", "relay_noise_seed_tensor", "relay_corrupt_seed_list",
-               "relay_step_euler_seed_list", "relay_step_heun_seed_tensor_alpha0", "relay_step_second_seed_list")
+               "relay_step_euler_seed_list", "relay_step_heun_seed_tensor_alpha0")
 
 
 @pytest.mark.parametrize("name", SEEDED_LIST)
@@ -226,7 +219,7 @@ def test_per_sample_seeds_draw_what_each_sample_draws_alone(target, name):
     call = CASES[name][0]
     batch = call(inputs, 4, backend)
     for b, seed in enumerate(inputs["seed_list"]):
-        alone = {n: v[b:b + 1] for n, v in inputs.items() if n in IMAGES + PARAMS + ("correction",)}
+        alone = {n: v[b:b + 1] for n, v in inputs.items() if n in IMAGES + PARAMS}
         alone.update(seed_list=seed, seed_tensor=seed)
         assert torch.equal(call(alone, 4, backend), batch[b:b + 1]), f"{name}: sample {b} differs from its draw alone"
 
@@ -235,7 +228,7 @@ def test_per_sample_seeds_draw_what_each_sample_draws_alone(target, name):
 # program at a time (its tiles are covered by the small shapes above, with masked last tiles).
 LARGE_TARGETS = [t for t in TARGETS if t != ("triton", "cpu")]
 LARGE_CASES = ("patch_blur", "block_noise", "relay_noise_seed_tensor", "relay_corrupt_seed_list",
-               "relay_step_heun_given", "relay_step_second_eta0")
+               "relay_step_heun_given", "relay_step_second_given")
 
 
 @pytest.mark.parametrize("s", (2, 4, 8))
@@ -330,7 +323,7 @@ def test_relay_step_correction_factor_raises_the_same_error_everywhere(target):
     inputs, _ = make_inputs((2, 1, 4, 8, 4), torch.float32, device)
     leaf = inputs | {"correction": inputs["correction"].clone().requires_grad_(True)}
     with pytest.raises(NotImplementedError, match="relay_step is not differentiable with respect to correction"):
-        CASES["relay_step_second_seed_list"][0](leaf, 4, backend)
+        CASES["relay_step_second_given"][0](leaf, 4, backend)
     namespace = NAMESPACES.get(backend)
     if namespace is not None:
         t = inputs
