@@ -11,11 +11,13 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
 pytest.importorskip("triton")
 
+ROOT = Path(__file__).resolve().parents[1]
 IMAGE_PTRS = ["x_ptr", "x0_ptr", "xp_ptr", "x0p_ptr", "x0b_ptr", "eps_ptr", "eps2_ptr"]
 VECTOR_PTRS = ["factor_ptr", "corr_ptr", "gamma_ptr", "coef_ptr", "sigma_ptr", "sigma_next_ptr"]
 
@@ -72,6 +74,8 @@ def test_kernels_compile_for_gpu():
     """Every kernel for sm_90; the fused Heun relay kernel (the most involved) for sm_80 too.
     Nothing here is architecture-specific (no tensor cores, no TMA), so one arch covers most."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    # this checkout's kernels, also where the environment has another relayops installed
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH", "")) if p)
     env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
     proc = subprocess.run([sys.executable, __file__], env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
