@@ -1,13 +1,14 @@
-"""Exact transport error against network calls for every relay solver (README's solver table).
+"""Exact transport error against network calls for every solver (the tables of docs/solvers.md).
 
-    .venv/bin/python bench/solver_table.py            # markdown tables on stdout (1-3 min on 2 CPU cores)
+    .venv/bin/python bench/solver_table.py            # markdown tables on stdout (about 2 min of CPU time)
 
 The Gaussian oracle of tests/test_sampling_gaussian.py (x* ~ N(0, Sigma) on 8x8 images, s = 4,
 closed-form optimal denoiser) on each preset's relay path (L for sampling, sigma_B_max, alpha,
 noise normalisation k = 1). Error: ``||Cov(output) - Sigma||_F / ||Sigma||_F`` with the output
 covariance propagated exactly through the linear steps (tests/test_solvers.py checks that these
 matrix forms are the sampler's exact transfer). Grids: the preset's own grid, and Karras grids
-(rho 7) with n levels from the preset grid's first level down to 0.008, then 0.
+(rho 7) with n levels from the preset grid's first level down to 0.008, then 0. Then edm_sample's
+and linear_relay_sample's solvers, deterministic, through their exact transfer matrices.
 """
 from __future__ import annotations
 
@@ -65,9 +66,25 @@ def table(preset) -> str:
     return "\n".join(lines)
 
 
+def base_and_linear_table() -> str:
+    """edm_sample's and linear_relay_sample's solvers, deterministic, on the same oracle: the
+    samplers' exact transfer matrices (tests/test_solvers.py: edm_error, linear_error)."""
+    lines = ["EDM base stage (Karras 0.002 .. 80, rho 7, from pure noise) and latent linear relay "
+             "(z_L = 0, T_r = 50, Karras 0.002 .. 2, rho 7), deterministic:", "",
+             "| sampler | solver | steps | network calls | error |", "|---|---|---|---|---|"]
+    for sampler, names, err in (("edm_sample", solvers.EDM_SOLVERS, test_solvers.edm_error),
+                                ("linear_relay_sample", solvers.LINEAR_SOLVERS, test_solvers.linear_error)):
+        for solver in names:
+            for n in (8, 16, 32, 64):
+                nc = 2 * n - 1 if solver == "edm-heun" else n
+                lines.append(f"| {sampler} | {solver} | {n} | {nc} | {err(n, solver):.4f} |")
+    return "\n".join(lines)
+
+
 def main() -> None:
     for preset in (schedules.imagenet256, schedules.celebahq256):
         print(table(preset), end="\n\n", flush=True)
+    print(base_and_linear_table(), flush=True)
 
 
 if __name__ == "__main__":

@@ -30,7 +30,7 @@ import torch
 from . import schedules, solvers
 from ._optional import progress_bar
 from ._validate import check_image, check_real, seed_args
-from .ops import linear_relay_step, patch_dct, patch_idct, relay_noise, relay_step
+from .ops import linear_relay_step, relay_noise, relay_step
 
 __all__ = ["edm_sample", "relay_sample", "linear_relay_sample", "nearest_upsample", "BaseStage",
            "RelayStage", "RelayPipeline", "PipelinePreset", "PIPELINE_PRESETS", "get_pipeline_preset"]
@@ -115,7 +115,8 @@ def edm_sample(denoiser: Denoiser, shape, *, sigmas=None, num_steps: int = 18, s
                sigma_max: float = 80.0, rho: float = 7.0, S_churn: float = 0.0, S_min: float = 0.0,
                S_max: float = float("inf"), S_noise: float = 1.0, sde_scale: float = 0.0, seed=0,
                class_labels=None, dtype=torch.float32, device="cpu", progress: bool = False,
-               cfg: float | None = None, offset: int = 0, backend: str | None = None) -> torch.Tensor:
+               cfg: float | None = None, offset: int = 0, backend: str | None = None,
+               solver: str = "edm-heun") -> torch.Tensor:
     """EDM's stochastic Heun sampler, Karras et al. 2022 Algorithm 2 (SPEC 9).
 
     shape: ``(B, C, H, W)``. Grid: ``sigmas`` (decreasing; a final 0 is appended) or the Karras
@@ -124,7 +125,14 @@ def edm_sample(denoiser: Denoiser, shape, *, sigmas=None, num_steps: int = 18, s
     0: off): each step from t_hat lands at noise ``sqrt(t_next^2 - g^2)`` and adds fresh noise
     ``g = sde_scale t_next`` (Euler and Heun alike). Starts from ``sigma_0 * N(0, I)``. Returns
     ``[B, C, H, W]`` in ``dtype`` (float32 or float64) on ``device``.
+
+    ``solver``: ``"edm-heun"`` (Algorithm 2, two network calls per step but the last) or
+    ``"edm-2m"`` (docs/spec.md section 9.1: second-order multistep, one call per step; each
+    Euler step gets ``E (x0_hat_prev - x0_hat)`` with x0_hat linear in log sigma through the
+    previous evaluation; the first and last steps are Euler steps). Churn and ``sde_scale`` work
+    with both; they are only exact to first order with "edm-2m" (as eta > 0 for relay-2m).
     """
+    solver = solvers.check_solver(solver, solvers.EDM_SOLVERS)
     shape = tuple(int(v) for v in shape)
     if len(shape) != 4:
         raise ValueError(f"shape must be (B, C, H, W), got {shape}")
@@ -135,6 +143,7 @@ def edm_sample(denoiser: Denoiser, shape, *, sigmas=None, num_steps: int = 18, s
     x_like = torch.empty(shape, dtype=dtype, device=device)
     seeds = _seeds(seed, x_like)
     x = grid[0] * _white_noise(x_like, seeds, offset, backend)
+    prev = None  # edm-2m: (noise level, x0_hat) of the previous evaluation
     bar = progress_bar(progress, total=n, desc="edm", leave=False)
     for i in range(n):
         t_cur, t_next = grid[i], grid[i + 1]
@@ -150,12 +159,15 @@ def edm_sample(denoiser: Denoiser, shape, *, sigmas=None, num_steps: int = 18, s
         def sde_noise(k):  # Euler k = 1, Heun k = 2: offsets after the churn's
             return g * _white_noise(x, seeds, offset + n + 2 * i + k, backend) if g > 0 else 0.0
 
-        d = (x - _denoise(denoiser, x, t_hat, class_labels, cfg)) / t_hat
+        x0_hat = _denoise(denoiser, x, t_hat, class_labels, cfg)
+        d = (x - x0_hat) / t_hat
         x_next = x + h * d + sde_noise(1)
-        if t_next > 0:  # second-order correction, every step but the last
+        if t_next > 0 and solver == "edm-heun":  # second-order correction, every step but the last
             d_next = (x_next - _denoise(denoiser, x_next, t_next, class_labels, cfg)) / t_next
             x_next = x + h * (d + d_next) / 2 + sde_noise(2)
-        x = x_next
+        elif t_next > 0 and prev is not None and prev[0] != t_hat:  # edm-2m (section 9.1)
+            x_next = x_next + solvers.edm_correction(t_hat, t_next, prev[0], eta=sde_scale) * (prev[1] - x0_hat)
+        x, prev = x_next, (t_hat, x0_hat)
         bar.update(1)
     bar.close()
     return x
@@ -251,23 +263,18 @@ def relay_sample(denoiser: Denoiser, x_lr: torch.Tensor | None = None, s: int = 
     return x
 
 
-def _scale_freq(u: torch.Tensor, factor: torch.Tensor, s: int) -> torch.Tensor:
-    """Every s x s patch of patch-DCT coefficients ``u`` times the ``[s, s]`` ``factor``."""
-    b, c, h, w = u.shape
-    return (u.reshape(b, c, h // s, s, w // s, s) * factor[:, None, :]).reshape(u.shape)
-
-
 def _relay_second_order(denoiser, x, grid, taus, solver, seeds, *, s, eta, alpha, normalize, L, sigma_b_max,
                         d_min, class_labels, cfg, progress, backend, offset):
-    """relay-2s / relay-2m (docs/spec.md section 8.1): per step
-    ``x' = gamma x + idct(A dct(x0_a) + E dct(x0_b - x0_a)) + eta sigma' n``, with the factors
-    A, E of :func:`relayops.solvers.step_factors` (host, once per grid). relay-2s: x0_b from the
-    denoiser at the eta = 0 DDIM-blur proposal at sigma'; noise at offset + 2i + 2 as SPEC 8's
-    correction. relay-2m: x0_b is the previous step's x0_hat; noise at offset + 2i + 1."""
-    factors = solvers.step_factors(grid, solver, eta=eta, L=L, sigma_b_max=sigma_b_max, s=s,
-                                   d_min=d_min).to(x.dtype).to(x.device)
-    g = (1.0 - eta * eta) ** 0.5
-    prev = None  # relay-2m: patch_dct of the previous step's x0_hat
+    """relay-2s / relay-2m (docs/spec.md section 8.1): per step one fused :func:`relay_step`,
+    ``x' = gamma x + idct((D' - gamma D) dct(x0_a) + E dct(x0_b - x0_a)) + eta sigma' n``, with the
+    correction factors E of :func:`relayops.solvers.correction_factors` (host, once per grid).
+    relay-2s: x0_b from the denoiser at the eta = 0 DDIM-blur proposal at sigma'; noise at
+    offset + 2i + 2 as SPEC 8's correction. relay-2m: x0_b is the previous step's x0_hat (the
+    first step is SPEC 8's Euler step); noise at offset + 2i + 1."""
+    factors = [None if e is None else e.to(x.device, x.dtype)
+               for e in solvers.correction_factors(grid, solver, eta=eta, L=L, sigma_b_max=sigma_b_max, s=s,
+                                                   d_min=d_min)]
+    prev = None  # relay-2m: the previous step's x0_hat
     with progress_bar(progress, total=len(grid) - 1, desc=f"relay ({solver})", leave=False) as bar:
         for i in range(len(grid) - 1):
             sig, sig_n = grid[i], grid[i + 1]
@@ -276,20 +283,17 @@ def _relay_second_order(denoiser, x, grid, taus, solver, seeds, *, s, eta, alpha
                 x = x0_hat
                 bar.update(1)
                 break
-            u0 = patch_dct(x0_hat, s, backend=backend)
             if solver == "relay-2s":
                 x_prop = relay_step(x, x0_hat, sig, sig_n, taus[i], taus[i + 1], eta=0.0, s=s, d_min=d_min,
                                     seed=0, backend=backend)
-                other, off = patch_dct(_denoise(denoiser, x_prop, sig_n, class_labels, cfg), s, backend=backend), 2
+                x0_b, off = _denoise(denoiser, x_prop, sig_n, class_labels, cfg), 2
             else:
-                other, off = (prev if prev is not None else u0), 1
-            coef = _scale_freq(u0, factors[i, 0], s) + _scale_freq(other - u0, factors[i, 1], s)
-            x_next = (g * sig_n / sig) * x + patch_idct(coef, s, backend=backend)
-            if eta > 0:
-                n = relay_noise(x, s, alpha, normalize, backend=backend,
-                                **_noise_args(seeds, x, offset + 2 * i + off))
-                x_next = x_next + (eta * sig_n) * n
-            x, prev = x_next, u0
+                x0_b, off = prev, 1
+            noise = _noise_args(seeds, x, offset + 2 * i + off) if eta > 0 else {"seed": 0}
+            second = {} if factors[i] is None else {"x0_hat_b": x0_b, "correction": factors[i]}
+            x = relay_step(x, x0_hat, sig, sig_n, taus[i], taus[i + 1], eta=eta, s=s, alpha=alpha,
+                           normalize=normalize, d_min=d_min, backend=backend, **noise, **second)
+            prev = x0_hat
             bar.update(1)
     return x
 
@@ -299,7 +303,7 @@ def _relay_second_order(denoiser, x, grid, taus, solver, seeds, *, s, eta, alpha
 @torch.no_grad()
 def linear_relay_sample(denoiser: Denoiser, z_lr: torch.Tensor, *, t_relay: float, sigmas, seed=0, ts=None,
                         class_labels=None, cfg: float | None = None, dtype=torch.float32, progress: bool = False,
-                        offset: int = 0, backend: str | None = None) -> torch.Tensor:
+                        offset: int = 0, backend: str | None = None, solver: str = "linear-euler") -> torch.Tensor:
     """CogView3's deterministic linear relay sampler (SPEC 10).
 
     z_lr: ``[B, C, H, W]``, the upsampled low-resolution latent z_L. ``sigmas``: the noise
@@ -308,7 +312,13 @@ def linear_relay_sample(denoiser: Denoiser, z_lr: torch.Tensor, *, t_relay: floa
     Start: ``z = A_{t_0}(.) + sigma_0 eps = z_L + sigma_0 eps`` when ``ts[0] = t_relay``; each
     step ``z' = A_{t'}(z0_hat) + (sigma'/sigma)(z - A_t(z0_hat))``, the last one returning z0_hat.
     The denoiser is called as ``denoiser(z, sigma)`` (it knows z_L through its conditioning).
+
+    ``solver``: ``"linear-euler"`` (the step above) or ``"linear-2m"`` (docs/spec.md section
+    10.1: second-order multistep, still one call per step; each step but the first and the last
+    gets ``E (z0_hat_prev - z0_hat)``, z0_hat linear in log sigma, t linear in log sigma
+    between the grid's levels).
     """
+    solver = solvers.check_solver(solver, solvers.LINEAR_SOLVERS)
     z_lr = check_image("z_lr", z_lr).to(dtype)
     raw = [float(v) for v in (sigmas.tolist() if isinstance(sigmas, torch.Tensor) else sigmas)]
     grid = _grid(raw)
@@ -324,13 +334,18 @@ def linear_relay_sample(denoiser: Denoiser, z_lr: torch.Tensor, *, t_relay: floa
         raise ValueError(f"the grid must start at t = t_relay = {t_relay} (where A_t(z0) = z_L), got {ts[0]}")
     seeds = _seeds(seed, z_lr)
     z = z_lr + grid[0] * _white_noise(z_lr, seeds, offset, backend)
+    prev = None  # linear-2m: the previous step's z0_hat
     with progress_bar(progress, total=len(grid) - 1, desc="linear relay", leave=False) as bar:
         for i in range(len(grid) - 1):
             z0_hat = _denoise(denoiser, z, grid[i], class_labels, cfg)
             if grid[i + 1] == 0.0:  # the last step returns z0_hat
                 z = z0_hat
             else:
-                z = linear_relay_step(z, z0_hat, z_lr, ts[i], ts[i + 1], t_relay, grid[i], grid[i + 1])
+                z_next = linear_relay_step(z, z0_hat, z_lr, ts[i], ts[i + 1], t_relay, grid[i], grid[i + 1])
+                if solver == "linear-2m" and prev is not None:
+                    e = solvers.linear_correction(grid[i], grid[i + 1], grid[i - 1], ts[i], ts[i + 1], t_relay)
+                    z_next = z_next + e * (prev - z0_hat)
+                z, prev = z_next, z0_hat
             bar.update(1)
     return z
 
@@ -341,7 +356,7 @@ def linear_relay_sample(denoiser: Denoiser, z_lr: torch.Tensor, *, t_relay: floa
 class BaseStage:
     """The low-resolution EDM stage: ``edm_sample`` at ``resolution`` with ``channels``.
 
-    Extra keywords of :func:`edm_sample` (sigma_min, S_churn, cfg, ...) go in ``options``.
+    Extra keywords of :func:`edm_sample` (sigma_min, S_churn, cfg, solver, ...) go in ``options``.
     """
     denoiser: Denoiser
     resolution: int
@@ -354,7 +369,7 @@ class BaseStage:
 class RelayStage:
     """A relay super-resolution stage by factor ``s`` (:func:`relay_sample`).
 
-    ``num_steps``/``preset`` and any other keyword of :func:`relay_sample` (eta, heun, sigmas,
+    ``num_steps``/``preset`` and any other keyword of :func:`relay_sample` (eta, solver, sigmas,
     cfg, ...) go in ``options``.
     """
     denoiser: Denoiser

@@ -20,7 +20,10 @@ Solver names (``relay_sample(..., solver=...)``):
 * ``"relay-2m"``: second-order multistep, x0_b the previous step's x0_hat (1 call per step; the
   first step is first order).
 
-The last step (to level 0) returns x0_hat, as in SPEC 8.
+The last step (to level 0) returns x0_hat, as in SPEC 8. The same multistep correction serves
+EDM's base sampler (``edm_sample(..., solver="edm-2m")``: the path without blur, D = 1) and the
+latent linear relay (``linear_relay_sample(..., solver="linear-2m")``: D = 1 - t/T_r), with the
+factors :func:`edm_correction` and :func:`linear_correction`.
 """
 from __future__ import annotations
 
@@ -35,16 +38,18 @@ from .ops import blur_response
 
 SOLVERS = ("rdm-heun", "rdm-euler", "relay-2s", "relay-2m")
 SECOND_ORDER = ("relay-2s", "relay-2m")
+EDM_SOLVERS = ("edm-heun", "edm-2m")  # edm_sample: EDM's Heun (SPEC 9), or multistep (section 9.1)
+LINEAR_SOLVERS = ("linear-euler", "linear-2m")  # linear_relay_sample: SPEC 10's step, or multistep (10.1)
 
 # Gauss-Legendre nodes per step: the integrand is analytic in log sigma, and a step of a useful
 # grid spans at most a few units of log sigma, where 32 nodes are exact to rounding.
 QUAD_NODES = 32
 
 
-def check_solver(solver) -> str:
-    """The solver name, or a ValueError that lists the valid ones."""
-    if solver not in SOLVERS:
-        raise ValueError(f"unknown solver {solver!r}; valid solvers: {', '.join(SOLVERS)}")
+def check_solver(solver, valid=SOLVERS) -> str:
+    """The solver name if it is one of ``valid``, or a ValueError that lists them."""
+    if solver not in valid:
+        raise ValueError(f"unknown solver {solver!r}; valid solvers: {', '.join(valid)}")
     return solver
 
 
@@ -76,11 +81,10 @@ def _response(sigma: torch.Tensor, L: float, sigma_b_max: float, s: int, d_min: 
     return blur_response(schedules.tau_from_sigma(sigma, L, sigma_b_max), s, d_min)
 
 
-def correction_factor(sigma: float, sigma_next: float, sigma_b: float, *, eta: float = 0.0, L: float = 0.93,
-                      sigma_b_max: float = 3.0, s: int = 4, d_min: float = 0.001,
-                      nodes: int = QUAD_NODES) -> torch.Tensor:
-    """E (``[s, s]``, float64) for the step ``sigma -> sigma_next`` with x0_hat interpolated linearly
-    in ``log sigma`` through x0_a at sigma and x0_b at ``sigma_b`` (docs/spec.md section 8.1).
+def _correction(sigma: float, sigma_next: float, sigma_b: float, eta: float, response, nodes: int) -> torch.Tensor:
+    """E for the step ``sigma -> sigma_next`` of a path whose per-frequency response is
+    ``response(r)`` (float64 ``[n]`` levels -> ``[n, ...]``), x0_hat interpolated linearly in
+    ``log sigma`` through x0_a at sigma and x0_b at ``sigma_b`` (docs/spec.md section 8.1):
 
     ``phi(r) = ln(r/sigma) / ln(sigma_b/sigma)`` and, with g = sqrt(1 - eta^2),
     ``E = (1 - g) phi(sigma') D(sigma') + g sigma' c``,
@@ -95,31 +99,59 @@ def correction_factor(sigma: float, sigma_next: float, sigma_b: float, *, eta: f
         raise ValueError(f"eta must be in [0, 1), got {eta}")
     t0, t1, span = math.log(sigma), math.log(sigma_next), math.log(sigma_b / sigma)
     x, w = _gauss_legendre(nodes)
-    t = torch.tensor((t1 - t0) / 2 * x + (t1 + t0) / 2, dtype=torch.float64)
-    w = torch.tensor((t1 - t0) / 2 * w, dtype=torch.float64)
-    r = torch.exp(t)
-    d_end = _response(torch.tensor(sigma_next, dtype=torch.float64), L, sigma_b_max, s, d_min)
-    integrand = d_end / sigma_next - _response(r, L, sigma_b_max, s, d_min) / r[:, None, None]
-    c = (w[:, None, None] * integrand).sum(0) / span
+    r = torch.exp(torch.tensor((t1 - t0) / 2 * x + (t1 + t0) / 2, dtype=torch.float64))
+    d_end = response(torch.tensor([sigma_next], dtype=torch.float64))[0]
+    d = response(r)
+    w = torch.tensor((t1 - t0) / 2 * w, dtype=torch.float64).reshape(-1, *[1] * (d.dim() - 1))
+    c = (w * (d_end / sigma_next - d / r.reshape(w.shape))).sum(0) / span
     g = math.sqrt(1.0 - eta * eta)
     return (1.0 - g) * (t1 - t0) / span * d_end + g * sigma_next * c
 
 
-def step_factors(grid, solver: str, *, eta: float, L: float, sigma_b_max: float, s: int,
-                 d_min: float = 0.001) -> torch.Tensor:
-    """``[n, 2, s, s]`` float64 for the n steps of ``grid`` that end above 0: ``[i, 0]`` is
-    SPEC 8's ``A = D' - gamma D``, ``[i, 1]`` the correction factor E of step i (zero where the
-    step is first order: relay-2m's first step). Computed once per grid, on the host."""
+def correction_factor(sigma: float, sigma_next: float, sigma_b: float, *, eta: float = 0.0, L: float = 0.93,
+                      sigma_b_max: float = 3.0, s: int = 4, d_min: float = 0.001,
+                      nodes: int = QUAD_NODES) -> torch.Tensor:
+    """E (``[s, s]``, float64) of the relay path (SPEC 8): the patch-blur response
+    ``D(r) = D(tau(u(r)))`` per DCT frequency in :func:`_correction`."""
+    return _correction(sigma, sigma_next, sigma_b, eta, lambda r: _response(r, L, sigma_b_max, s, d_min), nodes)
+
+
+def edm_correction(sigma: float, sigma_next: float, sigma_b: float, *, eta: float = 0.0,
+                   nodes: int = QUAD_NODES) -> float:
+    """E of EDM's path ``x = x0 + sigma n`` (no blur: ``D = 1``), for ``edm_sample(solver="edm-2m")``;
+    eta is the fraction of fresh noise (EDM's ``sde_scale``). Closed form
+    ``(h + g (1 - sigma'/sigma)) / ln(sigma_b/sigma)``, ``h = ln(sigma'/sigma)``; computed here by
+    the same quadrature as the relay's E (docs/spec.md section 9.1)."""
+    return float(_correction(sigma, sigma_next, sigma_b, eta, torch.ones_like, nodes))
+
+
+def linear_correction(sigma: float, sigma_next: float, sigma_b: float, t: float, t_next: float, t_relay: float,
+                      nodes: int = QUAD_NODES) -> float:
+    """E of the latent linear relay path (SPEC 10) for ``linear_relay_sample(solver="linear-2m")``:
+    the response is ``D(r) = 1 - t(r)/T_r`` (the weight of z0 in ``A_t``), with the relay time t
+    linear in ``log r`` between the step's levels ``(sigma, t)`` and ``(sigma_next, t_next)``
+    (docs/spec.md section 10.1). Deterministic (eta = 0)."""
+    t0, t1 = math.log(sigma), math.log(sigma_next)
+
+    def response(r):
+        frac = (torch.log(r) - t0) / (t1 - t0)
+        return 1.0 - (t + frac * (t_next - t)) / t_relay
+
+    return float(_correction(sigma, sigma_next, sigma_b, 0.0, response, nodes))
+
+
+def correction_factors(grid, solver: str, *, eta: float, L: float, sigma_b_max: float, s: int,
+                       d_min: float = 0.001) -> list[torch.Tensor | None]:
+    """The correction factor E (``[s, s]`` float64) of each of the steps of ``grid`` that end
+    above 0, None where the step is first order (relay-2m's first step). Computed once per grid,
+    on the host; :func:`relayops.relay_step` takes E as ``correction`` (SPEC 8's factor
+    ``D' - gamma D`` it computes itself)."""
     if solver not in SECOND_ORDER:
-        raise ValueError(f"step_factors is for the second-order solvers {SECOND_ORDER}, got {solver!r}")
+        raise ValueError(f"correction_factors is for the second-order solvers {SECOND_ORDER}, got {solver!r}")
     levels = [v for v in grid if v > 0]
-    out = torch.zeros(len(levels) - 1, 2, s, s, dtype=torch.float64)
-    g = math.sqrt(1.0 - eta * eta)
+    out = []
     for i, (sig, sig_n) in enumerate(zip(levels, levels[1:])):
-        resp = _response(torch.tensor([sig, sig_n], dtype=torch.float64), L, sigma_b_max, s, d_min)
-        out[i, 0] = resp[1] - g * sig_n / sig * resp[0]
         anchor = sig_n if solver == "relay-2s" else (levels[i - 1] if i > 0 else None)
-        if anchor is not None:
-            out[i, 1] = correction_factor(sig, sig_n, anchor, eta=eta, L=L, sigma_b_max=sigma_b_max, s=s,
-                                          d_min=d_min)
+        out.append(None if anchor is None else correction_factor(sig, sig_n, anchor, eta=eta, L=L,
+                                                                  sigma_b_max=sigma_b_max, s=s, d_min=d_min))
     return out

@@ -54,21 +54,24 @@ def target(request):
     return request.param
 
 
-IMAGES = ("x", "x0", "xp", "x0p", "eps", "eps2")
+IMAGES = ("x", "x0", "xp", "x0p", "eps", "eps2", "x0b")
 PARAMS = ("sigma", "sigma_next", "tau", "tau_next")
 
 
 def make_inputs(shape, dtype, device, seed=0):
-    """Image-shaped normals, per-sample parameters and per-sample seeds (a list and an int64
-    tensor of the same values): (as the backend gets them, float64 copies of the same rounded
-    values for the reference)."""
-    b, c, h, w, _ = shape
+    """Image-shaped normals, per-sample parameters, a per-sample ``[B, s, s]`` correction factor
+    (second-order relay_step) and per-sample seeds (a list and an int64 tensor of the same
+    values): (as the backend gets them, float64 copies of the same rounded values for the
+    reference)."""
+    b, c, h, w, s = shape
     gen = torch.Generator().manual_seed(seed)
     images = {n: torch.randn(b, c, h, w, generator=gen, dtype=torch.float64).to(dtype) for n in IMAGES}
     sigma = 0.2 + torch.rand(b, generator=gen, dtype=torch.float64)
     tau = 0.1 + 2 * torch.rand(b, generator=gen, dtype=torch.float64)
     acc = torch.float64 if dtype == torch.float64 else torch.float32
-    params = {n: v.to(acc) for n, v in dict(sigma=sigma, sigma_next=0.6 * sigma, tau=tau, tau_next=0.5 * tau).items()}
+    correction = torch.randn(b, s, s, generator=gen, dtype=torch.float64)
+    params = {n: v.to(acc) for n, v in dict(sigma=sigma, sigma_next=0.6 * sigma, tau=tau, tau_next=0.5 * tau,
+                                            correction=correction).items()}
     seeds = seed_list(b)
     seed_args = dict(seed_list=seeds, seed_tensor=torch.tensor([signed64(v) for v in seeds], dtype=torch.int64,
                                                                device=device))
@@ -119,6 +122,10 @@ CASES = {
     "relay_step_heun_seed_tensor_alpha0": (lambda t, s, be: _step(
         t, s, be, eta=0.5, alpha=0.0, seed=t["seed_tensor"], offset=9, x_prop=t["xp"], x0_hat_prop=t["x0p"]),
         ("x", "x0", "xp", "x0p")),
+    # second order (docs/spec.md 8.1): x0_hat_b and the per-sample correction factor E (drawn noise with
+    # per-sample seeds and one [s, s] factor for the batch: the relay-2s/2m sampler test on every backend)
+    "relay_step_second_given": (lambda t, s, be: _step(t, s, be, eps=t["eps"], eps2=t["eps2"], x0_hat_b=t["x0b"],
+                                                       correction=t["correction"]), ("x", "x0", "x0b")),
 }
 
 # (B, C, H, W, s): B = 1, C = 1, H = W = s, non-square, C = 4 and 16, s = 2, 3 (not a power of
@@ -222,7 +229,7 @@ def test_per_sample_seeds_draw_what_each_sample_draws_alone(target, name):
 # program at a time (its tiles are covered by the small shapes above, with masked last tiles).
 LARGE_TARGETS = [t for t in TARGETS if t != ("triton", "cpu")]
 LARGE_CASES = ("patch_blur", "block_noise", "relay_noise_seed_tensor", "relay_corrupt_seed_list",
-               "relay_step_heun_given")
+               "relay_step_heun_given", "relay_step_second_given")
 
 
 @pytest.mark.parametrize("s", (2, 4, 8))
@@ -305,8 +312,26 @@ def test_relay_step_parameters_raise_the_same_error_everywhere(target):
         tau = inputs["tau"].clone().requires_grad_(True)
         out = getattr(torch.ops, namespace).relay_step(
             inputs["x"], inputs["x0"], inputs["sigma"], inputs["sigma_next"], tau, inputs["tau_next"], 0.2, 4, 0.001,
-            0.15, 1.0, 3, 0, None, None, None, None, None)
+            0.15, 1.0, 3, 0, None, None, None, None, None, None, None)
         with pytest.raises(NotImplementedError, match="relay_step is not differentiable with respect to sigma"):
+            out.sum().backward()
+
+
+def test_relay_step_correction_factor_raises_the_same_error_everywhere(target):
+    """The second-order step's correction factor E is a sampler constant: asking for its gradient
+    raises NotImplementedError on every backend (public op up front, direct op call in backward)."""
+    backend, device = target
+    inputs, _ = make_inputs((2, 1, 4, 8, 4), torch.float32, device)
+    leaf = inputs | {"correction": inputs["correction"].clone().requires_grad_(True)}
+    with pytest.raises(NotImplementedError, match="relay_step is not differentiable with respect to correction"):
+        CASES["relay_step_second_given"][0](leaf, 4, backend)
+    namespace = NAMESPACES.get(backend)
+    if namespace is not None:
+        t = inputs
+        out = getattr(torch.ops, namespace).relay_step(
+            t["x"], t["x0"], t["sigma"], t["sigma_next"], t["tau"], t["tau_next"], 0.2, 4, 0.001, 0.15, 1.0, 3, 0,
+            None, None, None, None, None, t["x0b"], leaf["correction"])
+        with pytest.raises(NotImplementedError, match="relay_step is not differentiable with respect to correction"):
             out.sum().backward()
 
 
@@ -319,6 +344,13 @@ def _bad_calls(device):
     """(public call, direct op call or None, exception type, message pattern)."""
     x = torch.zeros(2, 3, 8, 8, device=device)
     tau = torch.ones(2, device=device)
+    e_ok, e_bad = torch.zeros(2, 4, 4, device=device), torch.zeros(2, 2, 4, device=device)
+    e_int = torch.zeros(4, 4, dtype=torch.int64, device=device)
+
+    def step_op(ops, x0_hat=x, eta=0.2, x_prop=None, x0_hat_prop=None, x0_hat_b=None, correction=None):
+        return ops.relay_step(x, x0_hat, tau, tau, tau, tau, eta, 4, 0.001, 0.15, 1.0, 0, 0, None, None, None, x_prop,
+                              x0_hat_prop, x0_hat_b, correction)
+
     return [
         (lambda be: relayops.patch_blur(x[0], 0.5, backend=be),
          lambda ops: ops.patch_blur(x[0], tau, 4, 0.001), ValueError, r"x must be 4-D"),
@@ -347,14 +379,26 @@ def _bad_calls(device):
          lambda ops: ops.relay_corrupt(x, tau, tau, 4, 0.001, 0.15, 1.0, 0, 0, None, x, x[:1]), ValueError,
          r"eps2 has shape \(1, 3, 8, 8\); it must match the image's"),
         (lambda be: relayops.relay_step(x, x, 1.0, 0.5, 0.5, 0.2, eta=1.0, backend=be),
-         lambda ops: ops.relay_step(x, x, tau, tau, tau, tau, 1.0, 4, 0.001, 0.15, 1.0, 0, 0, None, None, None, None,
-                                    None), ValueError, r"eta must be < 1"),
+         lambda ops: step_op(ops, eta=1.0), ValueError, r"eta must be < 1"),
         (lambda be: relayops.relay_step(x, x, 1.0, 0.5, 0.5, 0.2, x_prop=x, backend=be),
-         lambda ops: ops.relay_step(x, x, tau, tau, tau, tau, 0.2, 4, 0.001, 0.15, 1.0, 0, 0, None, None, None, x,
-                                    None), ValueError, r"x_prop and x0_hat_prop go together"),
+         lambda ops: step_op(ops, x_prop=x), ValueError, r"x_prop and x0_hat_prop go together"),
         (lambda be: relayops.relay_step(x, x.double(), 1.0, 0.5, 0.5, 0.2, backend=be),
-         lambda ops: ops.relay_step(x, x.double(), tau, tau, tau, tau, 0.2, 4, 0.001, 0.15, 1.0, 0, 0, None, None,
-                                    None, None, None), TypeError, r"x0_hat has dtype torch.float64; it must match"),
+         lambda ops: step_op(ops, x0_hat=x.double()), TypeError, r"x0_hat has dtype torch.float64; it must match"),
+        (lambda be: relayops.relay_step(x, x, 1.0, 0.5, 0.5, 0.2, x0_hat_b=x, backend=be),
+         lambda ops: step_op(ops, x0_hat_b=x), ValueError, r"x0_hat_b and correction go together"),
+        (lambda be: relayops.relay_step(x, x, 1.0, 0.5, 0.5, 0.2, x0_hat_b=x, correction=e_bad, backend=be),
+         lambda ops: step_op(ops, x0_hat_b=x, correction=e_bad), ValueError,
+         r"correction must have shape \[B, s, s\] = \[2, 4, 4\], got \(2, 2, 4\)"),
+        (lambda be: relayops.relay_step(x, x, 1.0, 0.5, 0.5, 0.2, x0_hat_b=x, correction=e_int, backend=be),
+         lambda ops: step_op(ops, x0_hat_b=x, correction=e_int.expand(2, 4, 4)), TypeError,
+         r"correction must be a floating tensor"),
+        (lambda be: relayops.relay_step(x, x, 1.0, 0.5, 0.5, 0.2, x0_hat_b=x[:1], correction=e_ok, backend=be),
+         lambda ops: step_op(ops, x0_hat_b=x[:1], correction=e_ok), ValueError,
+         r"x0_hat_b has shape \(1, 3, 8, 8\); it must match"),
+        (lambda be: relayops.relay_step(x, x, 1.0, 0.5, 0.5, 0.2, x_prop=x, x0_hat_prop=x, x0_hat_b=x, correction=e_ok,
+                                        backend=be),
+         lambda ops: step_op(ops, x_prop=x, x0_hat_prop=x, x0_hat_b=x, correction=e_ok), ValueError,
+         r"the Heun step .* and the second-order step .* exclude"),
     ]
 
 
@@ -380,6 +424,7 @@ def _opcheck_args(device, dtype):
     p = (torch.rand(4, 2, generator=gen, dtype=torch.float64) + 0.2).to(device, dtype)
     sig, sig_n, tau, tau_n = p[0], 0.5 * p[0], p[1], 0.5 * p[1]
     seeds = torch.tensor([3, -5], dtype=torch.int64, device=device)
+    corr = (torch.rand(2, 4, 4, generator=gen, dtype=torch.float64) - 0.5).to(device, dtype)
     return {  # case: (op, arguments, indices of the [B] parameters to differentiate)
         "patch_dct": ("patch_dct", (x, 4), ()), "patch_idct": ("patch_idct", (x, 2), ()),
         "patch_blur": ("patch_blur", (x, tau, 4, 0.001), (1,)),
@@ -390,9 +435,11 @@ def _opcheck_args(device, dtype):
         "relay_corrupt_seeds": ("relay_corrupt", (x, sig, tau, 4, 0.001, 0.15, 1.0, 0, 1, seeds, None, None), (1, 2)),
         "relay_corrupt_given": ("relay_corrupt", (x, sig, tau, 4, 0.001, 0.15, 1.0, 0, 0, None, e1, e2), (1, 2)),
         "relay_step_euler": ("relay_step", (x, x0, sig, sig_n, tau, tau_n, 0.2, 4, 0.001, 0.15, 1.0, 11, 2, None,
-                                            None, None, None, None), ()),
+                                            None, None, None, None, None, None), ()),
         "relay_step_heun": ("relay_step", (x, x0, sig, sig_n, tau, tau_n, 0.2, 4, 0.001, 0.15, 1.0, 0, 0, None, e1,
-                                           e2, xp, x0p), ()),
+                                           e2, xp, x0p, None, None), ()),
+        "relay_step_second": ("relay_step", (x, x0, sig, sig_n, tau, tau_n, 0.2, 4, 0.001, 0.15, 1.0, 0, 0, seeds,
+                                             None, None, None, None, xp, corr), ()),
     }
 
 

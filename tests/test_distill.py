@@ -1,4 +1,4 @@
-"""Progressive relay distillation (docs/spec.md section 10.1).
+"""Progressive relay distillation (docs/spec.md section 10.2).
 
 The Gaussian oracle of test_sampling_gaussian (8x8 single-channel images, s = 4, linear
 denoisers) gives exact references: the teacher's two deterministic steps written as matrices
@@ -131,7 +131,7 @@ def test_linear_target_equals_the_solved_student_step():
 
 
 def test_target_weights_are_a_convex_combination():
-    """docs/spec.md 10.1: Wa, Wb >= 0 and Wa + Wb = 1 at every frequency (no amplification)."""
+    """docs/spec.md 10.2: Wa, Wb >= 0 and Wa + Wb = 1 at every frequency (no amplification)."""
     for path in (blur_path(16), linear_setup(6)[0]):
         wa, wb = path.target_weights()
         assert bool((wa >= 0).all() and (wb > 0).all())

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import math
+import os
 
 import numpy as np
 import pytest
@@ -19,8 +20,9 @@ import torch
 import scipy_reference as sr
 import test_sampling as paths
 import test_sampling_gaussian as oracle
+import relayops
 from relayops import schedules, solvers
-from relayops.sampling import relay_sample
+from relayops.sampling import edm_sample, linear_relay_sample, relay_sample
 
 DT = torch.float64
 EYE, N_PIX, S = oracle.EYE, oracle.N_PIX, oracle.S
@@ -256,3 +258,158 @@ def test_per_sample_seeds_regenerate_one_image(solver):
     assert torch.equal(run(x_lr, [7, 8, 9]), batch)
     torch.testing.assert_close(run(x_lr[1:2], [8]), batch[1:2], rtol=0, atol=1e-6)
     assert not torch.allclose(batch[0], batch[1])
+
+
+# --- the same correction on EDM's base stage (section 9.1) and the linear relay (section 10.1) -----
+
+@pytest.mark.parametrize("step", STEPS)
+@pytest.mark.parametrize("eta", [0.0, 0.05])
+def test_edm_correction_closed_form(step, eta):
+    """No blur (D = 1): ``E = (h + g (1 - sigma'/sigma)) / ln(sigma_b/sigma)``, h = ln(sigma'/sigma)
+    (docs/spec.md 9.1, the integral done by hand), against the quadrature."""
+    sig, sig_n, sig_b = step
+    h, g = math.log(sig_n / sig), math.sqrt(1 - eta**2)
+    expected = (h + g * (1 - sig_n / sig)) / math.log(sig_b / sig)
+    assert abs(solvers.edm_correction(sig, sig_n, sig_b, eta=eta) - expected) < 1e-12
+
+
+@pytest.mark.parametrize("step", STEPS)
+def test_linear_correction_against_quad(step):
+    """The linear relay's E (D(r) = 1 - t(r)/T_r, t linear in log r over the step) against
+    ``D(sigma') phi(sigma') - sigma' int D(r) phi'(r)/r dr``, integrated adaptively by scipy."""
+    sig, sig_n, sig_b = step
+    t0, t1, t_relay = 37.0, 21.0, 50.0
+
+    def response(r):
+        return 1 - (t0 + (t1 - t0) * math.log(r / sig) / math.log(sig_n / sig)) / t_relay
+
+    integral, _ = scipy.integrate.quad(lambda r: response(r) / (r * r * math.log(sig_b / sig)), sig, sig_n,
+                                       epsabs=1e-14, epsrel=1e-13)
+    expected = response(sig_n) * phi(sig_n, sig, sig_b) - sig_n * integral
+    assert abs(solvers.linear_correction(sig, sig_n, sig_b, t0, t1, t_relay) - expected) < 1e-10
+
+
+def transfer_from_noise(run, sigma0: float) -> torch.Tensor:
+    """T with ``output = T (sigma0 n)`` for a sampler that starts from white noise n (Philox at seed
+    5, offset 0, stream 0: SPEC 4's start noise) and is deterministic after it: the sampler run on a
+    batch of 64 draws, solved against those draws (the same noise, drawn by the public op)."""
+    like = torch.zeros(N_PIX, 1, oracle.H, oracle.H, dtype=DT)
+    n = relayops.relay_noise(like, 1, alpha=0.0, seed=5).reshape(N_PIX, N_PIX)
+    return torch.linalg.solve(sigma0 * n, run(like).reshape(N_PIX, N_PIX)).T
+
+
+@functools.lru_cache(maxsize=None)
+def edm_error(steps: int, solver: str) -> float:
+    """The exact transport error of edm_sample (Karras grid 0.002 .. 80, rho 7) on the oracle."""
+    den = oracle.edm_denoiser()
+    t = transfer_from_noise(lambda like: edm_sample(den, like.shape, num_steps=steps, seed=5, dtype=DT,
+                                                    solver=solver), 80.0)
+    return oracle.rel_err(80.0**2 * t @ t.T, oracle.SIGMA)
+
+
+def test_edm_2m_is_second_order_with_one_call_per_step():
+    """edm-heun's number is that of the matrix form (docs/spec.md 13.5: 0.024 at 32 steps); edm-2m's
+    error falls about 4x per doubling and is less than half edm-heun's for the same number of calls."""
+    heun_32 = edm_error(32, "edm-heun")
+    assert abs(heun_32 - 0.0235) < 5e-4, heun_32
+    two_m = [edm_error(n, "edm-2m") for n in (16, 32, 64)]
+    assert all(3.0 < a / b < 6.5 for a, b in zip(two_m, two_m[1:])), two_m
+    assert two_m[2] < heun_32 / 2  # 64 network calls (edm-heun: 32 steps, 63 calls)
+
+
+T_R, LIN_MIN, LIN_MAX = 50.0, 0.002, 2.0
+
+
+def linear_t(sigma: float) -> float:
+    """A fixed relay-time schedule: t linear in sigma^(1/7) from T_r at LIN_MAX to 0 at LIN_MIN (so
+    Karras grids of any size sample one path)."""
+    root = lambda v: v ** (1 / 7)  # noqa: E731
+    return T_R * (root(sigma) - root(LIN_MIN)) / (root(LIN_MAX) - root(LIN_MIN))
+
+
+@functools.lru_cache(maxsize=None)
+def linear_error(steps: int, solver: str) -> float:
+    """The exact transport error of linear_relay_sample on the oracle with an uninformative z_L = 0:
+    ``z = (1 - t/T_r) z0 + sigma eps``, optimal denoiser ``d Sigma (d^2 Sigma + sigma^2 I)^-1``, d = 1 - t/T_r."""
+    def make_w(sigma):
+        d = 1 - linear_t(sigma) / T_R
+        return d * oracle.SIGMA @ torch.linalg.inv(d * d * oracle.SIGMA + sigma**2 * EYE)
+
+    den = oracle.LinearDenoiser(make_w)
+    grid = schedules.karras_sigmas(steps, LIN_MIN, LIN_MAX, 7.0).tolist()
+    ts = [T_R] + [linear_t(v) for v in grid[1:]] + [0.0]
+    t = transfer_from_noise(lambda like: linear_relay_sample(den, like, t_relay=T_R, sigmas=grid, ts=ts, seed=5,
+                                                             dtype=DT, solver=solver), LIN_MAX)
+    return oracle.rel_err(LIN_MAX**2 * t @ t.T, oracle.SIGMA)
+
+
+def test_linear_2m_is_second_order():
+    """linear-2m's error falls about 4x when the steps double (16 -> 32 -> 64), linear-euler's 2x."""
+    two_m = [linear_error(n, "linear-2m") for n in (16, 32, 64)]
+    euler = [linear_error(n, "linear-euler") for n in (16, 32)]
+    assert all(3.0 < a / b < 6.5 for a, b in zip(two_m, two_m[1:])), two_m
+    assert 1.6 < euler[0] / euler[1] < 2.4, euler
+    assert two_m[1] < euler[1] / 5
+
+
+@pytest.mark.parametrize("solver", ["edm-2m", "linear-2m"])
+def test_multistep_invariant(solver):
+    """A denoiser that always returns x* keeps the multistep states on the path (x* + sigma z for EDM,
+    A_t(x*) + sigma z for the linear relay, z the start's) and ends at x*: x0_b - x0_a = 0."""
+    gen = torch.Generator().manual_seed(3)
+    x_star, z_lr = (torch.randn(2, 1, 4, 4, generator=gen, dtype=DT) for _ in range(2))
+    den = paths.Recorder(x_star)
+    grid = schedules.karras_sigmas(12, 0.01, 2.0, 7.0).tolist()
+    if solver == "edm-2m":
+        out = edm_sample(den, x_star.shape, sigmas=grid, seed=9, dtype=DT, solver=solver)
+        on_path = lambda sig, z: x_star + sig * z  # noqa: E731
+    else:
+        ts = torch.linspace(T_R, 0.0, len(grid) + 1, dtype=DT).tolist()
+        t_of = dict(zip(grid, ts))
+        out = linear_relay_sample(den, z_lr, t_relay=T_R, sigmas=grid, ts=ts, seed=9, dtype=DT, solver=solver)
+        on_path = lambda sig, z: relayops.linear_relay_blur(x_star, z_lr, t_of[sig], T_R) + sig * z  # noqa: E731
+    z = (den.calls[0][0] - on_path(grid[0], 0.0)) / grid[0]
+    assert len(den.calls) == len(grid)  # one network call per step
+    for x, sig, _ in den.calls:
+        torch.testing.assert_close(x, on_path(sig, z), rtol=0, atol=1e-12)
+    torch.testing.assert_close(out, x_star, rtol=0, atol=0)
+
+
+def test_solver_names_of_edm_and_linear_relay():
+    den = lambda x, s: 0.5 * x  # noqa: E731
+    with pytest.raises(ValueError, match="unknown solver 'relay-2m'; valid solvers: edm-heun, edm-2m"):
+        edm_sample(den, (1, 1, 4, 4), num_steps=4, solver="relay-2m")
+    with pytest.raises(ValueError, match="unknown solver 'edm-2m'; valid solvers: linear-euler, linear-2m"):
+        linear_relay_sample(den, torch.zeros(1, 1, 4, 4), t_relay=4.0, sigmas=[1.0, 0.5], solver="edm-2m")
+    with pytest.raises(ValueError, match="correction_factors is for the second-order solvers"):
+        solvers.correction_factors([1.0, 0.5, 0.0], "rdm-heun", eta=0.0, L=0.93, sigma_b_max=3.0, s=4)
+
+
+# --- the fused second-order step in the sampler, on every backend --------------------------------
+
+def _sampler_targets():
+    out = [("cpu", False), ("cpu", True)] if "cpu" in relayops.available_backends() else []
+    if "triton" in relayops.available_backends() and os.environ.get("TRITON_INTERPRET") == "1":
+        out.append(("triton", False))
+    return out
+
+
+@pytest.mark.parametrize("solver", solvers.SECOND_ORDER)
+@pytest.mark.parametrize("backend,tiles", _sampler_targets(), ids=lambda v: str(v))
+def test_second_order_sampler_on_every_backend(backend, tiles, solver, monkeypatch):
+    """relay-2s / relay-2m with eta 0.2 and per-sample seeds: each kernel backend (the CPU loops, the
+    CUDA tile code emulated on the CPU, Triton's interpreter) in float32 against the float64 reference
+    backend, from the same start; float64 on the compiled backend within 1e-10."""
+    import relayops.ops._compiled as compiled
+    monkeypatch.setattr(compiled, "CPU_EMULATE_CUDA_TILES", tiles)
+    gen = torch.Generator().manual_seed(8)
+    x_start = torch.randn(2, 3, 8, 12, generator=gen, dtype=DT)
+    den = lambda x, s: (0.8 * x + 0.1 * x.flip(-1)) / (1 + s.view(-1, 1, 1, 1) ** 2)  # noqa: E731
+    run = lambda x, be: relay_sample(den, x_start=x, num_steps=12, eta=0.2, solver=solver, seed=[4, 2**64 - 3],  # noqa: E731
+                                     dtype=x.dtype, backend=be)
+    expected = run(x_start, "reference")
+    got = run(x_start.float(), backend)
+    assert got.dtype == torch.float32
+    torch.testing.assert_close(got.double(), expected, rtol=0, atol=2e-5 * expected.abs().max().item())
+    if backend == "cpu":
+        torch.testing.assert_close(run(x_start, backend), expected, rtol=0, atol=1e-10)

@@ -11,13 +11,15 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
 pytest.importorskip("triton")
 
-IMAGE_PTRS = ["x_ptr", "x0_ptr", "xp_ptr", "x0p_ptr", "eps_ptr", "eps2_ptr"]
-VECTOR_PTRS = ["factor_ptr", "gamma_ptr", "coef_ptr", "sigma_ptr", "sigma_next_ptr"]
+ROOT = Path(__file__).resolve().parents[1]
+IMAGE_PTRS = ["x_ptr", "x0_ptr", "xp_ptr", "x0p_ptr", "x0b_ptr", "eps_ptr", "eps2_ptr"]
+VECTOR_PTRS = ["factor_ptr", "corr_ptr", "gamma_ptr", "coef_ptr", "sigma_ptr", "sigma_next_ptr"]
 
 
 def compile_kernels(arch: int, only_relay: bool = False) -> list[str]:
@@ -50,14 +52,16 @@ def compile_kernels(arch: int, only_relay: bool = False) -> list[str]:
              "Hp": "i32", "Wp": "i32", "alpha": "fp32", "k": "fp32", "k0": "i64", "k1": "i32", "off0": "i32",
              "off1": "i32"}
     modes = {
-        "relay_step heun, philox, per-sample seeds": dict(HAS_X=True, HAS_BLUR=True, HEUN=True, NOISE=1,
-                                                          HAS_BLOCK=True, PER_SAMPLE_SEEDS=True),
-        "relay_step euler, philox": dict(HAS_X=True, HAS_BLUR=True, HEUN=False, NOISE=1, HAS_BLOCK=True,
-                                         PER_SAMPLE_SEEDS=False),
-        "relay_corrupt, given noise": dict(HAS_X=False, HAS_BLUR=True, HEUN=False, NOISE=2, HAS_BLOCK=True,
-                                           PER_SAMPLE_SEEDS=False),
-        "relay_noise, alpha 0": dict(HAS_X=False, HAS_BLUR=False, HEUN=False, NOISE=1, HAS_BLOCK=False,
-                                     PER_SAMPLE_SEEDS=False),
+        "relay_step heun, philox, per-sample seeds": dict(HAS_X=True, HAS_BLUR=True, HEUN=True, SECOND=False,
+                                                          NOISE=1, HAS_BLOCK=True, PER_SAMPLE_SEEDS=True),
+        "relay_step euler, philox": dict(HAS_X=True, HAS_BLUR=True, HEUN=False, SECOND=False, NOISE=1,
+                                         HAS_BLOCK=True, PER_SAMPLE_SEEDS=False),
+        "relay_step second order, philox": dict(HAS_X=True, HAS_BLUR=True, HEUN=False, SECOND=True, NOISE=1,
+                                                HAS_BLOCK=True, PER_SAMPLE_SEEDS=False),
+        "relay_corrupt, given noise": dict(HAS_X=False, HAS_BLUR=True, HEUN=False, SECOND=False, NOISE=2,
+                                           HAS_BLOCK=True, PER_SAMPLE_SEEDS=False),
+        "relay_noise, alpha 0": dict(HAS_X=False, HAS_BLUR=False, HEUN=False, SECOND=False, NOISE=1,
+                                     HAS_BLOCK=False, PER_SAMPLE_SEEDS=False),
     }
     for name, flags in modes.items():
         build(kernels.relay_kernel, relay, {"S": 4, "SP": 4, "TILE": 1024, **flags}, name)
@@ -70,10 +74,12 @@ def test_kernels_compile_for_gpu():
     """Every kernel for sm_90; the fused Heun relay kernel (the most involved) for sm_80 too.
     Nothing here is architecture-specific (no tensor cores, no TMA), so one arch covers most."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    # this checkout's kernels, also where the environment has another relayops installed
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH", "")) if p)
     env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
     proc = subprocess.run([sys.executable, __file__], env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    assert proc.stdout.count("compiled sm_90") == 9 and proc.stdout.count("compiled sm_80") == 1, proc.stdout
+    assert proc.stdout.count("compiled sm_90") == 10 and proc.stdout.count("compiled sm_80") == 1, proc.stdout
 
 
 if __name__ == "__main__":

@@ -518,18 +518,20 @@ template <int S, class T, class A>
 struct Strip {
   const Params<A>& P;
   int64_t W;
-  std::vector<A> X, X0, Tb, Vb;  // S rows of W each
+  std::vector<A> X, X0, Xd, Tb, Vb;  // S rows of W each (Xd: x0b - x0, second-order relay_step)
   A R[S][S][S];  // R_k per row frequency k, for the current sample (relay_step)
+  A Re[S][S][S];  // the same for the correction factor E (second-order relay_step)
   A Ab[S][S];     // blur's 1-D map C^T diag(e) C, for the current sample (patch_blur, relay_corrupt)
   A Cm[S][S], CmT[S][S];
 
   Strip(const Params<A>& P_) : P(P_), W(P_.W) {
     for (auto* v : {&X, &X0, &Tb, &Vb}) v->assign(size_t(S) * W, A(0));
+    if (second_order(P)) Xd.assign(size_t(S) * W, A(0));
     for (int k = 0; k < S; ++k)
       for (int n = 0; n < S; ++n) CmT[n][k] = Cm[k][n] = P.dct[k * S + n];
   }
 
-  // R_k[j'][j] = sum_l C[l][j'] F[k][l] C[l][j] for the sample's factors F. For the blur, whose
+  // R_k[j'][j] = sum_l C[l][j'] F[k][l] C[l][j] for the sample's factors F (Re_k: E). For the blur, whose
   // D_ij = (1 - d_min) e_i e_j + d_min with e_i = exp(-pi^2 i^2 tau / s^2) is separable,
   // patch_blur(X) = (1 - d_min) A X A + d_min X with A = C^T diag(e) C: two passes, not three.
   void set_sample(const SampleConsts<S, A>& sc, int64_t b) {
@@ -550,6 +552,14 @@ struct Strip {
           for (int l = 0; l < S; ++l) acc += Cm[l][a] * sc.F[k * S + l] * Cm[l][b];
           R[k][a][b] = acc;
         }
+    if (second_order(P))
+      for (int k = 0; k < S; ++k)
+        for (int a = 0; a < S; ++a)
+          for (int b = 0; b < S; ++b) {
+            A acc = 0;
+            for (int l = 0; l < S; ++l) acc += Cm[l][a] * sc.E[k * S + l] * Cm[l][b];
+            Re[k][a][b] = acc;
+          }
   }
 
   RELAYOPS_CLONES
@@ -621,7 +631,7 @@ struct Strip {
   }
 
   // Per row k and patch q: out[q S + a] = sum_j M[a][j] in[q S + j] with M = R_k (which = 0),
-  // C (1), C^T (2) or the blur's A (3).
+  // C (1), C^T (2), the blur's A (3) or Re_k (4).
   RELAYOPS_CLONES
   void row_pass(const A* in, A* out, int which) const {
     const int64_t nq = W / S;
@@ -629,7 +639,8 @@ struct Strip {
       A M[S][S];
       for (int a = 0; a < S; ++a)
         for (int j = 0; j < S; ++j)
-          M[a][j] = which == 0 ? R[k][a][j] : which == 1 ? Cm[a][j] : which == 2 ? Cm[j][a] : Ab[a][j];
+          M[a][j] = which == 0 ? R[k][a][j] : which == 1 ? Cm[a][j] : which == 2 ? Cm[j][a] : which == 3 ? Ab[a][j]
+                                                                                             : Re[k][a][j];
       const A* src = in + k * W;
       A* dst = out + k * W;
 #pragma omp simd
@@ -723,6 +734,16 @@ struct Strip {
         if (P.xp.present()) heun_rows(sc, b, c, h0, x, x0);
         column_pass(x0, t, Cm);
         row_pass(t, v, 0);
+        if (second_order(P)) {  // v += rows of E (x0b - x0), transformed like x0 (patch.h second_order_coef)
+          A* xd = Xd.data();
+          load_rows(P.x0b, b, c, h0, xd);
+#pragma omp simd
+          for (int64_t e = 0; e < n; ++e) xd[e] -= x0[e];
+          column_pass(xd, t, Cm);
+          row_pass(t, xd, 4);
+#pragma omp simd
+          for (int64_t e = 0; e < n; ++e) v[e] += xd[e];
+        }
         column_pass(v, x0, CmT);
         const A gamma = sc.gamma, scale = sc.noise_scale;
         if (P.eta != A(0)) {
@@ -739,12 +760,15 @@ struct Strip {
 };
 
 // The per-sample constants (sample_consts, Strip::set_sample) depend only on the sample's sigma,
-// sigma_next, tau and tau_next. With many small images sharing one value (a scalar broadcast to
+// sigma_next, tau, tau_next (and correction factor). With many small images sharing one value (a scalar broadcast to
 // [B]), recomputing their exps and the s^4 maps for every sample cost more than the pixels.
 template <class A>
 bool same_sample_params(const Params<A>& P, int64_t b, int64_t b0) {
   for (const A* v : {P.sigma, P.sigma_next, P.tau, P.tau_next})
     if (v && !(v[b] == v[b0])) return false;
+  if (second_order(P))
+    for (int e = 0; e < P.s * P.s; ++e)
+      if (!(P.correction[b * P.s * P.s + e] == P.correction[b0 * P.s * P.s + e])) return false;
   return true;
 }
 

@@ -27,7 +27,7 @@ PYBIND11_MODULE(_C, m) {
   m.def(
       "run",
       [](int mode, int dtype, int s, std::array<int64_t, 4> shape, std::vector<relayops::ViewArg> views,
-         std::array<int64_t, 4> per_sample, int64_t seeds, std::array<double, 4> scalars, uint64_t seed,
+         std::array<int64_t, 5> per_sample, int64_t seeds, std::array<double, 4> scalars, uint64_t seed,
          uint64_t offset, std::array<int, 4> flags, bool cuda_tiles) {
         CallArgs a{mode, dtype, s, shape, std::move(views), per_sample, seeds, scalars, seed, offset, flags};
         py::gil_scoped_release release;

@@ -15,7 +15,7 @@ PYBIND11_MODULE(_C_cuda, m) {
   m.def(
       "run",
       [](int mode, int dtype, int s, std::array<int64_t, 4> shape, std::vector<relayops::ViewArg> views,
-         std::array<int64_t, 4> per_sample, int64_t seeds, std::array<double, 4> scalars, uint64_t seed,
+         std::array<int64_t, 5> per_sample, int64_t seeds, std::array<double, 4> scalars, uint64_t seed,
          uint64_t offset, std::array<int, 4> flags, int64_t stream) {
         CallArgs a{mode, dtype, s, shape, std::move(views), per_sample, seeds, scalars, seed, offset, flags};
         relayops::cuda::launch(a, stream);

@@ -49,19 +49,21 @@ def _view(t: Optional[Tensor]):
     return (0, 0, 0, 0, 0) if t is None else (t.data_ptr(), *t.stride())
 
 
-def _launch(mode, like: Tensor, s: int, *, x=None, x0=None, xp=None, x0p=None, eps=None, eps2=None,
-            sigma=None, sigma_next=None, tau=None, tau_next=None, seeds=None, eta=0.0, d_min=0.0, alpha=0.0,
-            k=1.0, seed=0, offset=0, noise=True, shift=0) -> Tensor:
+def _launch(mode, like: Tensor, s: int, *, x=None, x0=None, xp=None, x0p=None, x0b=None, eps=None, eps2=None,
+            sigma=None, sigma_next=None, tau=None, tau_next=None, correction=None, seeds=None, eta=0.0, d_min=0.0,
+            alpha=0.0, k=1.0, seed=0, offset=0, noise=True, shift=0) -> Tensor:
     """Run kernel ``mode`` writing a new tensor like ``like``. noise: the op's noise term is present
     (drawn in the kernel unless eps is given); shift: s - 1 for the adjoint box sum (patch.h Params)."""
     out = empty_like(like)
     if out.numel() == 0:
         return out
-    params = (sigma, sigma_next, tau, tau_next)  # [B], contiguous, in the accumulation dtype (_library)
+    # [B] (correction: [B, s, s]), contiguous, in the accumulation dtype (_library)
+    params = (sigma, sigma_next, tau, tau_next, correction)
     draw = noise and eps is None
     flags = (int(draw), int(noise), int(alpha != 0.0 and (draw or eps2 is not None)), shift)
     args = (int(mode), int(DTYPE_CODES[out.dtype]), s, tuple(out.shape),
-            [_view(t) for t in (x, x0, xp, x0p, eps, eps2, out)], [0 if v is None else v.data_ptr() for v in params],
+            [_view(t) for t in (x, x0, xp, x0p, x0b, eps, eps2, out)],
+            [0 if v is None else v.data_ptr() for v in params],
             0 if seeds is None else seeds.data_ptr(), (float(eta), float(d_min), float(alpha), float(k)),
             seed & _U64, offset & _U64, flags)
     if out.device.type == "cuda":
@@ -102,9 +104,10 @@ def relay_corrupt(y, sigma, tau, s, d_min, alpha, k, seed, offset, seeds, eps, e
 
 
 def relay_step(x, x0_hat, sigma, sigma_next, tau, tau_next, eta, s, d_min, alpha, k, seed, offset, seeds, eps, eps2,
-               x_prop, x0_hat_prop):
-    return _launch(Mode.relay_step, x, s, x=x, x0=x0_hat, xp=x_prop, x0p=x0_hat_prop, eps=eps, eps2=eps2,
-                   sigma=sigma, sigma_next=sigma_next, tau=tau, tau_next=tau_next, seeds=seeds,
+               x_prop, x0_hat_prop, x0_hat_b, correction):
+    return _launch(Mode.relay_step, x, s, x=x, x0=x0_hat, xp=x_prop, x0p=x0_hat_prop, x0b=x0_hat_b, eps=eps,
+                   eps2=eps2, sigma=sigma, sigma_next=sigma_next, tau=tau, tau_next=tau_next, correction=correction,
+                   seeds=seeds,
                    eta=eta, d_min=d_min, alpha=alpha, k=k, seed=seed, offset=offset)
 
 

@@ -41,7 +41,8 @@ SCHEMAS = {
                      "int offset, Tensor? seeds, Tensor? eps, Tensor? eps2) -> Tensor",
     "relay_step": "(Tensor x, Tensor x0_hat, Tensor sigma, Tensor sigma_next, Tensor tau, Tensor tau_next, "
                   "float eta, int s, float d_min, float alpha, float k, int seed, int offset, Tensor? seeds, "
-                  "Tensor? eps, Tensor? eps2, Tensor? x_prop, Tensor? x0_hat_prop) -> Tensor",
+                  "Tensor? eps, Tensor? eps2, Tensor? x_prop, Tensor? x0_hat_prop, Tensor? x0_hat_b, "
+                  "Tensor? correction) -> Tensor",
 }
 OPS = tuple(SCHEMAS)
 # Each op's arguments by name: ARGS["patch_blur"](x, tau, s, d_min).x
@@ -50,8 +51,10 @@ ARGS = {name: namedtuple(name, re.findall(r"(\w+)(?=[,)])", schema.split("->")[0
 PER_SAMPLE = ("sigma", "sigma_next", "tau", "tau_next")  # [B] parameters; relay_step takes all four
 STEP_NOT_DIFFERENTIABLE = ("relay_step is not differentiable with respect to sigma, sigma_next, tau or tau_next; "
                            "pass them without requires_grad (detach them)")
+CORRECTION_NOT_DIFFERENTIABLE = ("relay_step is not differentiable with respect to correction (a sampler's "
+                                 "host-computed factor); pass it without requires_grad (detach it)")
 
-_COMPANIONS = ("x0_hat", "x_prop", "x0_hat_prop", "eps", "eps2")  # tensors shaped like the image
+_COMPANIONS = ("x0_hat", "x_prop", "x0_hat_prop", "x0_hat_b", "eps", "eps2")  # tensors shaped like the image
 
 
 def check_args(name: str, args, dtypes=FLOAT_DTYPES, backend: str | None = None):
@@ -81,7 +84,26 @@ def check_args(name: str, args, dtypes=FLOAT_DTYPES, backend: str | None = None)
         check_real("eta", a.eta, low=0.0, high=1.0, high_open=True)
         require((a.x_prop is None) == (a.x0_hat_prop is None), ValueError, lambda: (
             "x_prop and x0_hat_prop go together: pass both for the Heun step, or neither"))
+        require((a.x0_hat_b is None) == (a.correction is None), ValueError, lambda: (
+            "x0_hat_b and correction go together: pass both for the second-order step, or neither"))
+        require(a.x0_hat_b is None or a.x_prop is None, ValueError, lambda: (
+            "the Heun step (x_prop, x0_hat_prop) and the second-order step (x0_hat_b, correction) exclude each other"))
+        if a.correction is not None:
+            check_correction(a.correction, image, a.s)
     return a
+
+
+def check_correction(t, image: torch.Tensor, s: int) -> torch.Tensor:
+    """relay_step's correction factor: a floating ``[B, s, s]`` tensor on the image's device."""
+    require(isinstance(t, torch.Tensor) and t.dtype in FLOAT_DTYPES, TypeError, lambda: (
+        f"correction must be a floating tensor of shape [s, s] or [B, s, s], got {type(t).__name__}"
+        + (f" of dtype {t.dtype}" if isinstance(t, torch.Tensor) else "")))
+    b = image.shape[0]
+    require(t.dim() == 3 and t.shape[0] == b and t.shape[1] == s and t.shape[2] == s, ValueError, lambda: (
+        f"correction must have shape [B, s, s] = [{b}, {s}, {s}], got {tuple(t.shape)}"))
+    require(t.device == image.device, ValueError, lambda: (
+        f"correction is on {t.device}; it must be on the image's device {image.device}"))
+    return t
 
 
 def check_supported(backend: str | None, dtypes, image: torch.Tensor) -> None:
@@ -95,8 +117,8 @@ def _kernel_args(a) -> tuple:
     """The arguments as kernels take them: per-sample parameters contiguous in the accumulation
     dtype of the image, per-sample seeds contiguous."""
     acc = acc_dtype(a[0].dtype)
-    return tuple(v.to(acc).contiguous() if f in PER_SAMPLE else v.contiguous() if f == "seeds" and v is not None
-                 else v for f, v in zip(a._fields, a))
+    return tuple(v.to(acc).contiguous() if f in PER_SAMPLE or f == "correction" and v is not None
+                 else v.contiguous() if f == "seeds" and v is not None else v for f, v in zip(a._fields, a))
 
 
 def _in_fake_layout(result: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
@@ -161,7 +183,7 @@ def _saved_corrupt(wants):
 
 
 SAVED = {"patch_blur": _saved_blur, "relay_corrupt": _saved_corrupt,
-         "relay_step": lambda wants: set(PER_SAMPLE)}
+         "relay_step": lambda wants: set(PER_SAMPLE) | {"correction"}}
 
 
 class _Saved:
@@ -276,10 +298,13 @@ def _corrupt_backward(ops, ctx, g):
 
 def _step_backward(ops, ctx, g):
     """out = gamma x + patch_idct((D' - gamma D) patch_dct(x0_eff)) + eta sigma' n, linear in the
-    images and noise tensors; x0_eff = (x + x0_hat)/2 - (sigma/sigma')(x' - x0_hat')/2 for Heun."""
+    images and noise tensors; x0_eff = (x + x0_hat)/2 - (sigma/sigma')(x' - x0_hat')/2 for Heun.
+    Second order: plus patch_idct(E patch_dct(x0_hat_b - x0_hat)), E = correction."""
     a = _load(ctx)
     if any(a.wants(p) for p in PER_SAMPLE):
         raise NotImplementedError(STEP_NOT_DIFFERENTIABLE)
+    if a.wants("correction"):
+        raise NotImplementedError(CORRECTION_NOT_DIFFERENTIABLE)
     acc = acc_dtype(g.dtype)
     sigma, sigma_next = a.sigma.to(acc), a.sigma_next.to(acc)
     gamma = (1.0 - a.eta * a.eta) ** 0.5 * sigma_next / sigma
@@ -290,9 +315,14 @@ def _step_backward(ops, ctx, g):
     if a.given("x_prop"):
         half, ratio = m / 2, _col(sigma / sigma_next)
         grads.update(x=grads["x"] + half, x0_hat=half, x_prop=-ratio * half, x0_hat_prop=ratio * half)
+    if a.given("x0_hat_b"):  # adjoint of patch_idct(E patch_dct(.)): the same map (13.3)
+        m_b = ops.patch_idct(reference.scale_coefficients(ops.patch_dct(g, a.s).to(acc), a.correction.to(acc), a.s),
+                             a.s)
+        grads.update(x0_hat=m - m_b, x0_hat_b=m_b)
     if a.eta != 0.0:
         grads["eps"], grads["eps2"] = _noise_grads(ops, a, g, a.eta * _col(sigma_next))
-    cast = {f: v.to(g.dtype) if f in ("x", "x0_hat", "x_prop", "x0_hat_prop") else v for f, v in grads.items()}
+    cast = {f: v.to(g.dtype) if f in ("x", "x0_hat", "x_prop", "x0_hat_prop", "x0_hat_b") else v
+            for f, v in grads.items()}
     return _grads(ctx, **cast)
 
 

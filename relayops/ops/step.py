@@ -4,9 +4,9 @@ from __future__ import annotations
 import torch
 
 from .. import reference
-from .._validate import check_image, check_patch_size, check_real, check_same, per_sample
+from .._validate import acc_dtype, check_image, check_patch_size, check_real, check_same, per_sample
 from ._backend import kernel
-from ._library import STEP_NOT_DIFFERENTIABLE
+from ._library import CORRECTION_NOT_DIFFERENTIABLE, STEP_NOT_DIFFERENTIABLE, check_correction
 from .noise import resolve_noise_args
 
 
@@ -15,6 +15,7 @@ def relay_step(x: torch.Tensor, x0_hat: torch.Tensor, sigma, sigma_next, tau, ta
                seed=None, offset: int = 0, eps: torch.Tensor | None = None,
                eps2: torch.Tensor | None = None, x_prop: torch.Tensor | None = None,
                x0_hat_prop: torch.Tensor | None = None, *, d_min: float = 0.001,
+               x0_hat_b: torch.Tensor | None = None, correction: torch.Tensor | None = None,
                backend: str | None = None) -> torch.Tensor:
     """One fused step of the relay (DDIM-blur) sampler, RDM Algorithm 1 (SPEC 8).
 
@@ -23,6 +24,13 @@ def relay_step(x: torch.Tensor, x0_hat: torch.Tensor, sigma, sigma_next, tau, ta
     noise n (keywords as in :func:`relay_noise`; not drawn when eta = 0). With ``x_prop`` (the
     Euler proposal x') and ``x0_hat_prop`` (the denoiser at x', sigma'), the Heun-corrected update:
     x0_hat is replaced by ``x - sigma (d + d')/2``; pass a fresh offset for its noise.
+
+    Second order (docs/spec.md section 8.1): with ``x0_hat_b`` (a second denoiser output) and
+    ``correction`` (the factor E of :func:`relayops.solvers.step_factors`, ``[s, s]`` or
+    ``[B, s, s]``), the update is
+    ``gamma x + patch_idct((D' - gamma D) X + E (X_b - X)) + eta sigma' n`` with
+    ``X = patch_dct(x0_hat)``, ``X_b = patch_dct(x0_hat_b)``, in the same single pass.
+    Not together with the Heun inputs; not differentiable w.r.t. correction.
 
     x, x0_hat (and x_prop, x0_hat_prop): ``[B, C, H, W]`` of one shape, dtype and device.
     sigma, sigma_next: floats or ``[B]`` tensors, > 0 (the last step, sigma' = 0, returns x0_hat
@@ -41,12 +49,19 @@ def relay_step(x: torch.Tensor, x0_hat: torch.Tensor, sigma, sigma_next, tau, ta
     if torch.is_grad_enabled() and any(isinstance(v, torch.Tensor) and v.requires_grad
                                        for v in (sigma, sigma_next, tau, tau_next)):
         raise NotImplementedError(STEP_NOT_DIFFERENTIABLE)
+    if correction is not None:
+        if torch.is_grad_enabled() and isinstance(correction, torch.Tensor) and correction.requires_grad:
+            raise NotImplementedError(CORRECTION_NOT_DIFFERENTIABLE)
+        if isinstance(correction, torch.Tensor) and correction.dim() == 2:  # one factor for the batch
+            correction = correction.expand(x.shape[0], *correction.shape)
+        check_correction(correction, x, s)
+        correction = correction.to(acc_dtype(x.dtype))
     if eta == 0.0 and seed is None:  # no noise is drawn: no seed to draw either
         seed = 0
     alpha, k, seed, offset, seeds, eps, eps2 = resolve_noise_args(x, alpha, normalize, seed, offset, eps, eps2)
     return kernel("relay_step", backend, x)(
         x, x0_hat, sigma_b, sigma_next_b, tau_b, tau_next_b, eta, s, d_min, alpha, k, seed, offset, seeds,
-        eps, eps2, x_prop, x0_hat_prop)
+        eps, eps2, x_prop, x0_hat_prop, x0_hat_b, correction)
 
 
 def _check_relay_time(name: str, t, ref: torch.Tensor, t_relay: float) -> torch.Tensor:

@@ -20,13 +20,16 @@ def heun_x0(x, x0_hat, sigma, x_prop, x0_hat_prop, sigma_next):
 
 
 def relay_step(x, x0_hat, sigma, sigma_next, tau, tau_next, eta: float, s: int, d_min: float,
-               alpha: float, k: float, seed: int, offset: int, seeds, eps, eps2, x_prop=None, x0_hat_prop=None):
+               alpha: float, k: float, seed: int, offset: int, seeds, eps, eps2, x_prop=None, x0_hat_prop=None,
+               x0_hat_b=None, correction=None):
     """One DDIM-blur update (SPEC 8, pixel form):
 
     ``gamma x + patch_idct((D' - gamma D) patch_dct(x0_hat)) + eta sigma' n``,
     ``gamma = sqrt(1 - eta^2) sigma' / sigma``; with ``x_prop``/``x0_hat_prop`` the Heun
-    correction replaces ``x0_hat`` by ``x0_eff``. sigma, sigma_next, tau, tau_next: ``[B]``;
-    noise as in :func:`relay_noise` (not drawn when eta = 0).
+    correction replaces ``x0_hat`` by ``x0_eff``; with ``x0_hat_b`` and ``correction`` (E,
+    ``[B, s, s]``) the second-order step adds ``E * patch_dct(x0_hat_b - x0_hat)`` to the
+    coefficients (SPEC 8.1). sigma, sigma_next, tau, tau_next: ``[B]``; noise as in
+    :func:`relay_noise` (not drawn when eta = 0).
     """
     dt = acc_dtype(x.dtype)
     xd, x0d = x.to(dt), x0_hat.to(dt)
@@ -35,7 +38,10 @@ def relay_step(x, x0_hat, sigma, sigma_next, tau, tau_next, eta: float, s: int, 
         x0d = heun_x0(xd, x0d, sigma, x_prop.to(dt), x0_hat_prop.to(dt), sigma_next)
     gamma = (1.0 - eta * eta) ** 0.5 * sigma_next / sigma
     factor = blur_response(tau_next, s, d_min) - gamma.view(-1, 1, 1) * blur_response(tau, s, d_min)
-    out = _col(gamma) * xd + patch_idct(scale_coefficients(patch_dct(x0d, s), factor, s), s)
+    coef = scale_coefficients(patch_dct(x0d, s), factor, s)
+    if x0_hat_b is not None:
+        coef = coef + scale_coefficients(patch_dct(x0_hat_b.to(dt) - x0d, s), correction.to(dt), s)
+    out = _col(gamma) * xd + patch_idct(coef, s)
     if eta != 0.0:
         out = out + (eta * _col(sigma_next)) * relay_noise(xd, s, alpha, k, seed, offset, seeds, eps, eps2)
     return out.to(x.dtype)

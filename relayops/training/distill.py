@@ -1,4 +1,4 @@
-"""Progressive distillation of a relay stage: CogView3's relay distillation (docs/spec.md section 10.1).
+"""Progressive distillation of a relay stage: CogView3's relay distillation (docs/spec.md section 10.2).
 
 A teacher relay model samples with the deterministic relay sampler (eta = 0, Euler steps:
 SPEC 8's DDIM-blur step for the RDM blurring relay, SPEC 10's step for the linear relay) on a
@@ -99,7 +99,7 @@ class RelayPath:
 
     def target_weights(self) -> tuple[torch.Tensor, torch.Tensor]:
         """``(Wa, Wb)``, each ``[N/2, s, s]`` float64: student step j (teacher levels i = 2j, i+1,
-        i+2) has the target ``x0* = Wa x0_a + Wb x0_b`` per frequency (docs/spec.md 10.1), with
+        i+2) has the target ``x0* = Wa x0_a + Wb x0_b`` per frequency (docs/spec.md 10.2), with
         ``Wb = (R2 - r2 R1)/(R2 - r1 r2 R0)``, ``Wa = r2 (R1 - r1 R0)/(R2 - r1 r2 R0)``."""
         if self.num_steps % 2:
             raise ValueError(f"a grid of {self.num_steps} steps cannot be halved")

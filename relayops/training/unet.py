@@ -4,7 +4,7 @@ The network ``UNet`` maps ``(x [B, C, H, W], c_noise [B], class_labels [B] or No
 ``[B, C, H, W]``: residual blocks with GroupNorm and a noise embedding applied as a scale and
 shift (ADM), self-attention at chosen resolutions, dropout, channel multipliers per level,
 optional class conditioning and an optional guidance-weight input (a distilled student,
-docs/spec.md 10.1). It is fully convolutional, so a model trained on crops samples at
+docs/spec.md 10.2). It is fully convolutional, so a model trained on crops samples at
 any size that is a multiple of ``2 ** (len(channel_mult) - 1)``.
 
 ``EDMPrecond`` wraps it into the denoiser ``D(x; sigma)`` of SPEC 6 (the samplers' contract:

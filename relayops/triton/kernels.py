@@ -56,7 +56,7 @@ def _autotune(fn):
     RELAYOPS_TRITON_AUTOTUNE=1; constexpr mode flags are in its key so each specialisation is
     tuned on its own."""
     if AUTOTUNE and not INTERPRET:
-        key = ["n_patches", "S", "INVERSE", "ADJOINT", "HAS_X", "HAS_BLUR", "HEUN", "NOISE", "HAS_BLOCK",
+        key = ["n_patches", "S", "INVERSE", "ADJOINT", "HAS_X", "HAS_BLUR", "HEUN", "SECOND", "NOISE", "HAS_BLOCK",
                "PER_SAMPLE_SEEDS"]
         return triton.autotune(configs=tile_configs(), key=[k for k in key if k in fn.arg_names])(fn)
     return triton.heuristics({"TILE": lambda args: default_tile(args["SP"]),
@@ -295,11 +295,11 @@ def block_noise_kernel(g_ptr, out_ptr, n_patches, Hp, Wp,
 
 @_autotune
 @triton.jit(do_not_specialize=["k0", "k1", "off0", "off1"])
-def relay_kernel(x_ptr, x0_ptr, xp_ptr, x0p_ptr, eps_ptr, eps2_ptr,
-                 factor_ptr, gamma_ptr, coef_ptr, sigma_ptr, sigma_next_ptr, seeds_ptr, out_ptr,
+def relay_kernel(x_ptr, x0_ptr, xp_ptr, x0p_ptr, x0b_ptr, eps_ptr, eps2_ptr,
+                 factor_ptr, corr_ptr, gamma_ptr, coef_ptr, sigma_ptr, sigma_next_ptr, seeds_ptr, out_ptr,
                  n_patches, C, Hp, Wp, alpha, k, k0, k1, off0, off1,
                  S: tl.constexpr, SP: tl.constexpr,
-                 HAS_X: tl.constexpr, HAS_BLUR: tl.constexpr, HEUN: tl.constexpr,
+                 HAS_X: tl.constexpr, HAS_BLUR: tl.constexpr, HEUN: tl.constexpr, SECOND: tl.constexpr,
                  NOISE: tl.constexpr, HAS_BLOCK: tl.constexpr, PER_SAMPLE_SEEDS: tl.constexpr,
                  TILE: tl.constexpr):
     """The fused relay update, per patch and sample b (SPEC 2, 3, 6, 8):
@@ -309,7 +309,8 @@ def relay_kernel(x_ptr, x0_ptr, xp_ptr, x0p_ptr, eps_ptr, eps2_ptr,
     HAS_X: the ``gamma x`` term. HAS_BLUR: the blurred term, with ``F`` a ``[B, s, s]`` factor
     (``D(tau)`` for patch_blur / relay_corrupt, ``D' - gamma D`` for relay_step); noise is then
     scaled by ``coef[b]`` (sigma, or eta sigma'). HEUN: ``x0 = x - sigma (d + d')/2`` from x,
-    x0_hat, x', x0_hat' (SPEC 8). NOISE: 0 none, 1 Philox at (seed, offset), 2 loaded eps/eps2.
+    x0_hat, x', x0_hat' (SPEC 8). SECOND: plus ``E[b] * dct(x0_b - x0)`` in the coefficients,
+    E a ``[B, s, s]`` correction factor (SPEC 8.1). NOISE: 0 none, 1 Philox at (seed, offset), 2 loaded eps/eps2.
     HAS_BLOCK: alpha != 0 (the block-noise term is present). PER_SAMPLE_SEEDS: the seed of
     sample b is ``seeds[b]`` instead of the words (k0, k1).
     """
@@ -338,6 +339,10 @@ def relay_kernel(x_ptr, x0_ptr, xp_ptr, x0p_ptr, eps_ptr, eps2_ptr,
         fwd = _dct_matrix(S, SP, False)
         inv = _dct_matrix(S, SP, True)
         u = _right(_left(fwd, x0), fwd) * factor
+        if SECOND:
+            x0b = tl.load(x0b_ptr + e, mask=mask, other=0.0).to(tl.float32)
+            corr = tl.load(corr_ptr + f_off, mask=mask, other=0.0)
+            u += _right(_left(fwd, x0b - x0), fwd) * corr
         acc += _right(_left(inv, u), inv)
     if NOISE != 0:
         key0, key1, base = _noise_stream(seeds_ptr, b, valid, k0, k1, C * Hp * S * Wp * S, PER_SAMPLE_SEEDS)

@@ -85,7 +85,8 @@ def block_noise(g, s, adjoint):
     return out
 
 
-def _launch_relay(like, s, *, x=None, x0=None, x_prop=None, x0_prop=None, factor=None, gamma=None, coef=None,
+def _launch_relay(like, s, *, x=None, x0=None, x_prop=None, x0_prop=None, x0_b=None, factor=None, correction=None,
+                  gamma=None, coef=None,
                   sigma=None, sigma_next=None, alpha=0.0, k=1.0, seed=0, offset=0, seeds=None, noise=0,
                   eps=None, eps2=None):
     """Launch ``kernels.relay_kernel`` writing a new contiguous tensor like ``like``; absent
@@ -100,12 +101,13 @@ def _launch_relay(like, s, *, x=None, x0=None, x_prop=None, x0_prop=None, factor
     with _launching():
         kernels.relay_kernel[_grid(n, sp)](
             tensor(_contiguous(x)), tensor(_contiguous(x0)), tensor(_contiguous(x_prop)),
-            tensor(_contiguous(x0_prop)),
-            tensor(_contiguous(eps)), tensor(_contiguous(eps2)), tensor(factor), tensor(gamma), tensor(coef),
+            tensor(_contiguous(x0_prop)), tensor(_contiguous(x0_b)),
+            tensor(_contiguous(eps)), tensor(_contiguous(eps2)), tensor(factor), tensor(correction), tensor(gamma),
+            tensor(coef),
             tensor(sigma), tensor(sigma_next), tensor(seeds), out,
             n, c, hp, wp, float(alpha), float(k), seed & MASK32, (seed >> 32) & MASK32, offset & MASK32,
             (offset >> 32) & MASK32,
-            S=s, SP=sp, HAS_X=x is not None, HAS_BLUR=x0 is not None, HEUN=x_prop is not None,
+            S=s, SP=sp, HAS_X=x is not None, HAS_BLUR=x0 is not None, HEUN=x_prop is not None, SECOND=x0_b is not None,
             NOISE=noise, HAS_BLOCK=alpha != 0.0, PER_SAMPLE_SEEDS=seeds is not None)
     return out
 
@@ -139,12 +141,14 @@ def relay_corrupt(y, sigma, tau, s, d_min, alpha, k, seed, offset, seeds, eps, e
 
 
 def relay_step(x, x0_hat, sigma, sigma_next, tau, tau_next, eta, s, d_min, alpha, k, seed, offset, seeds, eps, eps2,
-               x_prop, x0_hat_prop):
-    """One DDIM-blur (Euler) or Heun-corrected relay update (SPEC 8), one pass over the images:
-    ``gamma x + idct((D' - gamma D) dct(x0)) + eta sigma' n``, gamma = sqrt(1 - eta^2) sigma'/sigma."""
+               x_prop, x0_hat_prop, x0_hat_b, correction):
+    """One DDIM-blur (Euler), Heun-corrected or second-order relay update (SPEC 8, 8.1), one pass
+    over the images: ``gamma x + idct((D' - gamma D) dct(x0) [+ E dct(x0_b - x0)]) + eta sigma' n``,
+    gamma = sqrt(1 - eta^2) sigma'/sigma."""
     gamma = (1.0 - eta * eta) ** 0.5 * sigma_next / sigma
     factor = reference.blur_response(tau_next, s, d_min) - gamma.view(-1, 1, 1) * reference.blur_response(tau, s, d_min)
-    return _launch_relay(x, s, x=x, x0=x0_hat, x_prop=x_prop, x0_prop=x0_hat_prop, factor=factor,
+    return _launch_relay(x, s, x=x, x0=x0_hat, x_prop=x_prop, x0_prop=x0_hat_prop, x0_b=x0_hat_b, factor=factor,
+                         correction=correction,
                          gamma=gamma, coef=eta * sigma_next, sigma=sigma,
                          sigma_next=sigma_next, alpha=alpha, k=k, seed=seed, offset=offset, seeds=seeds,
                          noise=_noise_mode(eps, eta != 0.0), eps=eps, eps2=eps2)

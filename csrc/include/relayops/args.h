@@ -14,8 +14,8 @@ using ViewArg = std::array<int64_t, 5>;  // (data pointer or 0, stride N, C, H, 
 struct CallArgs {
   int mode, dtype, s;
   std::array<int64_t, 4> shape;       // B, C, H, W
-  std::vector<ViewArg> views;         // x, x0, xp, x0p, eps, eps2, out
-  std::array<int64_t, 4> per_sample;  // sigma, sigma_next, tau, tau_next data pointers (or 0)
+  std::vector<ViewArg> views;         // x, x0, xp, x0p, x0b, eps, eps2, out
+  std::array<int64_t, 5> per_sample;  // sigma, sigma_next, tau, tau_next [B], correction [B, s, s] pointers (or 0)
   int64_t seeds;                      // [B] int64 per-sample seeds data pointer, or 0
   std::array<double, 4> scalars;      // eta, d_min, alpha, k
   uint64_t seed, offset;
@@ -29,19 +29,20 @@ inline View to_view(const ViewArg& v) {
 template <class A>
 Params<A> make_params(const CallArgs& a) {
   if (a.s < 1 || a.s > kMaxS) throw std::invalid_argument("relayops: compiled kernels need 1 <= s <= 16");
-  if (a.views.size() != 7) throw std::invalid_argument("relayops: expected 7 views");
+  if (a.views.size() != 8) throw std::invalid_argument("relayops: expected 8 views");
   if (a.shape[2] % a.s || a.shape[3] % a.s) throw std::invalid_argument("relayops: H and W must be multiples of s");
-  if (!a.views[6][0]) throw std::invalid_argument("relayops: missing output");
+  if (!a.views[7][0]) throw std::invalid_argument("relayops: missing output");
   Params<A> P{};
   P.mode = a.mode;
   P.s = a.s;
   P.B = a.shape[0]; P.C = a.shape[1]; P.H = a.shape[2]; P.W = a.shape[3];
-  View* dst[7] = {&P.x, &P.x0, &P.xp, &P.x0p, &P.eps, &P.eps2, &P.out};
-  for (int i = 0; i < 7; ++i) *dst[i] = to_view(a.views[i]);
+  View* dst[8] = {&P.x, &P.x0, &P.xp, &P.x0p, &P.x0b, &P.eps, &P.eps2, &P.out};
+  for (int i = 0; i < 8; ++i) *dst[i] = to_view(a.views[i]);
   P.sigma = reinterpret_cast<const A*>(a.per_sample[0]);
   P.sigma_next = reinterpret_cast<const A*>(a.per_sample[1]);
   P.tau = reinterpret_cast<const A*>(a.per_sample[2]);
   P.tau_next = reinterpret_cast<const A*>(a.per_sample[3]);
+  P.correction = reinterpret_cast<const A*>(a.per_sample[4]);
   P.eta = A(a.scalars[0]); P.d_min = A(a.scalars[1]); P.alpha = A(a.scalars[2]); P.k = A(a.scalars[3]);
   P.key = make_key(a.seed, a.offset);
   P.seeds = reinterpret_cast<const int64_t*>(a.seeds);

@@ -19,11 +19,12 @@ template <class A>
 struct Params {
   int mode, s;
   int64_t B, C, H, W;
-  View x, x0, xp, x0p, eps, eps2, out;  // ptr == nullptr: absent
+  View x, x0, xp, x0p, x0b, eps, eps2, out;  // ptr == nullptr: absent (x0b: second-order relay_step)
   const A* sigma;       // [B] contiguous, or nullptr
   const A* sigma_next;  // [B]
   const A* tau;         // [B]
   const A* tau_next;    // [B]
+  const A* correction;  // [B, s, s] second-order factor E of relay_step (SPEC 8.1), or nullptr
   A eta, d_min, alpha, k;
   PhiloxKey key;        // seed and offset words (SPEC 4)
   const int64_t* seeds; // [B] per-sample seeds, or nullptr: one stream (key) for the whole batch
@@ -127,10 +128,31 @@ RELAYOPS_HD bool uses_factor(const Params<A>& P) {
   return P.mode == kBlur || P.mode == kCorrupt || P.mode == kStep;
 }
 
-// The scalars plus F for every (i, j) of a patch (the CPU loops keep them per thread).
+// Second-order relay_step (SPEC 8.1): the coefficients gain E (x0_b - x0), E = correction[b].
+template <class A>
+RELAYOPS_HD bool second_order(const Params<A>& P) {
+  return P.mode == kStep && P.correction != nullptr;
+}
+
+// Entry (i, j) of sample b's correction factor E.
+template <class A>
+RELAYOPS_HD A correction_factor(const Params<A>& P, int64_t b, int i, int j) {
+  return P.correction[(b * P.s + i) * P.s + j];
+}
+
+// The coefficient of the second-order step at one frequency, from this step's x0's coefficient u
+// and du, that of x0b - x0 (SPEC 8.1): F u + E du.
+template <class A>
+RELAYOPS_HD A second_order_coef(A f, A e, A u, A du) {
+  return f * u + e * du;
+}
+
+// The scalars plus F (and E, second order) for every (i, j) of a patch (the CPU loops keep them
+// per thread).
 template <int S, class A>
 struct SampleConsts : SampleScalars<A> {
   A F[(S ? S : kMaxS) * (S ? S : kMaxS)];
+  A E[(S ? S : kMaxS) * (S ? S : kMaxS)];
 };
 
 template <int S, class A>
@@ -141,6 +163,9 @@ RELAYOPS_HD void sample_consts(const Params<A>& P, int64_t b, SampleConsts<S, A>
   if (uses_factor(P))
     for (int i = 0; i < n; ++i)
       for (int j = 0; j < n; ++j) sc.F[i * N + j] = coef_factor(P, sc, b, i, j);
+  if (second_order(P))
+    for (int i = 0; i < n; ++i)
+      for (int j = 0; j < n; ++j) sc.E[i * N + j] = correction_factor(P, b, i, j);
 }
 
 // Heun (SPEC 8): x0_eff = x - sigma (d + d') / 2 with d = (x - x0) / sigma, d' = (x' - x0') / sigma'.
@@ -232,12 +257,12 @@ RELAYOPS_HD void process_patch(const Params<A>& P, const SampleConsts<S, A>& sc,
       for (int i = 0; i < n; ++i)
         for (int j = 0; j < n; ++j) X[i * N + j] = noise[i * ns + j];
       break;
-    case kStep: {  // gamma x + patch_idct(F patch_dct(x0)) + eta sigma' n (SPEC 8)
-      A Y[N * N];
+    case kStep: {  // gamma x + patch_idct(F patch_dct(x0) [+ E patch_dct(x0b - x0)]) + eta sigma' n (SPEC 8, 8.1)
+      A Y[N * N], Z[N * N];
       load_patch<S, T, A>(P.x, b, c, h0, w0, n, X);
       load_patch<S, T, A>(P.x0, b, c, h0, w0, n, Y);
       if (P.xp.present()) {  // Heun: x0_eff = x - sigma (d + d') / 2
-        A Z[N * N], Zh[N * N];
+        A Zh[N * N];
         load_patch<S, T, A>(P.xp, b, c, h0, w0, n, Z);
         load_patch<S, T, A>(P.x0p, b, c, h0, w0, n, Zh);
         for (int i = 0; i < n; ++i)
@@ -246,9 +271,19 @@ RELAYOPS_HD void process_patch(const Params<A>& P, const SampleConsts<S, A>& sc,
             Y[e] = heun_x0(X[e], Y[e], Z[e], Zh[e], sc.sigma, sc.sigma_next);
           }
       }
+      const bool second = second_order(P);
+      if (second) {  // Z = patch_dct(x0b - x0)
+        load_patch<S, T, A>(P.x0b, b, c, h0, w0, n, Z);
+        for (int i = 0; i < n; ++i)
+          for (int j = 0; j < n; ++j) Z[i * N + j] -= Y[i * N + j];
+        dct2<S, A>(P.dct, n, Z);
+      }
       dct2<S, A>(P.dct, n, Y);
       for (int i = 0; i < n; ++i)
-        for (int j = 0; j < n; ++j) Y[i * N + j] *= sc.F[i * N + j];
+        for (int j = 0; j < n; ++j) {
+          const int e = i * N + j;
+          Y[e] = second ? second_order_coef(sc.F[e], sc.E[e], Y[e], Z[e]) : sc.F[e] * Y[e];
+        }
       idct2<S, A>(P.dct, n, Y);
       const bool noisy = P.eta != A(0);  // else there is no noise array
       for (int i = 0; i < n; ++i)

@@ -13,6 +13,8 @@
 //          fused with the first transform pass otherwise);
 //   A, B   separable transform passes: A mixes the s rows of each patch (x -> t), B the s columns
 //          (t -> x); the last B pass combines the terms of the update and stores the output.
+//   A2, B2 second-order relay_step: the forward passes again, on xd = x0b - x0, B2 adding E times
+//          its coefficients to F U (patch.h second_order_coef).
 // Every phase loops over the cells of its array with consecutive threads on consecutive columns,
 // so global loads and stores are coalesced where the W stride is 1.
 #pragma once
@@ -28,7 +30,9 @@ namespace relayops {
 
 constexpr int kTileThreads = 256;  // threads per block, at most
 
-enum TileStep : int { kStepLoad, kStepHSum, kStepNoise, kStepNoiseFwdA, kStepFwdA, kStepFwdB, kStepInvA, kStepInvB };
+enum TileStep : int {
+  kStepLoad, kStepHSum, kStepNoise, kStepNoiseFwdA, kStepFwdA, kStepFwdB, kStepInvA, kStepInvB, kStepFwdA2, kStepFwdB2
+};
 
 // Launch geometry and shared-memory layout, chosen on the host (make_tile_geom) and passed to the
 // kernel by value.
@@ -39,7 +43,7 @@ struct TileGeom {
   int halo;                         // s - 1 when the block-noise term is computed (has_block), else 0
   int gw;                           // row stride of the eps2 window, tw + halo
   // Shared-memory arrays, offsets in elements of the accumulation type (-1: not needed).
-  int off_c, off_f, off_x, off_xk, off_n, off_g, off_hs;
+  int off_c, off_f, off_e, off_x, off_xk, off_xd, off_n, off_g, off_hs;
   int smem_elems;
   int nsteps;
   uint32_t steps;  // step k (a TileStep) in bits 4k..4k+3: no indexed parameter array on the device
@@ -52,8 +56,10 @@ template <class A>
 struct TileSmem {
   A* c;   // [s * s] DCT matrix
   A* f;   // [s * s] the sample's factors F (blur, corrupt, step)
+  A* e;   // [s * s] the sample's correction factor E (second-order step)
   A* x;   // [th * tw] transform input (x; x0_hat or Heun's x0_eff for relay_step), then F U
   A* xk;  // [th * tw] x of relay_step
+  A* xd;  // [th * tw] x0b - x0 (second-order step)
   A* n;   // [th * tw] eps, then the relay noise
   A* g;   // [(th + halo) * gw] eps2 window; after hsum, t: the A passes' output [th * tw]
   A* hs;  // [(th + halo) * tw] horizontal s-sums of the window rows
@@ -63,7 +69,8 @@ template <class A>
 RELAYOPS_HD TileSmem<A> tile_smem(const TileGeom& g, void* base) {
   A* p = static_cast<A*>(base);
   const auto at = [p](int off) { return off < 0 ? nullptr : p + off; };
-  return {at(g.off_c), at(g.off_f), at(g.off_x), at(g.off_xk), at(g.off_n), at(g.off_g), at(g.off_hs)};
+  return {at(g.off_c), at(g.off_f), at(g.off_e), at(g.off_x), at(g.off_xk), at(g.off_xd), at(g.off_n), at(g.off_g),
+          at(g.off_hs)};
 }
 
 // Which tile of which plane block blk handles (planes outermost, so neighbouring blocks share halos).
@@ -158,6 +165,7 @@ RELAYOPS_HD void tile_load(const Params<A>& P, const TileGeom& g, const TileBloc
     for (int e = tid; e < n * n; e += nt) {
       sm.c[e] = P.dct[e];
       if (sm.f) sm.f[e] = coef_factor(P, ss, b, e / n, e % n);
+      if (sm.e) sm.e[e] = correction_factor(P, b, e / n, e % n);
     }
   if (P.mode != kNoise) {
     struct In { A x, x0; };  // x0: x0_hat, or Heun's x0_eff (relay_step)
@@ -184,6 +192,12 @@ RELAYOPS_HD void tile_load(const Params<A>& P, const TileGeom& g, const TileBloc
           }
         });
   }
+  if (sm.xd)  // second order: xd = x0b - x0, in a loop of its own (fewer live registers); the same
+              // cells as above, so this thread reads the x0 it stored itself
+    for_cells_batched<kLoadBatch<A>>(
+        tb.th, tb.tw, tid, nt,
+        [&](int i, int j) { return load_elem<A>(P.x0b.template at<const T>(b, c, tb.h0 + i, tb.w0 + j)); },
+        [&](int i, int j, A v) { sm.xd[i * g.tw + j] = v - sm.x[i * g.tw + j]; });
   if (!needs_noise(P)) return;
   const NoiseStream ns = noise_stream(P, b, c);
   if (P.has_block) {
@@ -245,11 +259,11 @@ RELAYOPS_HD void tile_hsum(const Params<A>& P, const TileGeom& g, const TileBloc
   });
 }
 
-// Pass A at pixel (i, j): sum_k M[i mod s][k] x[patch row k][j], M = C (forward) or C^T.
+// Pass A at pixel (i, j): sum_k M[i mod s][k] src[patch row k][j], M = C (forward) or C^T.
 template <int S, bool Inverse, class A>
-RELAYOPS_HD A pass_a(const TileGeom& g, const TileSmem<A>& sm, int n, int i, int j) {
+RELAYOPS_HD A pass_a(const TileGeom& g, const A* src, const TileSmem<A>& sm, int n, int i, int j) {
   const int pi = i % n;
-  const A* col = sm.x + (i - pi) * g.tw + j;
+  const A* col = src + (i - pi) * g.tw + j;
   A acc = 0;
   for (int k = 0; k < n; ++k) acc += dct_entry<Inverse>(sm.c, n, pi, k) * col[k * g.tw];
   return acc;
@@ -280,21 +294,24 @@ RELAYOPS_HD void tile_noise(const Params<A>& P, const TileGeom& g, const TileBlo
       store_elem<A>(P.out.template at<T>(tb.b, tb.c, tb.h0 + i, tb.w0 + j), v);
     else
       sm.n[e] = v;
-    if (Fused) sm.g[e] = pass_a<S, false>(g, sm, n, i, j);  // t takes the window's place (read in hsum)
+    if (Fused) sm.g[e] = pass_a<S, false>(g, sm.x, sm, n, i, j);  // t takes the window's place (read in hsum)
   });
 }
 
-template <int S, bool Inverse, class A>
+// Pass A of sm.x, or of sm.xd (Second: the second-order step's x0b - x0).
+template <int S, bool Inverse, bool Second, class A>
 RELAYOPS_HD void tile_pass_a(const Params<A>& P, const TileGeom& g, const TileBlock& tb, int tid,
                              const TileSmem<A>& sm) {
   const int n = S ? S : P.s;
+  const A* src = Second ? sm.xd : sm.x;
   for_cells(tb.th, tb.tw, tid, g.threads,
-            [&](int i, int j) { sm.g[i * g.tw + j] = pass_a<S, Inverse>(g, sm, n, i, j); });
+            [&](int i, int j) { sm.g[i * g.tw + j] = pass_a<S, Inverse>(g, src, sm, n, i, j); });
 }
 
 // Pass B; the last one (Final) adds the other terms of the update and stores the output, the
-// forward one of blur, corrupt and step multiplies by F (in place of x, read in pass A).
-template <int S, class T, bool Inverse, class A>
+// forward one of blur, corrupt and step multiplies by F (in place of x, read in pass A); the
+// second-order step's second forward one (Second) adds E times the coefficients of x0b - x0 to that.
+template <int S, class T, bool Inverse, bool Second, class A>
 RELAYOPS_HD void tile_pass_b(const Params<A>& P, const TileGeom& g, const TileBlock& tb, int tid,
                              const TileSmem<A>& sm) {
   const int n = S ? S : P.s;
@@ -305,7 +322,9 @@ RELAYOPS_HD void tile_pass_b(const Params<A>& P, const TileGeom& g, const TileBl
     const int e = i * g.tw + j;
     const A v = pass_b<S, Inverse>(g, sm, n, i, j);
     if (!final_pass) {
-      sm.x[e] = v * sm.f[(i % n) * n + j % n];
+      const int k = (i % n) * n + j % n;
+      // Second: sm.x holds F U from the first pass; F U + E dU is second_order_coef (patch.h) in two phases
+      sm.x[e] = Second ? sm.x[e] + sm.e[k] * v : v * sm.f[k];
       return;
     }
     const A x = P.mode == kStep ? sm.xk[e] : A(0), nz = noisy ? sm.n[e] : A(0);
@@ -325,10 +344,12 @@ RELAYOPS_HD void tile_phase(const Params<A>& P, const TileGeom& g, int64_t blk, 
     case kStepHSum: return tile_hsum<S, A>(P, g, tb, tid, sm);
     case kStepNoise: return tile_noise<S, T, false, A>(P, g, tb, tid, sm);
     case kStepNoiseFwdA: return tile_noise<S, T, true, A>(P, g, tb, tid, sm);
-    case kStepFwdA: return tile_pass_a<S, false, A>(P, g, tb, tid, sm);
-    case kStepFwdB: return tile_pass_b<S, T, false, A>(P, g, tb, tid, sm);
-    case kStepInvA: return tile_pass_a<S, true, A>(P, g, tb, tid, sm);
-    case kStepInvB: return tile_pass_b<S, T, true, A>(P, g, tb, tid, sm);
+    case kStepFwdA: return tile_pass_a<S, false, false, A>(P, g, tb, tid, sm);
+    case kStepFwdB: return tile_pass_b<S, T, false, false, A>(P, g, tb, tid, sm);
+    case kStepInvA: return tile_pass_a<S, true, false, A>(P, g, tb, tid, sm);
+    case kStepInvB: return tile_pass_b<S, T, true, false, A>(P, g, tb, tid, sm);
+    case kStepFwdA2: return tile_pass_a<S, false, true, A>(P, g, tb, tid, sm);
+    case kStepFwdB2: return tile_pass_b<S, T, false, true, A>(P, g, tb, tid, sm);
   }
 }
 
@@ -367,8 +388,10 @@ TileGeom make_tile_geom(const Params<A>& P) {
   };
   g.off_c = take(transforms, s * s);
   g.off_f = take(uses_factor(P), s * s);
+  g.off_e = take(second_order(P), s * s);
   g.off_x = take(transforms, px);
   g.off_xk = take(P.mode == kStep, px);
+  g.off_xd = take(second_order(P), px);
   g.off_n = take(noisy, px);
   g.off_g = take(transforms || block, std::max(transforms ? px : 0, block ? (g.th + g.halo) * g.gw : 0));
   g.off_hs = take(block, (g.th + g.halo) * g.tw);
@@ -382,9 +405,13 @@ TileGeom make_tile_geom(const Params<A>& P) {
     case kDct: add(kStepFwdA); add(kStepFwdB); break;
     case kIdct: add(kStepInvA); add(kStepInvB); break;
     case kNoise: if (block) add(kStepNoise); break;  // without the block term, load stores
-    default:  // blur, corrupt, step: forward, times F, inverse
+    default:  // blur, corrupt, step: forward, times F, [second order: forward of x0b - x0, times E, added], inverse
       add(block ? kStepNoiseFwdA : kStepFwdA);
       add(kStepFwdB);
+      if (second_order(P)) {
+        add(kStepFwdA2);
+        add(kStepFwdB2);
+      }
       add(kStepInvA);
       add(kStepInvB);
   }
