@@ -126,7 +126,7 @@ def test_demo_tiny_then_reuse(tmp_path, capsys):
     assert Image.open(demo / "sr_tradeoff.png").size[0] > 0
     metrics = json.loads((demo / "metrics.json").read_text())
     assert metrics["train_steps"] == {"base": 10, "relay": 10}           # log_every: where the budget is checked
-    assert metrics["machine"]["cpu"] and metrics["machine"]["torch"] == torch.__version__
+    assert metrics["machine"]["cpu_model"] and metrics["machine"]["torch"] == torch.__version__
     assert set(metrics["eval_sets"]) == {"test", "heldout"}
     for e in metrics["eval_sets"].values():
         assert e["num_crops"] == 4
