@@ -7,6 +7,10 @@
 // its horizontal wraparound box sums go into a ring of 2s rows, and the vertical sums over the
 // ring give the block noise of the current patch row, so Philox runs once per element (plus s - 1
 // halo rows per unit). Scratch memory is O(s * W) per thread, never proportional to the input.
+// Instruction sets: the build is baseline x86-64 (or aarch64); each work unit runs a copy of the
+// row loops compiled for the instruction set cpu_isa() picks at run time (per_isa), so a cap
+// (set_isa_cap) forces every path, hand-written (Philox, Box-Muller, fused blur) and compiler-
+// vectorised alike, on any CPU that has it.
 #include "kernels.h"
 
 #include "relayops/tile.h"
@@ -358,8 +362,9 @@ struct RowNoise {
 // out[qs + j] = sum_l A[j][l] t[qs + l], i.e. for each l one fixed permutation (lane qs + j reads
 // lane qs + l) times a vector of coefficients (lane qs + j holds A[j][l]). Both passes are fused,
 // so each input element is loaded once and each output stored once, straight from / to the
-// tensor when its rows are contiguous. AVX-512 only (float: 16 lanes, double: 8); other CPUs keep
-// the compiler-vectorised two-pass path of Strip.
+// tensor when its rows are contiguous. AVX-512: float 16 lanes, double 8. AVX2: float math only,
+// 8 lanes, written with vector extensions (vector_rows.h, blur_rows). Otherwise (portable path,
+// float64 on AVX2) the compiler-vectorised two-pass code of Strip runs.
 #ifdef RELAYOPS_X86
 #define RELAYOPS_AVX512 __attribute__((target("avx512f")))
 
@@ -696,9 +701,31 @@ struct Strip {
   }
 
 #ifdef RELAYOPS_X86
-  // Blur (+ noise) of the patch row at image row h0 with the fused AVX-512 kernel; false when it
-  // does not apply. Contiguous rows (any dtype) are read and written in place.
+  // Blur (+ noise) of the patch row at image row h0 with the fused AVX-512 kernel, or for float
+  // math the fused AVX2 one; false when neither applies. Contiguous rows (any dtype) are read and written in place.
   bool blur_simd(int64_t b, int64_t c, int64_t h0, const A* nz, A scale) {
+    if constexpr (std::is_same_v<A, float>) {
+      if (cpu_isa() == kAvx2) {  // 8 float lanes (vector_rows.h); float rows in place, others via X / Vb
+        const float* in[S];
+        float* out[S];
+        bool direct = false;
+        if constexpr (std::is_same_v<T, float>) direct = P.x.sw == 1 && P.out.sw == 1;
+        for (int i = 0; i < S; ++i) {
+          in[i] = X.data() + i * W;
+          out[i] = Vb.data() + i * W;
+          if constexpr (std::is_same_v<T, float>) {
+            if (direct) {
+              in[i] = P.x.template at<const float>(b, c, h0 + i, 0);
+              out[i] = P.out.template at<float>(b, c, h0 + i, 0);
+            }
+          }
+        }
+        if (!direct) load_rows(P.x, b, c, h0, X.data());
+        avx2::blur_rows<S>(in, out, W, Ab, 1.0f - P.d_min, P.d_min, nz, scale);
+        if (!direct) store_rows(b, c, h0, Vb.data());
+        return true;
+      }
+    }
     // float64 with s = 8 holds one patch per vector: the row pass would be a shuffle per element,
     // slower than Strip's two passes.
     if (cpu_isa() != kAvx512 || (std::is_same_v<A, double> && S == 8)) return false;

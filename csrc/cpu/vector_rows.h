@@ -125,3 +125,38 @@ inline void transcendental(int mode, const float* in, float* out, int64_t n) {
     store_lanes(out + y, mode == 0 ? log_unit(v) : cos_2pi(v), k);
   }
 }
+
+// Fused blur of one patch row of float rows (patch_blur / relay_corrupt; the layout and formula
+// of kernels.cpp's BlurRows): t_k = sum_i A[k][i] x_i (column pass, vertical FMAs), then per
+// patch out_k[qS + j] = floor x_k[qS + j] + sum_l keep A[j][l] t_k[qS + l] (+ scale nz_k), the row
+// pass as one lane permutation per l. in[i], out[i]: the S rows (W floats each, W a multiple of
+// S, S dividing kLanes); nz: the noise rows (row stride W) or nullptr.
+template <int S>
+inline void blur_rows(const float* const* in, float* const* out, int64_t W, const float (*A)[S], float keep,
+                      float floor, const float* nz, float scale) {
+  static_assert(kLanes % S == 0, "a vector holds whole patches");
+  VI ix[S];  // lane i <- lane (i / S) S + l
+  VF rc[S];  // lane i holds keep A[i % S][l]
+  for (int l = 0; l < S; ++l)
+    for (int i = 0; i < kLanes; ++i) {
+      ix[l][i] = i / S * S + l;
+      rc[l][i] = keep * A[i % S][l];
+    }
+  const auto lanes = [&](int64_t y, int64_t n) __attribute__((always_inline)) {
+    VF x[S], t[S];
+    for (int i = 0; i < S; ++i) x[i] = load_lanes<VF>(in[i] + y, n);
+    for (int k = 0; k < S; ++k) {
+      t[k] = splat(A[k][0]) * x[0];
+      for (int i = 1; i < S; ++i) t[k] = fmadd(splat(A[k][i]), x[i], t[k]);
+    }
+    for (int k = 0; k < S; ++k) {
+      VF r = splat(floor) * x[k];
+      if (nz) r = fmadd(splat(scale), load_lanes<VF>(nz + k * W + y, n), r);
+      for (int l = 0; l < S; ++l) r = fmadd(rc[l], __builtin_shuffle(t[k], ix[l]), r);
+      store_lanes(out[k] + y, r, n);
+    }
+  };
+  int64_t y = 0;
+  for (; y + kLanes <= W; y += kLanes) lanes(y, kLanes);
+  if (y < W) lanes(y, W - y);
+}
