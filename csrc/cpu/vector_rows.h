@@ -131,17 +131,30 @@ inline void transcendental(int mode, const float* in, float* out, int64_t n) {
 // patch out_k[qS + j] = floor x_k[qS + j] + sum_l keep A[j][l] t_k[qS + l] (+ scale nz_k), the row
 // pass as one lane permutation per l. in[i], out[i]: the S rows (W floats each, W a multiple of
 // S, S dividing kLanes); nz: the noise rows (row stride W) or nullptr.
+// Lane g S + j <- lane g S + l in every group of S lanes: a constant permutation, which the
+// compiler turns into an in-lane shuffle with an immediate where it can (no index registers).
+template <int S, int l, int... i>
+inline __attribute__((always_inline)) VF spread(VF v, std::integer_sequence<int, i...>) {
+  return __builtin_shuffle(v, VI{(i / S * S + l)...});
+}
+
+// r + sum_{l < S} rc[l] * spread_l(t)
+template <int S, int l = 0>
+inline __attribute__((always_inline)) VF row_pass(VF r, VF t, const VF* rc) {
+  if constexpr (l == S) {
+    return r;
+  } else {
+    return row_pass<S, l + 1>(fmadd(rc[l], spread<S, l>(t, std::make_integer_sequence<int, kLanes>{}), r), t, rc);
+  }
+}
+
 template <int S>
 inline void blur_rows(const float* const* in, float* const* out, int64_t W, const float (*A)[S], float keep,
                       float floor, const float* nz, float scale) {
   static_assert(kLanes % S == 0, "a vector holds whole patches");
-  VI ix[S];  // lane i <- lane (i / S) S + l
   VF rc[S];  // lane i holds keep A[i % S][l]
   for (int l = 0; l < S; ++l)
-    for (int i = 0; i < kLanes; ++i) {
-      ix[l][i] = i / S * S + l;
-      rc[l][i] = keep * A[i % S][l];
-    }
+    for (int i = 0; i < kLanes; ++i) rc[l][i] = keep * A[i % S][l];
   const auto lanes = [&](int64_t y, int64_t n) __attribute__((always_inline)) {
     VF x[S], t[S];
     for (int i = 0; i < S; ++i) x[i] = load_lanes<VF>(in[i] + y, n);
@@ -152,8 +165,7 @@ inline void blur_rows(const float* const* in, float* const* out, int64_t W, cons
     for (int k = 0; k < S; ++k) {
       VF r = splat(floor) * x[k];
       if (nz) r = fmadd(splat(scale), load_lanes<VF>(nz + k * W + y, n), r);
-      for (int l = 0; l < S; ++l) r = fmadd(rc[l], __builtin_shuffle(t[k], ix[l]), r);
-      store_lanes(out[k] + y, r, n);
+      store_lanes(out[k] + y, row_pass<S>(r, t[k], rc), n);
     }
   };
   int64_t y = 0;
