@@ -8,6 +8,7 @@ from .ops import (
     block_noise,
     blur_response,
     choose_backend,
+    cpu_isa,
     linear_relay_blur,
     linear_relay_step,
     patch_blur,
@@ -16,12 +17,13 @@ from .ops import (
     relay_corrupt,
     relay_noise,
     relay_step,
+    set_cpu_isa,
 )
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "available_backends", "block_noise", "blur_response", "choose_backend", "linear_relay_blur",
+    "available_backends", "block_noise", "blur_response", "choose_backend", "cpu_isa", "linear_relay_blur",
     "linear_relay_step", "patch_blur", "patch_dct", "patch_idct", "relay_corrupt", "relay_noise",
-    "relay_step", "reference", "schedules", "sampling", "analysis", "multires",
+    "relay_step", "set_cpu_isa", "reference", "schedules", "sampling", "analysis", "multires",
 ]

@@ -36,3 +36,22 @@ def restore_determinism():
         os.environ.pop("CUBLAS_WORKSPACE_CONFIG", None)
     else:
         os.environ["CUBLAS_WORKSPACE_CONFIG"] = saved[4]
+
+
+# The instruction sets of the compiled CPU kernels, lowest first (relayops.set_cpu_isa).
+CPU_ISAS = ("portable", "avx2", "avx512")
+_ISA_FEATURES = {"avx2": "avx2 and fma", "avx512": "avx512f"}
+
+
+@pytest.fixture(params=CPU_ISAS)
+def cpu_isa(request):
+    """Runs the test with the compiled CPU kernels capped at each instruction set; skipped (with
+    the reason) where this CPU lacks it. Puts the previous cap back afterwards."""
+    compiled = pytest.importorskip("relayops.ops._compiled", reason="relayops._C is not built")
+    isa = request.param
+    if CPU_ISAS.index(isa) > CPU_ISAS.index(compiled.best_cpu_isa()):
+        pytest.skip(f"this CPU lacks {_ISA_FEATURES[isa]} (the {isa} path runs on CPUs that have it)")
+    before = compiled.cpu_isa()
+    assert compiled.set_cpu_isa(isa) == isa
+    yield isa
+    compiled.set_cpu_isa(before)

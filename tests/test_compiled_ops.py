@@ -1,15 +1,13 @@
 """What only the compiled kernels (csrc/) have: the CUDA kernels' thread blocks (tile.h) run on
 the CPU by emulation, on shapes that exercise their tiles, halos and wraparound (and on the GPU
-where there is one), the Philox row loops of each instruction set, rows wider than one SIMD
-batch, and the build of the CUDA module. Every op case, gradient, error, opcheck and
-torch.compile check runs on the compiled backends in the shared matrix (test_backends.py).
+where there is one), rows wider than one SIMD batch, and the build of the CUDA module. Every op
+case, gradient, error, opcheck and torch.compile check runs on the compiled backends in the shared
+matrix (test_backends.py); each instruction-set path of the CPU kernels is tested in test_cpu_isa.py.
 """
 from __future__ import annotations
 
 import os
 import shutil
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -130,25 +128,6 @@ def test_seeded_noise_wide_rows(name, per_sample, dtype):
     """Rows wider than one SIMD batch of Philox counters (64 on AVX-512) plus a scalar tail (76 = 64 + 12)."""
     x = torch.randn(2, 2, 8, 76, generator=torch.Generator().manual_seed(7), dtype=dtype)
     _check(_noise_calls(4)[name], x, PER_SAMPLE_SEEDS if per_sample else 2**63 + 1)
-
-
-_ISA_SCRIPT = """
-import torch, relayops
-x = torch.randn(2, 3, 8, 76)  # AVX2: 2 batches of 32 counters + a tail of 12
-for seed, offset in ((5, 0), (2**64 - 1, 2**40 + 3), ([7, 2**64 - 2], 9)):
-    a = relayops.relay_noise(x, seed=seed, offset=offset, backend="cpu")
-    b = relayops.relay_noise(x, seed=seed, offset=offset, backend="reference")
-    torch.testing.assert_close(a, b, atol=1e-5, rtol=0)
-print("ok")
-"""
-
-
-@pytest.mark.parametrize("isa", ("scalar", "avx2"))
-def test_seeded_noise_other_philox_paths(isa):
-    """The scalar and AVX2 Philox row loops (the best one the CPU has runs in the other tests)."""
-    env = dict(os.environ, RELAYOPS_CPU_PHILOX=isa)
-    result = subprocess.run([sys.executable, "-c", _ISA_SCRIPT], env=env, capture_output=True, text=True)
-    assert result.returncode == 0 and "ok" in result.stdout, result.stderr[-2000:]
 
 
 def test_codes_come_from_the_compiled_module():

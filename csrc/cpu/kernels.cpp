@@ -7,6 +7,10 @@
 // its horizontal wraparound box sums go into a ring of 2s rows, and the vertical sums over the
 // ring give the block noise of the current patch row, so Philox runs once per element (plus s - 1
 // halo rows per unit). Scratch memory is O(s * W) per thread, never proportional to the input.
+// Instruction sets: the build is baseline x86-64 (or aarch64); each work unit runs a copy of the
+// row loops compiled for the instruction set cpu_isa() picks at run time (per_isa), so a cap
+// (set_isa_cap) forces every path, hand-written (Philox, Box-Muller, fused blur) and compiler-
+// vectorised alike, on any CPU that has it.
 #include "kernels.h"
 
 #include "relayops/tile.h"
@@ -15,9 +19,14 @@
 #include <cstdlib>
 #include <cstring>
 #include <type_traits>
+#include <utility>
 #if defined(__x86_64__)
 #include <immintrin.h>
+#elif defined(__aarch64__)
+#include <arm_neon.h>
 #endif
+#include <atomic>
+#include <stdexcept>
 #include <vector>
 #ifdef _OPENMP
 #include <omp.h>
@@ -25,18 +34,43 @@
 
 namespace relayops {
 namespace cpu {
+
+// The best instruction set of this CPU (AVX-512 also needs AVX2 and FMA; AVX2 needs FMA).
+int best_isa() {
+#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
+  static const int best = [] {
+    __builtin_cpu_init();
+    const bool avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+    return avx2 && __builtin_cpu_supports("avx512f") ? kAvx512 : avx2 ? kAvx2 : kPortable;
+  }();
+  return best;
+#else
+  return kPortable;
+#endif
+}
+
+namespace {
+std::atomic<int> isa_cap{kAvx512};  // read at every kernel call: set_isa_cap takes effect at once
+}  // namespace
+
+int cpu_isa() { return std::min(best_isa(), isa_cap.load(std::memory_order_relaxed)); }
+
+void set_isa_cap(int cap) {
+  if (cap < kPortable || cap > kAvx512) throw std::invalid_argument("relayops: unknown instruction set code");
+  isa_cap.store(cap, std::memory_order_relaxed);
+}
+
 namespace {
 
 // The Philox + Box-Muller row loop is the hot spot of the noise ops. Philox's 32 x 32 -> 64-bit
 // products vectorise badly when left to the compiler (64-bit lanes), so AVX-512 and AVX2 versions
-// with mul_epu32 on even/odd lanes compute the words when the CPU has them (checked at run time;
-// the build itself stays portable x86-64); Box-Muller is then a plain loop the compiler
-// vectorises, built for several instruction sets (GCC function multiversioning).
+// with mul_epu32 on even/odd lanes compute the words; Box-Muller runs on vectors of lanes
+// (vector_rows.h, built per instruction set). The build itself stays portable x86-64: which
+// instruction set runs is decided at run time (cpu_isa), capped by set_isa_cap.
 #if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
 #define RELAYOPS_X86 1
-#define RELAYOPS_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
-#else
-#define RELAYOPS_CLONES
+#define RELAYOPS_TARGET_AVX2 __attribute__((target("avx2,fma")))
+#define RELAYOPS_TARGET_AVX512 __attribute__((target("avx512f,avx2,fma")))
 #endif
 
 void philox_words_scalar(const PhiloxKey& key, uint64_t base, int64_t from, int64_t W, uint32_t* w) {
@@ -157,35 +191,73 @@ __attribute__((target("avx512f"))) void philox_words_avx512(const PhiloxKey& key
   philox_words_scalar(key, base, y, W, w);
 }
 
-// 2: AVX-512, 1: AVX2, 0: scalar Philox. RELAYOPS_CPU_PHILOX=scalar|avx2 caps it (for tests).
-int philox_isa() {
-  static const int isa = [] {
-    __builtin_cpu_init();
-    int best = __builtin_cpu_supports("avx512f") ? 2 : __builtin_cpu_supports("avx2") ? 1 : 0;
-    const char* cap = std::getenv("RELAYOPS_CPU_PHILOX");
-    if (cap && std::strcmp(cap, "scalar") == 0) best = 0;
-    if (cap && std::strcmp(cap, "avx2") == 0 && best > 1) best = 1;
-    return best;
-  }();
-  return isa;
-}
 #endif
 
-RELAYOPS_CLONES void box_muller_row(const uint32_t* w, int64_t W, float* eps, float* eps2) {
-#pragma omp simd
-  for (int64_t y = 0; y < W; ++y) {
-    eps[y] = box_muller<float>(w[y], w[W + y]);
-    eps2[y] = box_muller<float>(w[2 * W + y], w[3 * W + y]);
+// The vector row loops, once per instruction set.
+#ifdef RELAYOPS_X86
+#pragma GCC push_options
+#pragma GCC target("avx512f,avx2,fma")
+namespace avx512 {
+#define RELAYOPS_VECTOR_BYTES 64
+#include "vector_rows.h"
+#undef RELAYOPS_VECTOR_BYTES
+}  // namespace avx512
+#pragma GCC pop_options
+#pragma GCC push_options
+#pragma GCC target("avx2,fma")
+namespace avx2 {
+#define RELAYOPS_VECTOR_BYTES 32
+#include "vector_rows.h"
+#undef RELAYOPS_VECTOR_BYTES
+}  // namespace avx2
+#pragma GCC pop_options
+#endif
+namespace portable {
+#define RELAYOPS_VECTOR_BYTES 16
+#include "vector_rows.h"
+#undef RELAYOPS_VECTOR_BYTES
+}  // namespace portable
+
+void box_muller_row(const uint32_t* w, int64_t W, float* eps, float* eps2) {
+  switch (cpu_isa()) {
+#ifdef RELAYOPS_X86
+    case kAvx512: return avx512::box_muller_row(w, W, eps, eps2);
+    case kAvx2: return avx2::box_muller_row(w, W, eps, eps2);
+#endif
+    default: return portable::box_muller_row(w, W, eps, eps2);
+  }
+}
+
+// Runs f() compiled for the instruction set cpu_isa() picks: f's body, and everything it calls
+// that can be inlined (the compiler-vectorised loops of Strip and RowNoise), is inlined into one
+// copy per instruction set (flatten). Called once per work unit.
+#ifdef RELAYOPS_X86
+template <class F>
+RELAYOPS_TARGET_AVX512 __attribute__((flatten)) void run_avx512(const F& f) { f(); }
+template <class F>
+RELAYOPS_TARGET_AVX2 __attribute__((flatten)) void run_avx2(const F& f) { f(); }
+#endif
+template <class F>
+__attribute__((flatten)) void run_portable(const F& f) { f(); }
+
+template <class F>
+void per_isa(const F& f) {
+  switch (cpu_isa()) {
+#ifdef RELAYOPS_X86
+    case kAvx512: return run_avx512(f);
+    case kAvx2: return run_avx2(f);
+#endif
+    default: return run_portable(f);
   }
 }
 
 // eps, eps2 of W consecutive elements from logical index base; w: 4 W words of scratch.
 void draw_row(const PhiloxKey& key, uint64_t base, int64_t W, float* eps, float* eps2, uint32_t* w) {
 #ifdef RELAYOPS_X86
-  const int isa = philox_isa();
-  if (isa == 2)
+  const int isa = cpu_isa();
+  if (isa == kAvx512)
     philox_words_avx512(key, base, W, w);
-  else if (isa == 1)
+  else if (isa == kAvx2)
     philox_words_avx2(key, base, W, w);
   else
 #endif
@@ -221,7 +293,6 @@ struct RowNoise {
   }
 
   // Draw or read logical row r (wrapped into [0, H)) into the rings.
-  RELAYOPS_CLONES
   void gen_row(int64_t b, int64_t c, int64_t r) {
     const int64_t h = wrap(r, P.H);
     A* er = eps_ring.data() + wrap(r, R) * W;
@@ -264,7 +335,6 @@ struct RowNoise {
   }
 
   // Noise of logical row r into dst: k (eps + alpha/s * sum_{i < s} hsum[r - i + shift]).
-  RELAYOPS_CLONES
   void combine(int64_t r, A* dst) const {
     const int m = S ? S : n;
     const A* er = eps_ring.data() + wrap(r, R) * W;
@@ -293,20 +363,11 @@ struct RowNoise {
 // out[qs + j] = sum_l A[j][l] t[qs + l], i.e. for each l one fixed permutation (lane qs + j reads
 // lane qs + l) times a vector of coefficients (lane qs + j holds A[j][l]). Both passes are fused,
 // so each input element is loaded once and each output stored once, straight from / to the
-// tensor when its rows are contiguous. AVX-512 only (float: 16 lanes, double: 8); other CPUs keep
-// the compiler-vectorised two-pass path of Strip.
+// tensor when its rows are contiguous. AVX-512: float 16 lanes, double 8. AVX2: float math only,
+// 8 lanes, written with vector extensions (vector_rows.h, blur_rows). Otherwise (portable path,
+// float64 on AVX2) the compiler-vectorised two-pass code of Strip runs.
 #ifdef RELAYOPS_X86
 #define RELAYOPS_AVX512 __attribute__((target("avx512f")))
-
-// RELAYOPS_CPU_BLUR=generic turns it off (to test the portable path on an AVX-512 machine).
-bool blur_avx512() {
-  static const bool yes = [] {
-    __builtin_cpu_init();
-    const char* cap = std::getenv("RELAYOPS_CPU_BLUR");
-    return __builtin_cpu_supports("avx512f") && !(cap && std::strcmp(cap, "generic") == 0);
-  }();
-  return yes;
-}
 
 struct F32x16 {
   using E = float;
@@ -562,7 +623,6 @@ struct Strip {
           }
   }
 
-  RELAYOPS_CLONES
   void load_rows(const View& v, int64_t b, int64_t c, int64_t h0, A* dst) const {
     for (int i = 0; i < S; ++i) {
       const T* src = v.template at<const T>(b, c, h0 + i, 0);
@@ -576,7 +636,6 @@ struct Strip {
     }
   }
 
-  RELAYOPS_CLONES
   void store_rows(int64_t b, int64_t c, int64_t h0, const A* srcbuf) const {
     for (int i = 0; i < S; ++i) {
       T* dst = P.out.template at<T>(b, c, h0 + i, 0);
@@ -592,7 +651,6 @@ struct Strip {
 
   // Heun (SPEC 8): x0 <- heun_x0(x, x0, x', x0'), reading x' and x0' straight from memory in the
   // same loop.
-  RELAYOPS_CLONES
   void heun_rows(const SampleConsts<S, A>& sc, int64_t b, int64_t c, int64_t h0, const A* x, A* x0) const {
     const A sg = sc.sigma, sn = sc.sigma_next;
     for (int i = 0; i < S; ++i) {
@@ -615,7 +673,6 @@ struct Strip {
   }
 
   // out[k][y] = sum_i M[k][i] in[i][y] (M = C, C^T or the blur's A).
-  RELAYOPS_CLONES
   void column_pass(const A* in, A* out, const A (*M)[S]) const {
     for (int k = 0; k < S; ++k) {
       A m[S];
@@ -632,7 +689,6 @@ struct Strip {
 
   // Per row k and patch q: out[q S + a] = sum_j M[a][j] in[q S + j] with M = R_k (which = 0),
   // C (1), C^T (2), the blur's A (3) or Re_k (4).
-  RELAYOPS_CLONES
   void row_pass(const A* in, A* out, int which) const {
     const int64_t nq = W / S;
     for (int k = 0; k < S; ++k) {
@@ -657,12 +713,34 @@ struct Strip {
   }
 
 #ifdef RELAYOPS_X86
-  // Blur (+ noise) of the patch row at image row h0 with the fused AVX-512 kernel; false when it
-  // does not apply. Contiguous rows (any dtype) are read and written in place.
+  // Blur (+ noise) of the patch row at image row h0 with the fused AVX-512 kernel, or for float
+  // math the fused AVX2 one; false when neither applies. Contiguous rows (any dtype) are read and written in place.
   bool blur_simd(int64_t b, int64_t c, int64_t h0, const A* nz, A scale) {
+    if constexpr (std::is_same_v<A, float>) {
+      if (cpu_isa() == kAvx2) {  // 8 float lanes (vector_rows.h); float rows in place, others via X / Vb
+        const float* in[S];
+        float* out[S];
+        bool direct = false;
+        if constexpr (std::is_same_v<T, float>) direct = P.x.sw == 1 && P.out.sw == 1;
+        for (int i = 0; i < S; ++i) {
+          in[i] = X.data() + i * W;
+          out[i] = Vb.data() + i * W;
+          if constexpr (std::is_same_v<T, float>) {
+            if (direct) {
+              in[i] = P.x.template at<const float>(b, c, h0 + i, 0);
+              out[i] = P.out.template at<float>(b, c, h0 + i, 0);
+            }
+          }
+        }
+        if (!direct) load_rows(P.x, b, c, h0, X.data());
+        avx2::blur_rows<S>(in, out, W, Ab, 1.0f - P.d_min, P.d_min, nz, scale);
+        if (!direct) store_rows(b, c, h0, Vb.data());
+        return true;
+      }
+    }
     // float64 with s = 8 holds one patch per vector: the row pass would be a shuffle per element,
     // slower than Strip's two passes.
-    if (!blur_avx512() || (std::is_same_v<A, double> && S == 8)) return false;
+    if (cpu_isa() != kAvx512 || (std::is_same_v<A, double> && S == 8)) return false;
     using VT = typename Simd512<A>::type;
     const bool direct_in = P.x.sw == 1, direct_out = P.out.sw == 1;
     const T* in[S];
@@ -689,7 +767,6 @@ struct Strip {
 #endif
 
   // One patch row p of plane (b, c); nz: its noise rows (row stride W) when needed.
-  RELAYOPS_CLONES
   void process(const SampleConsts<S, A>& sc, int64_t b, int64_t c, int64_t p, const A* nz) {
     const int64_t h0 = p * S, n = int64_t(S) * W;
     A* x = X.data();
@@ -806,22 +883,24 @@ void run(const Params<A>& P) {
         }
         sc_b = b;
       }
-      int64_t next = p0 * n - (n - 1) + P.shift;  // next noise row to draw (rows mode)
-      for (int64_t p = p0; p < p1; ++p) {
-        const A* nz = nullptr;
-        if (rows) {
-          for (; next <= p * n + n - 1 + P.shift; ++next) rn->gen_row(b, c, next);
-          for (int i = 0; i < n; ++i) rn->combine(p * n + i, nzrows.data() + i * P.W);
-          nz = nzrows.data();
+      per_isa([&] {  // the patch rows of this unit, compiled for the instruction set in use
+        int64_t next = p0 * n - (n - 1) + P.shift;  // next noise row to draw (rows mode)
+        for (int64_t p = p0; p < p1; ++p) {
+          const A* nz = nullptr;
+          if (rows) {
+            for (; next <= p * n + n - 1 + P.shift; ++next) rn->gen_row(b, c, next);
+            for (int i = 0; i < n; ++i) rn->combine(p * n + i, nzrows.data() + i * P.W);
+            nz = nzrows.data();
+          }
+          if (st) {
+            if constexpr (S != 0) st->process(sc, b, c, p, nz);
+          } else if (rows) {
+            for (int64_t q = 0; q < nq; ++q) process_patch<S, T, A>(P, sc, b, c, p, q, nz + q * n, P.W);
+          } else {
+            for (int64_t q = 0; q < nq; ++q) process_patch<S, T, A>(P, sc, b, c, p, q, nullptr, 0);
+          }
         }
-        if (st) {
-          if constexpr (S != 0) st->process(sc, b, c, p, nz);
-        } else if (rows) {
-          for (int64_t q = 0; q < nq; ++q) process_patch<S, T, A>(P, sc, b, c, p, q, nz + q * n, P.W);
-        } else {
-          for (int64_t q = 0; q < nq; ++q) process_patch<S, T, A>(P, sc, b, c, p, q, nullptr, 0);
-        }
-      }
+      });
     }
     delete rn;
     delete st;
@@ -854,6 +933,18 @@ void normals_from_words(const uint32_t* w, int64_t n, int dtype, void* eps, void
     }
   } else {
     throw std::invalid_argument("relayops: normals_from_words takes float32 or float64");
+  }
+}
+
+void vector_transcendental(int isa, int mode, const float* in, float* out, int64_t n) {
+  if (mode != 0 && mode != 1) throw std::invalid_argument("relayops: vector_transcendental mode is 0 (log) or 1 (cos)");
+  if (isa > best_isa()) throw std::invalid_argument("relayops: this CPU lacks the instruction set asked for");
+  switch (isa) {
+#ifdef RELAYOPS_X86
+    case kAvx512: return avx512::transcendental(mode, in, out, n);
+    case kAvx2: return avx2::transcendental(mode, in, out, n);
+#endif
+    default: return portable::transcendental(mode, in, out, n);
   }
 }
 

@@ -3,6 +3,16 @@
 
 namespace relayops {
 namespace cpu {
+// Instruction sets of the CPU code paths, in increasing order. kPortable: the build's baseline
+// (x86-64: SSE2; aarch64: NEON) with the compiler's vector extensions, no intrinsics.
+enum Isa : int { kPortable = 0, kAvx2 = 1, kAvx512 = 2 };
+// The best instruction set this CPU runs; the one the kernels use now (best_isa() capped);
+// set_isa_cap caps it (kAvx512: no cap) for every later call, e.g. to test or time each path.
+int best_isa();
+int cpu_isa();
+void set_isa_cap(int cap);
+// For the tests: the vector log_unit (mode 0) or cos_2pi (mode 1) of isa on n floats.
+void vector_transcendental(int isa, int mode, const float* in, float* out, int64_t n);
 // Runs one op on CPU memory. cuda_tiles: emulate the CUDA kernels' thread blocks (tile.h,
 // emulate_tiles) instead of the CPU loops; for tests.
 void launch(const CallArgs& a, bool cuda_tiles);

@@ -24,6 +24,22 @@ PYBIND11_MODULE(_C, m) {
       .value("float64", relayops::kFloat64)
       .value("float16", relayops::kFloat16)
       .value("bfloat16", relayops::kBFloat16);
+  py::enum_<relayops::cpu::Isa>(m, "Isa", "instruction sets of the CPU code paths, in increasing order")
+      .value("portable", relayops::cpu::kPortable)
+      .value("avx2", relayops::cpu::kAvx2)
+      .value("avx512", relayops::cpu::kAvx512);
+  m.def("best_isa", &relayops::cpu::best_isa, "the best instruction set this CPU runs (an Isa code)");
+  m.def("cpu_isa", &relayops::cpu::cpu_isa, "the instruction set the kernels use now: best_isa() capped");
+  m.def("set_isa_cap", &relayops::cpu::set_isa_cap, py::arg("cap"),
+        "cap the instruction set of every later kernel call (Isa.avx512: no cap)");
+  m.def(
+      "vector_transcendental",
+      [](int isa, int mode, int64_t in, int64_t out, int64_t n) {
+        relayops::cpu::vector_transcendental(isa, mode, reinterpret_cast<const float*>(in),
+                                             reinterpret_cast<float*>(out), n);
+      },
+      py::arg("isa"), py::arg("mode"), py::arg("input"), py::arg("out"), py::arg("n"),
+      "For tests: the vector log_unit (mode 0) or cos_2pi (mode 1) of instruction set isa on n floats");
   m.def(
       "run",
       [](int mode, int dtype, int s, std::array<int64_t, 4> shape, std::vector<relayops::ViewArg> views,

@@ -1,5 +1,5 @@
 """Public ops: validation, per-sample conversion, backend choice, dispatch (docs/design.md)."""
-from ._backend import available_backends, choose_backend
+from ._backend import available_backends, choose_backend, cpu_isa, set_cpu_isa
 from .blur import blur_response, patch_blur, patch_dct, patch_idct
 from .noise import block_noise, noise_scale, relay_corrupt, relay_noise
 from .step import linear_relay_blur, linear_relay_step, relay_step

@@ -56,6 +56,22 @@ def _load_optional_backends() -> None:
             _import_errors[module] = str(e)
 
 
+def cpu_isa() -> str:
+    """The instruction set the compiled CPU kernels use now ("portable", "avx2" or "avx512"): the
+    best one the CPU has, capped by set_cpu_isa or RELAYOPS_CPU_ISA. ImportError when relayops._C
+    is not built."""
+    from . import _compiled
+    return _compiled.cpu_isa()
+
+
+def set_cpu_isa(cap: str) -> str:
+    """Cap the instruction set of the compiled CPU kernels at ``cap`` ("portable", "avx2" or
+    "avx512" = no cap) for every later call; it never rises above what the CPU has. Returns the
+    instruction set now in use. ImportError when relayops._C is not built."""
+    from . import _compiled
+    return _compiled.set_cpu_isa(cap)
+
+
 def available_backends() -> tuple[str, ...]:
     """Backends usable in this process (the device decides which of them fits a tensor)."""
     return tuple(b for b in BACKENDS if b in _tables)

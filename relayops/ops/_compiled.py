@@ -16,6 +16,7 @@ Importing this module raises ImportError when ``relayops._C`` is not built
 """
 from __future__ import annotations
 
+import os
 from typing import Optional
 
 import torch
@@ -39,6 +40,40 @@ Mode, DType = _C.Mode, _C.DType
 DTYPE_CODES = {torch.float32: DType.float32, torch.float64: DType.float64, torch.float16: DType.float16,
                torch.bfloat16: DType.bfloat16}
 _U64 = (1 << 64) - 1
+
+# Instruction sets of the CPU kernels, in increasing order: "portable" (the compiler's vector
+# extensions at the build's baseline: SSE2 on x86-64, NEON on aarch64), "avx2" (AVX2 + FMA),
+# "avx512" (AVX-512F). The kernels use the best one the CPU has, capped by set_cpu_isa or the
+# environment variable RELAYOPS_CPU_ISA (read when this module is imported).
+CPU_ISAS = tuple(_C.Isa.__members__)
+
+
+def best_cpu_isa() -> str:
+    """The best instruction set this CPU runs, whatever the cap."""
+    return _C.Isa(_C.best_isa()).name
+
+
+def cpu_isa() -> str:
+    """The instruction set the CPU kernels use now: the best one the CPU has, capped."""
+    return _C.Isa(_C.cpu_isa()).name
+
+
+def set_cpu_isa(cap: str) -> str:
+    """Cap the instruction set of every later CPU kernel call at ``cap`` (one of CPU_ISAS;
+    "avx512" removes the cap). A cap never raises the instruction set above what the CPU has.
+    Returns the instruction set now in use (cpu_isa())."""
+    if not isinstance(cap, str):
+        raise TypeError(f"cap must be a str, one of {CPU_ISAS}; got {type(cap).__name__}")
+    if cap not in CPU_ISAS:
+        raise ValueError(f"cap must be one of {CPU_ISAS}; got {cap!r}")
+    _C.set_isa_cap(int(_C.Isa.__members__[cap]))
+    return cpu_isa()
+
+
+if os.environ.get("RELAYOPS_CPU_ISA"):
+    if os.environ["RELAYOPS_CPU_ISA"] not in CPU_ISAS:
+        raise ValueError(f"RELAYOPS_CPU_ISA must be one of {CPU_ISAS}; got {os.environ['RELAYOPS_CPU_ISA']!r}")
+    set_cpu_isa(os.environ["RELAYOPS_CPU_ISA"])
 
 # Tests set this to run CPU tensors through an emulation of the CUDA kernels' thread blocks
 # (csrc/include/relayops/tile.h): the CUDA tile, halo and wraparound indexing, checked on a CPU.

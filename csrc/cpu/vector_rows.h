@@ -1,0 +1,174 @@
+// Row loops written once with the compiler's vector extensions (GCC / Clang) and compiled once per
+// instruction set: kernels.cpp includes this file inside namespaces avx512 and avx2 (each in a
+// `#pragma GCC target` region, x86-64 only) and portable (the build's own target: SSE2 on x86-64,
+// NEON on aarch64). kLanes float lanes per vector: 16, 8 or 4. No include guard: included once per
+// namespace, after <cstdint>, <cstring>, relayops/philox.h and, on x86-64, <immintrin.h>.
+//
+// Box-Muller (SPEC 4) per vector of lanes: the same branch-free log_unit / cos_2pi formulas as
+// relayops/philox.h, with fused multiply-adds, a hardware vector sqrt and a Cody-Waite split of
+// e ln 2. Results differ from the scalar code by rounding only (tested against float64 libm).
+
+#if !defined(RELAYOPS_VECTOR_BYTES)
+#error "define RELAYOPS_VECTOR_BYTES (16, 32 or 64) before including vector_rows.h"
+#endif
+
+constexpr int kLanes = RELAYOPS_VECTOR_BYTES / 4;
+typedef float VF __attribute__((vector_size(RELAYOPS_VECTOR_BYTES)));
+typedef int32_t VI __attribute__((vector_size(RELAYOPS_VECTOR_BYTES)));
+typedef uint32_t VU __attribute__((vector_size(RELAYOPS_VECTOR_BYTES)));
+
+inline __attribute__((always_inline)) VF splat(float a) { return VF{} + a; }
+
+// a * b + c, one rounding where the instruction set has FMA.
+inline __attribute__((always_inline)) VF fmadd(VF a, VF b, VF c) {
+#if RELAYOPS_VECTOR_BYTES == 64
+  return _mm512_fmadd_ps(a, b, c);
+#elif RELAYOPS_VECTOR_BYTES == 32
+  return _mm256_fmadd_ps(a, b, c);
+#elif defined(__aarch64__)
+  return vfmaq_f32(c, a, b);
+#else
+  return a * b + c;
+#endif
+}
+
+inline __attribute__((always_inline)) VF vsqrt(VF a) {
+#if RELAYOPS_VECTOR_BYTES == 64
+  return _mm512_sqrt_ps(a);
+#elif RELAYOPS_VECTOR_BYTES == 32
+  return _mm256_sqrt_ps(a);
+#elif defined(__aarch64__)
+  return vsqrtq_f32(a);
+#elif defined(__SSE2__)
+  return _mm_sqrt_ps(a);
+#else
+  VF r;
+  for (int i = 0; i < kLanes; ++i) r[i] = std::sqrt(a[i]);
+  return r;
+#endif
+}
+
+// ln(u) for normal floats u in (0, 1]: u = 2^e m with m in [sqrt(1/2), sqrt(2)),
+// ln m = 2 atanh(z), z = (m - 1) / (m + 1), |z| < 0.172 (odd series to z^9, truncation < 1e-9).
+inline __attribute__((always_inline)) VF log_unit(VF u) {
+  const VU bits = (VU)u;
+  const VU mant = bits & 0x007fffffu;
+  const VU big = (0x003504f3u - mant) >> 31;  // 1 where the mantissa exceeds sqrt(2)'s
+  const VF m = (VF)(mant | (0x3f800000u - (big << 23)));
+  const VF e = __builtin_convertvector((VI)(bits >> 23) - 127 + (VI)big, VF);
+  const VF z = (m - 1.0f) / (m + 1.0f), z2 = z * z;
+  VF p = fmadd(z2, splat(1.0f / 9), splat(1.0f / 7));
+  p = fmadd(p, z2, splat(1.0f / 5));
+  p = fmadd(p, z2, splat(1.0f / 3));
+  const VF series = fmadd((z + z) * z2, p, z + z);
+  // e ln 2 = e (ln2_hi + ln2_lo): e ln2_hi is exact (ln2_hi has 11 significant bits, |e| < 2^7)
+  return fmadd(e, splat(0.693359375f), fmadd(e, splat(-2.12194440e-4f), series));
+}
+
+// cos(2 pi t) for t in [0, 1): r = t - round(t) in [-1/2, 1/2], b = |r| folded into [0, 1/4]
+// (cos(2 pi (1/2 - a)) = -cos(2 pi a)), then the Taylor series in b^2 (terms to b^12; the first
+// omitted one is below 7e-9 at b = 1/4).
+inline __attribute__((always_inline)) VF cos_2pi(VF t) {
+  const VF r = t - __builtin_convertvector(__builtin_convertvector(t + 0.5f, VI), VF);  // t + 1/2 > 0
+  const VF a = (VF)((VU)r & 0x7fffffffu);
+  const VU flip = (VU)(a > 0.25f);  // all ones where folded
+  const VF b = (VF)(((VU)(0.5f - a) & flip) | ((VU)a & ~flip));
+  const VF y = b * b;
+  constexpr double w2 = 39.47841760435743;  // (2 pi)^2
+  VF c = fmadd(splat(float(w2 * w2 * w2 * w2 * w2 * w2 / 479001600.0)), y, splat(float(-w2 * w2 * w2 * w2 * w2 / 3628800.0)));
+  c = fmadd(c, y, splat(float(w2 * w2 * w2 * w2 / 40320.0)));
+  c = fmadd(c, y, splat(float(-w2 * w2 * w2 / 720.0)));
+  c = fmadd(c, y, splat(float(w2 * w2 / 24.0)));
+  c = fmadd(c, y, splat(float(-w2 / 2.0)));
+  c = fmadd(c, y, splat(1.0f));
+  return (VF)((VU)c ^ (flip & 0x80000000u));
+}
+
+// sqrt(-2 ln u1) cos(2 pi u2) from the words (a, b): u1 = ((a >> 8) + 1) 2^-24, u2 = (b >> 8) 2^-24.
+inline __attribute__((always_inline)) VF box_muller(VU a, VU b) {
+  const VF u1 = __builtin_convertvector((VI)((a >> 8) + 1u), VF) * 5.9604644775390625e-8f;
+  const VF u2 = __builtin_convertvector((VI)(b >> 8), VF) * 5.9604644775390625e-8f;
+  return vsqrt(-2.0f * log_unit(u1)) * cos_2pi(u2);
+}
+
+// n lanes from / to memory, n < kLanes padded with zeros (a whole vector when n == kLanes).
+template <class V, class E>
+inline __attribute__((always_inline)) V load_lanes(const E* p, int64_t n) {
+  V v = V{};
+  std::memcpy(&v, p, size_t(n) * sizeof(E));
+  return v;
+}
+
+template <class V, class E>
+inline __attribute__((always_inline)) void store_lanes(E* p, V v, int64_t n) {
+  std::memcpy(p, &v, size_t(n) * sizeof(E));
+}
+
+// eps[y] = box_muller(w[y], w[W + y]), eps2[y] = box_muller(w[2W + y], w[3W + y]) for y < W.
+inline void box_muller_row(const uint32_t* w, int64_t W, float* eps, float* eps2) {
+  const auto lanes = [&](int64_t y, int64_t n) __attribute__((always_inline)) {
+    const VU a = load_lanes<VU>(w + y, n), b = load_lanes<VU>(w + W + y, n);
+    const VU c = load_lanes<VU>(w + 2 * W + y, n), d = load_lanes<VU>(w + 3 * W + y, n);
+    store_lanes(eps + y, box_muller(a, b), n);
+    store_lanes(eps2 + y, box_muller(c, d), n);
+  };
+  int64_t y = 0;
+  for (; y + kLanes <= W; y += kLanes) lanes(y, kLanes);  // constant size: plain vector loads
+  if (y < W) lanes(y, W - y);
+}
+
+// For the tests: log_unit (mode 0) or cos_2pi (mode 1) of n floats.
+inline void transcendental(int mode, const float* in, float* out, int64_t n) {
+  for (int64_t y = 0; y < n; y += kLanes) {
+    const int64_t k = n - y < kLanes ? n - y : kLanes;
+    const VF v = load_lanes<VF>(in + y, k);
+    store_lanes(out + y, mode == 0 ? log_unit(v) : cos_2pi(v), k);
+  }
+}
+
+// Fused blur of one patch row of float rows (patch_blur / relay_corrupt; the layout and formula
+// of kernels.cpp's BlurRows): t_k = sum_i A[k][i] x_i (column pass, vertical FMAs), then per
+// patch out_k[qS + j] = floor x_k[qS + j] + sum_l keep A[j][l] t_k[qS + l] (+ scale nz_k), the row
+// pass as one lane permutation per l. in[i], out[i]: the S rows (W floats each, W a multiple of
+// S, S dividing kLanes); nz: the noise rows (row stride W) or nullptr.
+// Lane g S + j <- lane g S + l in every group of S lanes: a constant permutation, which the
+// compiler turns into an in-lane shuffle with an immediate where it can (no index registers).
+template <int S, int l, int... i>
+inline __attribute__((always_inline)) VF spread(VF v, std::integer_sequence<int, i...>) {
+  return __builtin_shuffle(v, VI{(i / S * S + l)...});
+}
+
+// r + sum_{l < S} rc[l] * spread_l(t)
+template <int S, int l = 0>
+inline __attribute__((always_inline)) VF row_pass(VF r, VF t, const VF* rc) {
+  if constexpr (l == S) {
+    return r;
+  } else {
+    return row_pass<S, l + 1>(fmadd(rc[l], spread<S, l>(t, std::make_integer_sequence<int, kLanes>{}), r), t, rc);
+  }
+}
+
+template <int S>
+inline void blur_rows(const float* const* in, float* const* out, int64_t W, const float (*A)[S], float keep,
+                      float floor, const float* nz, float scale) {
+  static_assert(kLanes % S == 0, "a vector holds whole patches");
+  VF rc[S];  // lane i holds keep A[i % S][l]
+  for (int l = 0; l < S; ++l)
+    for (int i = 0; i < kLanes; ++i) rc[l][i] = keep * A[i % S][l];
+  const auto lanes = [&](int64_t y, int64_t n) __attribute__((always_inline)) {
+    VF x[S], t[S];
+    for (int i = 0; i < S; ++i) x[i] = load_lanes<VF>(in[i] + y, n);
+    for (int k = 0; k < S; ++k) {
+      t[k] = splat(A[k][0]) * x[0];
+      for (int i = 1; i < S; ++i) t[k] = fmadd(splat(A[k][i]), x[i], t[k]);
+    }
+    for (int k = 0; k < S; ++k) {
+      VF r = splat(floor) * x[k];
+      if (nz) r = fmadd(splat(scale), load_lanes<VF>(nz + k * W + y, n), r);
+      store_lanes(out[k] + y, row_pass<S>(r, t[k], rc), n);
+    }
+  };
+  int64_t y = 0;
+  for (; y + kLanes <= W; y += kLanes) lanes(y, kLanes);
+  if (y < W) lanes(y, W - y);
+}

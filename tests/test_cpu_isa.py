@@ -1,0 +1,196 @@
+"""The compiled CPU kernels' instruction-set paths: "portable" (the compiler's vector extensions at
+the build's baseline, the path of aarch64 too), "avx2" (AVX2 + FMA) and "avx512", each forced with
+relayops.set_cpu_isa (the ``cpu_isa`` fixture of conftest.py; a path this CPU lacks is skipped).
+
+* every op case of the shared matrix (float32, float64) on each path below the best one (the best
+  one runs it in test_backends.py) against the float64 reference; the blur rows on every path;
+* seeded noise of each path within 1e-6 of the reference (rows with vector tails, per-sample seeds,
+  and the extreme Philox words of test_box_muller_words.py);
+* each path's vector ln and cos(2 pi .) against float64 libm (NumPy) over every input Box-Muller
+  can give them (all 2^24 uniforms of SPEC 4), worst errors printed;
+* the cap (never above the CPU, RELAYOPS_CPU_ISA, bad values);
+* the CPU kernel sources compile for aarch64 and its portable path uses NEON vector instructions
+  (with a cross compiler; skipped where none is installed).
+"""
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import relayops
+
+compiled = pytest.importorskip("relayops.ops._compiled", reason="relayops._C is not built")
+
+import test_backends as matrix  # noqa: E402
+import test_box_muller_words as words  # noqa: E402
+from compare import assert_close, scale_of  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+# The best path of this CPU runs the whole matrix in test_backends.py; the lower ones run it here.
+LOWER_ISAS = compiled.CPU_ISAS[:compiled.CPU_ISAS.index(compiled.best_cpu_isa())]
+
+
+@pytest.fixture(params=LOWER_ISAS)
+def lower_isa(request):
+    before = compiled.cpu_isa()
+    compiled.set_cpu_isa(request.param)
+    yield request.param
+    compiled.set_cpu_isa(before)
+
+
+@pytest.mark.parametrize("dtype", (torch.float32, torch.float64), ids=str)
+@pytest.mark.parametrize("name", list(matrix.CASES))
+def test_op_matrix_on_lower_paths(lower_isa, name, dtype):
+    """Every op case on the matrix shapes the kernels run (s = 2, 3, 4, 8, 16, H = W = s); bfloat16
+    storage on each path: test_blur_rows_on_each_path."""
+    for shape in matrix.SHAPES:
+        if shape[4] <= relayops._C.max_s and shape[0]:
+            inputs, exact = matrix.make_inputs(shape, dtype, "cpu")
+            matrix.check_case(name, ("cpu", "cpu"), inputs, exact, shape[4], dtype)
+
+
+@pytest.mark.parametrize("s", (2, 4, 8))
+@pytest.mark.parametrize("memory_format", (torch.contiguous_format, torch.channels_last), ids=("nchw", "nhwc"))
+def test_blur_rows_on_each_path(cpu_isa, s, memory_format):
+    """patch_blur and relay_corrupt (the fused blur rows) on rows wider than a vector plus a tail."""
+    gen = torch.Generator().manual_seed(s)
+    x = torch.randn(2, 3, 2 * s, 10 * s + 8 if s < 8 else 9 * s, generator=gen, dtype=torch.float64)
+    tau = torch.tensor([0.3, 2.0], dtype=torch.float64)
+    eps, eps2 = torch.randn_like(x), torch.randn_like(x)
+    for dtype, tol in ((torch.float32, 1e-5), (torch.float64, 1e-12), (torch.bfloat16, 3e-2)):
+        xi = x.to(dtype).contiguous(memory_format=memory_format)
+        acc = torch.float64 if dtype == torch.float64 else torch.float32
+        got = relayops.patch_blur(xi, tau.to(acc), s, backend="cpu")
+        want = relayops.patch_blur(xi.double(), tau, s, backend="reference")
+        assert_close(got, want, atol=tol * scale_of(want), what=f"patch_blur {dtype} on {cpu_isa}")
+        got = relayops.relay_corrupt(xi, 0.5, 0.7, s, eps=eps.to(dtype), eps2=eps2.to(dtype), backend="cpu")
+        e1, e2 = eps.to(dtype).double(), eps2.to(dtype).double()
+        want = relayops.relay_corrupt(xi.double(), 0.5, 0.7, s, eps=e1, eps2=e2, backend="reference")
+        assert_close(got, want, atol=tol * scale_of(want), what=f"relay_corrupt {dtype} on {cpu_isa}")
+
+
+@pytest.mark.parametrize("width", (7, 76, 256))
+def test_seeded_noise_within_1e6_of_reference(cpu_isa, width):
+    """relay_noise (normalize=False: k = 1) drawn on each path: 7 = a tail only, 76 = whole vectors
+    of 4, 8 and 16 lanes plus a tail; int seeds near 2^64 and per-sample seeds."""
+    x = torch.zeros(2, 3, 8, width)
+    worst = 0.0
+    for seed, offset in ((5, 0), (2**64 - 1, 2**40 + 3), ([7, 2**64 - 2], 9)):
+        for s in (1, 4) if width % 4 == 0 else (1,):
+            got = relayops.relay_noise(x, s, seed=seed, offset=offset, normalize=False, backend="cpu")
+            want = relayops.relay_noise(x.double(), s, seed=seed, offset=offset, normalize=False, backend="reference")
+            worst = max(worst, float((got.double() - want).abs().max()))
+    print(f"{cpu_isa}: worst |cpu - reference| of seeded noise {worst:.3g}")
+    assert worst <= 1e-6
+
+
+def test_box_muller_extreme_words_on_each_path(cpu_isa):
+    """The extreme uniforms (u1 = 2^-24 and 1 - 2^-24, cos at 1, 0 and -1) through each path's row code."""
+    w = words.extreme_words()
+    eps, eps2 = compiled.normals_from_words(words.as_int32(w), torch.float32)
+    ref, ref2 = words.expected(w)
+    worst = max(float((eps.double() - ref).abs().max()), float((eps2.double() - ref2).abs().max()))
+    print(f"{cpu_isa}: worst Box-Muller error at the extreme words {worst:.3g}")
+    assert worst < 1e-6
+
+
+def _vector_function(isa: str, mode: int, x: np.ndarray) -> np.ndarray:
+    inp = torch.from_numpy(x.astype(np.float32))
+    out = torch.empty_like(inp)
+    relayops._C.vector_transcendental(int(relayops._C.Isa.__members__[isa]), mode, inp.data_ptr(), out.data_ptr(),
+                                      inp.numel())
+    return out.numpy().astype(np.float64)
+
+
+def test_vector_log_and_cos_against_libm(cpu_isa):
+    """ln u1 for every u1 = k 2^-24, k = 1 .. 2^24, and cos(2 pi u2) for every u2 = k 2^-24,
+    k = 0 .. 2^24 - 1 (all the values Box-Muller evaluates), against NumPy's float64 log and cos."""
+    k = np.arange(2**24, dtype=np.float64)
+    u1, u2 = (k + 1) * 2.0**-24, k * 2.0**-24
+    want = np.log(u1)
+    err = np.abs(_vector_function(cpu_isa, 0, u1) - want)
+    rel = err / np.abs(np.where(want == 0, 1.0, want))
+    log_abs, log_rel, at = err.max(), rel.max(), u1[rel.argmax()]
+    err = np.abs(_vector_function(cpu_isa, 1, u2) - np.cos(2 * np.pi * u2))
+    cos_abs, cos_at = err.max(), u2[err.argmax()]
+    print(f"{cpu_isa}: ln: worst absolute error {log_abs:.3g}, relative {log_rel:.3g} (at u = {at:.9g}); "
+          f"cos(2 pi u): worst absolute error {cos_abs:.3g} (at u = {cos_at:.9g})")
+    # a float32 result is rounded to within 6e-8 relative (1/2 ulp): allow about 2 ulp
+    assert log_rel <= 2.5e-7 and log_abs <= 1e-6
+    assert cos_abs <= 2e-7
+
+
+def test_the_cap_never_raises_the_instruction_set():
+    best = compiled.best_cpu_isa()
+    before = compiled.cpu_isa()
+    try:
+        assert compiled.set_cpu_isa("avx512") == best  # "no cap": the best the CPU has
+        assert compiled.set_cpu_isa("portable") == "portable" == relayops.cpu_isa()
+        assert relayops.set_cpu_isa("avx2") == ("avx2" if best != "portable" else "portable")
+        with pytest.raises(ValueError, match="cap must be one of"):
+            relayops.set_cpu_isa("sse9")
+        with pytest.raises(TypeError, match="cap must be a str"):
+            relayops.set_cpu_isa(2)
+    finally:
+        compiled.set_cpu_isa(before)
+
+
+_ENV_SCRIPT = "import relayops; print('isa', relayops.cpu_isa())"
+
+
+def test_environment_variable_caps_at_import():
+    env = dict(os.environ, RELAYOPS_CPU_ISA="portable")
+    done = subprocess.run([sys.executable, "-c", _ENV_SCRIPT], env=env, capture_output=True, text=True, cwd=ROOT)
+    assert done.returncode == 0 and "isa portable" in done.stdout, done.stderr[-2000:]
+    env["RELAYOPS_CPU_ISA"] = "scalar"
+    done = subprocess.run([sys.executable, "-c", _ENV_SCRIPT], env=env, capture_output=True, text=True, cwd=ROOT)
+    assert done.returncode != 0 and "RELAYOPS_CPU_ISA must be one of" in done.stderr
+
+
+CROSS = "aarch64-linux-gnu-g++"
+_NEEDS_CROSS = pytest.mark.skipif(shutil.which(CROSS) is None,
+                                  reason=f"no aarch64 cross compiler ({CROSS}; Debian: g++-aarch64-linux-gnu)")
+
+_AARCH64_ROWS = """
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <arm_neon.h>
+namespace portable {
+#define RELAYOPS_VECTOR_BYTES 16
+#include "vector_rows.h"
+}
+void rows(const uint32_t* w, int64_t n, float* a, float* b) { portable::box_muller_row(w, n, a, b); }
+"""
+
+
+@_NEEDS_CROSS
+def test_portable_rows_vectorise_for_aarch64(tmp_path):
+    """The portable Box-Muller rows built for aarch64 use NEON vector sqrt, FMA and divide."""
+    src = tmp_path / "rows.cpp"
+    src.write_text(_AARCH64_ROWS)
+    asm = tmp_path / "rows.s"
+    subprocess.run([CROSS, "-std=c++17", "-O2", "-fno-math-errno", "-S", f"-I{ROOT / 'csrc/cpu'}", str(src),
+                    "-o", str(asm)], check=True, capture_output=True, text=True)
+    text = asm.read_text()
+    for op in ("fsqrt", "fmla", "fdiv"):
+        assert re.search(rf"\b{op}\s+v\d+\.4s", text), f"no 4-lane {op} in the aarch64 build of box_muller_row"
+
+
+@_NEEDS_CROSS
+def test_cpu_kernels_compile_for_aarch64(tmp_path):
+    """csrc/cpu/kernels.cpp (no torch or pybind11 headers) compiles for aarch64 with OpenMP."""
+    done = subprocess.run([CROSS, "-std=c++17", "-O0", "-fopenmp", "-fno-math-errno", "-c",
+                           f"-I{ROOT / 'csrc/include'}", str(ROOT / "csrc/cpu/kernels.cpp"),
+                           "-o", str(tmp_path / "kernels.o")], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-4000:]
