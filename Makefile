@@ -27,7 +27,7 @@ lint: setup
 test: lint build
 	$(BIN)/python -m pytest
 
-# Long reliability runs (the CI suite runs bounded versions of each; README "Reliability").
+# Long reliability runs (the CI suite runs bounded versions of each; docs/reliability.md).
 # fuzz: hypothesis, FUZZ_EXAMPLES random examples per test (seed SEED), statistics printed.
 FUZZ_EXAMPLES ?= 500
 SEED ?= 0
