@@ -379,3 +379,34 @@ def test_joint_sampler_noise_and_errors():
         mdm_sample(oracle, 1, [8, 4], channels=1)
     with pytest.raises(ValueError, match="num_steps"):
         mdm_sample(oracle, 1, channels=1, num_steps=0)
+
+
+# --- the command line ---------------------------------------------------------------------------
+
+def test_cli_trains_and_samples_mdm(tmp_path, capsys):
+    from PIL import Image
+    from test_cli import run_error, write_images
+
+    from relayops.cli import main
+
+    write_images(tmp_path / "data", 3, 24)
+    run = str(tmp_path / "mdm")
+    tiny = ["--channels", "8", "--channel-mult", "1,2,2,2", "--batch-size", "4", "--warmup", "1", "--no-progress"]
+    assert main(["train", "--stage", "mdm", "--data", str(tmp_path / "data"), "--resolutions", "4,8,16",
+                 "--progressive", "1,2", "--steps", "3", "--out", run, *tiny]) == 0
+    assert "trained mdm stage to step 3" in capsys.readouterr().out
+    _, record = load_checkpoint(run, "mdm")
+    assert record["train"]["progressive"] == [1, 2] and record["train"]["resolution"] == 16
+    out = tmp_path / "samples"
+    assert main(["sample", "--mdm", run, "--num", "2", "--mdm-steps", "3", "--all-resolutions", "--out", str(out),
+                 "--no-progress"]) == 0
+    assert "wrote 2 images of 16x16" in capsys.readouterr().out
+    assert Image.open(out / "000001.png").size == (16, 16)
+    assert all((out / name).exists() for name in ("grid.png", "grid_4.png", "grid_8.png"))
+
+    assert "belong to the relay pipeline" in run_error(capsys, ["sample", "--mdm", run, "--relay", run])
+    assert "give --base" in run_error(capsys, ["sample", "--num", "1"])
+    assert "'mdm' stage model" in run_error(capsys, ["sample", "--base", run])
+    assert "option of --stage mdm" in run_error(capsys, ["train", "--stage", "base", "--progressive", "5"])
+    assert "power-of-two multiple" in run_error(capsys, ["train", "--stage", "mdm", "--resolutions", "12,16",
+                                                         "--out", str(tmp_path / "bad"), *tiny])
