@@ -10,11 +10,12 @@ crops (side 1x to 3x the 32x32 image, resized, so both see the same pixel scale)
 
 Each network trains for ``--steps`` steps of batch ``--batch``, the three side by side in their
 own processes with ``--threads`` intra-op threads each (``train_s``: each one's wall-clock time).
-Measures, on ``--num`` samples against ``--num`` held-out crops (the two held-out photographs): the log-spectral distance of
-the *mean* radially averaged power spectra, per frequency band (``relayops.training.metrics``),
-and the same distance between training crops and the held-out crops (the floor: two sets of
-real crops). Writes ``metrics.json`` and ``compare.png`` (rows: MDM, relay cascade, real
-crops (held out), and MDM's 8x8 and 16x16 outputs, 2x zoom) to ``--out``; checkpoints are reused.
+Measures, on ``--num`` samples against ``--num`` held-out crops (the two held-out photographs):
+the log-spectral distance of the *mean* radially averaged power spectra, per frequency band
+(``relayops.training.metrics``), and the same distance between training crops and the held-out
+crops (the floor: two sets of real crops). Writes ``metrics.json`` and ``compare.png`` (rows:
+MDM, relay cascade, held-out crops, MDM's 8x8 and 16x16 outputs; 2x zoom) to ``--out``;
+checkpoints are reused.
 """
 from __future__ import annotations
 

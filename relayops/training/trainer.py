@@ -1,6 +1,7 @@
 """The training loop: AdamW, warm-up, gradient clipping, EMA, bf16 autocast, DDP, exact resume.
 
-``train(TrainConfig(...))`` trains one stage and writes ``<out>/checkpoint.safetensors`` (+ .json)
+``train(TrainConfig(...))`` trains one stage (base, relay, or a Matryoshka "mdm" model) and writes
+``<out>/checkpoint.safetensors`` (+ .json)
 and, every ``sample_every`` steps, a PNG grid of samples from the EMA weights. Run it under
 ``torchrun --nproc_per_node=N`` for DistributedDataParallel (gloo on CPU, nccl on GPU, each
 process on ``cuda:LOCAL_RANK``); the global batch is split over the ranks.
