@@ -393,8 +393,9 @@ def test_cli_trains_and_samples_mdm(tmp_path, capsys):
     run = str(tmp_path / "mdm")
     tiny = ["--channels", "8", "--channel-mult", "1,2,2,2", "--batch-size", "4", "--warmup", "1", "--no-progress"]
     assert main(["train", "--stage", "mdm", "--data", str(tmp_path / "data"), "--resolutions", "4,8,16",
-                 "--progressive", "1,2", "--steps", "3", "--out", run, *tiny]) == 0
+                 "--progressive", "1,2", "--steps", "3", "--sample-every", "3", "--out", run, *tiny]) == 0
     assert "trained mdm stage to step 3" in capsys.readouterr().out
+    assert Image.open(tmp_path / "mdm" / "samples_000003.png").size == (4 * 18 + 2,) * 2  # 16 images of 16x16
     _, record = load_checkpoint(run, "mdm")
     assert record["train"]["progressive"] == [1, 2] and record["train"]["resolution"] == 16
     out = tmp_path / "samples"
