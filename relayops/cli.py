@@ -227,7 +227,8 @@ def _build_sample(sub) -> None:
 def _add_mdm_sample_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("Matryoshka diffusion (instead of --base and --relay)")
     g.add_argument("--mdm", default=None, help="an mdm-stage checkpoint: all resolutions sampled jointly (SPEC 11)")
-    g.add_argument("--mdm-steps", type=_positive_int, default=50, help="joint sampler steps (default 50)")
+    g.add_argument("--mdm-steps", type=_positive_int, default=50,
+                   help="joint sampler steps (default 50); --eta sets its stochasticity (default 0 here: DDIM)")
     g.add_argument("--all-resolutions", action="store_true",
                    help="also write grid_R.png for each lower resolution R")
 
