@@ -5,6 +5,8 @@
     relayops sample --base runs/base --relay runs/relay --num 16 --out runs/samples
     relayops distill --teacher runs/relay --out runs/distill --rounds 2   # 16 -> 8 -> 4 relay steps
     relayops sample --base runs/base --relay runs/distill/round2 --out runs/samples4
+    relayops train --stage mdm --resolutions 16,32,64 --progressive 2000,4000 --out runs/mdm
+    relayops sample --mdm runs/mdm --num 16 --out runs/mdm-samples   # Matryoshka diffusion (docs/mdm.md)
     relayops convert imagenet_second_stage.pt runs/rdm-relay   # a released EDM/RDM network, read safely
     relayops sample --base runs/rdm-base --relay runs/rdm-relay --preset imagenet256 --class 207
     relayops demo                       # the main job: both stages, samples and metrics
@@ -88,16 +90,53 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
                    help="condition on the class = first-level subfolder of --data (10%% label dropout for guidance)")
 
 
+def _float_list(text: str) -> list[float]:
+    try:
+        return [float(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
+
+
+def _add_mdm_train_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("mdm stage (Matryoshka diffusion, SPEC 11)")
+    g.add_argument("--resolutions", type=_int_list, default=[16, 32, 64], metavar="R1,R2,...",
+                   help="the nested resolutions, ascending, each a power-of-two multiple of the one below "
+                        "(default 16,32,64); the model's --channel-mult levels start at the highest")
+    g.add_argument("--progressive", type=_int_list, default=[], metavar="S2,S3,...",
+                   help="progressive training: the lowest resolution alone, then each higher one joins at these "
+                        "steps (one step per higher resolution; default: all from the start)")
+    g.add_argument("--mdm-weights", type=_float_list, default=[], metavar="W1,W2,...",
+                   help="loss weight per resolution (default 1 each)")
+    g.add_argument("--mdm-weighting", choices=["v", "x"], default="v",
+                   help="per resolution, the v-prediction error (v, default) or the x-prediction error (x)")
+    g.add_argument("--schedule", choices=["cosine", "shifted", "interpolated"], default="shifted",
+                   help="each resolution's log-SNR schedule (default shifted)")
+    g.add_argument("--schedule-reference", type=_positive_int, default=64,
+                   help="reference resolution of the shifted schedule (default 64)")
+
+
+def _mdm_train_fields(args) -> dict:
+    """The TrainConfig fields of the mdm stage (the crop is the highest resolution)."""
+    if args.stage != "mdm":
+        if args.progressive:
+            raise ValueError("--progressive is an option of --stage mdm")
+        return {}
+    return dict(resolution=args.resolution or max(args.resolutions), mdm_resolutions=args.resolutions,
+                progressive=args.progressive, mdm_weights=args.mdm_weights, mdm_weighting=args.mdm_weighting,
+                mdm_schedule=args.schedule, vpred_reference=args.schedule_reference)
+
+
 def _build_train(sub) -> None:
-    p = sub.add_parser("train", help="train a base or relay stage",
+    p = sub.add_parser("train", help="train a base or relay stage, or a Matryoshka (mdm) model",
                        description="Train one stage of a relay diffusion model. Resumes from --out if a "
                                    "checkpoint is there (exactly), unless --retrain.")
-    p.add_argument("--stage", choices=["base", "relay"], required=True,
-                   help="base: plain EDM at low resolution; relay: super-resolution by --patch (SPEC 6)")
+    p.add_argument("--stage", choices=["base", "relay", "mdm"], required=True,
+                   help="base: plain EDM at low resolution; relay: super-resolution by --patch (SPEC 6); "
+                        "mdm: Matryoshka diffusion, one NestedUNet over --resolutions (SPEC 11)")
     p.add_argument("--data", default="builtin", help="a folder of PNG/JPEG images, or 'builtin' "
                    "(scikit-image's photographs, no download) (default builtin)")
     p.add_argument("--resolution", type=_positive_int, default=None,
-                   help="training crop size (default 16 for base, 64 for relay)")
+                   help="training crop size (default 16 for base, 64 for relay, the highest --resolutions for mdm)")
     p.add_argument("--patch", type=_positive_int, default=4, help="relay patch size s = upscaling factor (default 4)")
     p.add_argument("--out", default=None, help="run directory (default runs/<stage>)")
     p.add_argument("--steps", type=_nonneg_int, default=2000)
@@ -126,6 +165,7 @@ def _build_train(sub) -> None:
     g.add_argument("--vpred", action="store_true",
                    help="v-prediction with the resolution-shifted cosine schedule (SPEC 11)")
     g.add_argument("--multiscale", action="store_true", help="with --vpred: the multiscale loss (SPEC 11)")
+    _add_mdm_train_args(p)
     _add_model_args(p)
     g = p.add_argument_group("run")
     g.add_argument("--save-every", type=_nonneg_int, default=500)
@@ -148,16 +188,16 @@ def _cmd_train(args) -> int:
         raise ValueError(f"--resolution {resolution} is not divisible by --patch {args.patch}")
     model = dict(model_channels=args.channels, channel_mult=args.channel_mult, num_blocks=args.num_blocks,
                  attn_resolutions=args.attn, dropout=args.dropout)
-    cfg = TrainConfig(stage=args.stage, data=args.data, out=args.out or f"runs/{args.stage}", resolution=resolution,
-                      patch=args.patch, crop_scale=list(args.crop_scale), steps=args.steps,
-                      time_limit=args.time_limit or 0.0, batch_size=args.batch_size, lr=args.lr, warmup=args.warmup,
-                      weight_decay=args.weight_decay,
+    kwargs = {"resolution": resolution, **_mdm_train_fields(args)}
+    cfg = TrainConfig(stage=args.stage, data=args.data, out=args.out or f"runs/{args.stage}", patch=args.patch,
+                      crop_scale=list(args.crop_scale), steps=args.steps, time_limit=args.time_limit or 0.0,
+                      batch_size=args.batch_size, lr=args.lr, warmup=args.warmup, weight_decay=args.weight_decay,
                       grad_clip=args.grad_clip, ema_decay=args.ema_decay, bf16=args.bf16, seed=args.seed,
                       relay_mode=args.relay_mode, alpha=args.alpha, normalize=args.normalize, L=args.L,
                       sigma_b_max=args.sigma_b_max, parameterization="vpred" if args.vpred else "edm",
                       multiscale=args.multiscale, class_cond=args.class_cond, save_every=args.save_every,
                       sample_every=args.sample_every, progress=args.progress, device=args.device,
-                      deterministic=args.deterministic, model=model)
+                      deterministic=args.deterministic, model=model, **kwargs)
     try:
         result = train(cfg, resume=not args.retrain)
     finally:
@@ -238,7 +278,7 @@ def _build_sample(sub) -> None:
                        description="Run the multi-stage pipeline: the base checkpoint's EDM sampler, then "
                                    "each --relay checkpoint's relay sampler, in order. Checkpoints are relayops "
                                    "runs or networks converted by 'relayops convert'.")
-    p.add_argument("--base", required=True, help="base-stage checkpoint (run directory or .safetensors)")
+    p.add_argument("--base", default=None, help="base-stage checkpoint (run directory or .safetensors)")
     p.add_argument("--relay", action="append", default=[], help="relay-stage checkpoint (repeat for more stages)")
     p.add_argument("--preset", choices=sorted(PIPELINE_PRESETS), default=None,
                    help="the RDM authors' sampler settings for their released models: base-stage EDM sampler, "
@@ -270,7 +310,59 @@ def _build_sample(sub) -> None:
     p.add_argument("--raw", action="store_true", help="use the raw weights instead of the EMA weights")
     p.add_argument("--device", default="auto")
     p.add_argument("--no-progress", dest="progress", action="store_false")
+    _add_mdm_sample_args(p)
     p.set_defaults(func=_cmd_sample)
+
+
+def _add_mdm_sample_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("Matryoshka diffusion (instead of --base and --relay)")
+    g.add_argument("--mdm", default=None, help="an mdm-stage checkpoint: all resolutions sampled jointly (SPEC 11)")
+    g.add_argument("--mdm-steps", type=_positive_int, default=50,
+                   help="joint sampler steps (default 50); --eta sets its stochasticity (default 0 here: DDIM)")
+    g.add_argument("--all-resolutions", action="store_true",
+                   help="also write grid_R.png for each lower resolution R")
+
+
+def _cmd_sample_mdm(args) -> int:
+    """``relayops sample --mdm CKPT``: the joint sampler; image b uses the per-sample seed seed + b."""
+    import torch
+
+    from . import sampling
+    from .training import load_denoiser, save_grid
+    from .training.data import save_png
+
+    pipeline_only = {"--base": args.base, "--relay": args.relay, "--preset": args.preset, "--cfg": args.cfg,
+                     "--base-cfg": args.base_cfg, "--base-steps": args.base_steps, "--relay-steps": args.relay_steps,
+                     "--network-dtype": args.network_dtype}
+    given = [k for k, v in pipeline_only.items() if v]
+    if given:
+        raise ValueError(f"{', '.join(given)} belong to the relay pipeline; with --mdm use --mdm-steps and --eta")
+    device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device)
+    denoiser, rec = load_denoiser(args.mdm, "mdm", ema=not args.raw, device=device)
+    num_classes = int(rec["unet"].get("num_classes", 0))
+    labels = None
+    if args.class_idx is not None:
+        if not args.class_idx < num_classes:
+            raise ValueError(f"--class {args.class_idx}: the model has {num_classes} classes")
+        labels = torch.full((args.num,), args.class_idx, dtype=torch.long, device=device)
+    dtype = torch.float64 if args.dtype == "float64" else torch.float32
+    with torch.no_grad():
+        images = sampling.mdm_sample(denoiser, args.num, channels=int(rec["unet"]["in_channels"]),
+                                     num_steps=args.mdm_steps, eta=0.0 if args.eta is None else args.eta,
+                                     seed=[args.seed + b for b in range(args.num)], class_labels=labels,
+                                     dtype=dtype, device=device, progress=args.progress)
+    images = [x.float().cpu().clamp(-1, 1) for x in images]
+    out = Path(args.out)
+    top = images[-1]
+    save_grid(top, out / "grid.png")
+    for b in range(top.shape[0]):
+        save_png(top[b], out / f"{args.seed + b:06d}.png")
+    if args.all_resolutions:
+        for x in images[:-1]:
+            save_grid(x, out / f"grid_{x.shape[-1]}.png")
+    print(f"wrote {top.shape[0]} images of {top.shape[-1]}x{top.shape[-2]} and grid.png"
+          + (" (and grid_R.png per lower resolution)" if args.all_resolutions else "") + f" to {out}")
+    return 0
 
 
 def _stage_geometry(rec: dict) -> tuple[int, int, int]:
@@ -305,6 +397,10 @@ def _clip_to_network(options: dict, denoiser, sigma_min: float, sigma_max: float
 
 
 def _cmd_sample(args) -> int:
+    if args.mdm is not None:
+        return _cmd_sample_mdm(args)
+    if args.base is None:
+        raise ValueError("give --base (and --relay stages), or --mdm for a Matryoshka model")
     import torch
 
     from . import sampling, schedules

@@ -130,11 +130,14 @@ def mdm_noising(x: torch.Tensor, t: torch.Tensor, resolutions, *, eps=None, sche
     return out
 
 
-def mdm_loss(x_hats, noised: MultiResNoised, weights=None, reduction: str = "mean") -> torch.Tensor:
-    """MDM's loss ``sum_r w_r mean ||x_hat^r - avgpool_r(x)||^2`` (SPEC 11).
+def mdm_loss(x_hats, noised: MultiResNoised, weights=None, reduction: str = "mean",
+             weighting: str = "x") -> torch.Tensor:
+    """MDM's loss ``sum_r w_r lambda_r(t) mean ||x_hat^r - avgpool_r(x)||^2`` (SPEC 11).
 
     x_hats: one prediction per resolution of ``noised`` (ascending); weights: one float per
-    resolution (default 1). ``reduction``: ``"mean"`` (scalar) or ``"none"`` (``[B]``).
+    resolution (default 1). ``weighting``: ``"x"``, ``lambda = 1`` (the x-prediction error);
+    ``"v"``, ``lambda = 1 / sigma_t^r^2 = 1 + SNR`` (the v-prediction error, since
+    ``x_hat - x = -sigma_t (v_hat - v)``). ``reduction``: ``"mean"`` (scalar) or ``"none"`` (``[B]``).
     """
     if len(x_hats) != len(noised.resolutions):
         raise ValueError(f"need one prediction per resolution {noised.resolutions}, got {len(x_hats)}")
@@ -143,5 +146,10 @@ def mdm_loss(x_hats, noised: MultiResNoised, weights=None, reduction: str = "mea
         raise ValueError(f"need one weight per resolution, got {len(weights)}")
     if reduction not in ("mean", "none"):
         raise ValueError(f"reduction must be 'mean' or 'none', got {reduction!r}")
-    total = sum(w * _per_sample_mse(xh, tg) for w, xh, tg in zip(weights, x_hats, noised.target))
+    if weighting not in ("x", "v"):
+        raise ValueError(f"weighting must be 'x' or 'v', got {weighting!r}")
+    total = 0
+    for w, xh, tg, sigma in zip(weights, x_hats, noised.target, noised.sigma):
+        err = _per_sample_mse(xh, tg)
+        total = total + w * (err if weighting == "x" else err / sigma.to(err.dtype) ** 2)
     return total.mean() if reduction == "mean" else total

@@ -1,5 +1,6 @@
 """Samplers: EDM base stage (SPEC 9), RDM relay stage (SPEC 8), latent linear relay (SPEC 10),
-and a multi-stage pipeline chaining them (base 16 -> relay 64 -> relay 256, say).
+a multi-stage pipeline chaining them (base 16 -> relay 64 -> relay 256, say), and Matryoshka
+diffusion's joint multi-resolution sampler (SPEC 11, ``mdm_sample``).
 
 A *denoiser* is any callable ``denoiser(x, sigma) -> x0_hat`` with x ``[B, C, H, W]`` and sigma
 a ``[B]`` tensor of x's dtype and device; when class labels are given the call is
@@ -22,6 +23,7 @@ under ``torch.no_grad()`` (no autograd graph accumulates over the steps).
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
@@ -29,10 +31,11 @@ import torch
 
 from . import schedules, solvers
 from ._optional import progress_bar
+from .multires import mdm_alpha_sigma
 from ._validate import check_image, check_real, seed_args
 from .ops import linear_relay_step, relay_noise, relay_step
 
-__all__ = ["edm_sample", "relay_sample", "linear_relay_sample", "nearest_upsample", "BaseStage",
+__all__ = ["edm_sample", "relay_sample", "linear_relay_sample", "mdm_sample", "nearest_upsample", "BaseStage",
            "RelayStage", "RelayPipeline", "PipelinePreset", "PIPELINE_PRESETS", "get_pipeline_preset"]
 
 Denoiser = Callable[..., torch.Tensor]
@@ -351,6 +354,65 @@ def linear_relay_sample(denoiser: Denoiser, z_lr: torch.Tensor, *, t_relay: floa
 
 
 # --- Multi-stage pipeline -----------------------------------------------------------------------
+
+# --- SPEC 11: Matryoshka diffusion's joint sampler ---------------------------------------------
+
+@torch.no_grad()
+def mdm_sample(denoiser, num: int, resolutions=None, channels: int = 3, *, num_steps: int = 50, eta: float = 0.0,
+               schedule: str | None = None, reference: int | None = None, seed=0, class_labels=None,
+               dtype=torch.float32, device="cpu", progress: bool = False, offset: int = 0,
+               backend: str | None = None) -> list:
+    """Matryoshka diffusion's joint sampler (SPEC 11): every resolution denoised together.
+
+    ``denoiser(zs, t[, class_labels]) -> [x_hat^r]`` predicts the clean image of every resolution
+    from all the noisy ones (an :class:`~relayops.training.nested_unet.MDMDenoiser`, or any callable
+    of that contract). Times ``t_i = 1 - i / num_steps``; resolution r has its own
+    ``(alpha_t^r, sigma_t^r)`` (``schedule``, ``reference`` as in
+    :func:`relayops.multires.mdm_alpha_sigma`; default: the denoiser's, else "shifted", 64).
+    Start ``z^r = eps^r``; step t -> t' (DDIM with stochasticity ``eta``, 1 = DDPM's ancestral step):
+    ``eps_hat = (z - alpha x_hat) / sigma``, ``c = eta (sigma'/sigma) sqrt(1 - alpha^2/alpha'^2)``,
+    ``z' = alpha' x_hat + sqrt(sigma'^2 - c^2) eps_hat + c n``; the last step returns ``x_hat``.
+
+    resolutions: ascending (default: the denoiser's ``resolutions``); a prefix of the model's
+    samples only the lower ones. Returns one ``[num, channels, r, r]`` tensor per resolution.
+    Noise (module docstring): resolution k's start noise at ``offset + k``, its noise in step i at
+    ``offset + R (i + 1) + k`` (R resolutions).
+    """
+    if resolutions is None:
+        resolutions = getattr(denoiser, "resolutions", None) or []
+    res = list(resolutions)
+    if not res or res != sorted(set(int(r) for r in res)):
+        raise ValueError(f"resolutions must be distinct ints in ascending order, got {resolutions!r}")
+    if not isinstance(num, int) or num < 1:
+        raise ValueError(f"num must be a positive int, got {num!r}")
+    if not isinstance(num_steps, int) or num_steps < 1:
+        raise ValueError(f"num_steps must be a positive int, got {num_steps!r}")
+    check_real("eta", eta, low=0.0, high=1.0)
+    schedule = schedule or getattr(denoiser, "schedule", "shifted")
+    reference = reference or getattr(denoiser, "reference", 64)
+    ts = [1 - i / num_steps for i in range(num_steps + 1)]
+    t_grid = torch.tensor(ts, dtype=torch.float64)
+    coeffs = [[c.tolist() for c in mdm_alpha_sigma(t_grid, r, schedule, reference)] for r in res]  # host floats
+    like = [torch.empty(num, channels, r, r, dtype=dtype, device=device) for r in res]
+    seeds = _seeds(seed, like[0])
+    zs = [_white_noise(x, seeds, offset + k, backend) for k, x in enumerate(like)]
+    with progress_bar(progress, total=num_steps, desc="mdm", leave=False) as bar:
+        for i in range(num_steps):
+            t = torch.full((num,), ts[i], dtype=dtype, device=device)
+            x_hats = denoiser(zs, t) if class_labels is None else denoiser(zs, t, class_labels)
+            x_hats = [x.to(dtype) for x in x_hats]
+            if i == num_steps - 1:
+                return x_hats
+            for k, (z, x_hat) in enumerate(zip(zs, x_hats)):
+                (alpha, alpha_next), (sigma, sigma_next) = (c[i:i + 2] for c in coeffs[k])
+                eps_hat = (z - alpha * x_hat) / sigma
+                c = eta * sigma_next / sigma * math.sqrt(max(0.0, 1 - alpha**2 / alpha_next**2))
+                zs[k] = alpha_next * x_hat + math.sqrt(max(0.0, sigma_next**2 - c**2)) * eps_hat
+                if c > 0:
+                    zs[k] = zs[k] + c * _white_noise(z, seeds, offset + len(res) * (i + 1) + k, backend)
+            bar.update(1)
+    raise AssertionError("unreachable: the last step returns")
+
 
 @dataclass
 class BaseStage:

@@ -137,7 +137,7 @@ def read_record(path) -> dict:
 
 
 def load_checkpoint(path, expected_stage: str | None = None) -> tuple[dict[str, torch.Tensor], dict]:
-    """``(tensors, record)`` of a checkpoint. ``expected_stage`` ("base"/"relay") is checked
+    """``(tensors, record)`` of a checkpoint. ``expected_stage`` ("base"/"relay"/"mdm") is checked
     against the record, with a ``ValueError`` naming both when they differ. A record without a
     stage (a converted network whose file did not say, :mod:`relayops.models.convert`) serves
     as either. A file whose tensors do not match the digest in its record raises

@@ -12,7 +12,8 @@ corrupted exactly as it would be in a batch of one with the same seed. The train
 seeds by a sample's position in the global batch, so a batch split over processes is corrupted
 as one process would corrupt it. Within a sample's stream, offset ``NOISE_OFFSET`` holds the
 noise image and ``LEVEL_OFFSET`` the normals that set the noise level (further offsets are
-free for the caller; the trainer's label dropout uses ``LABEL_OFFSET``).
+free for the caller; the trainer's label dropout uses ``LABEL_OFFSET``, MDM's noise images
+``MDM_NOISE_OFFSET + k``).
 """
 from __future__ import annotations
 
@@ -25,6 +26,9 @@ from ..sampling import nearest_upsample
 from .data import area_downsample
 
 NOISE_OFFSET, LEVEL_OFFSET, LABEL_OFFSET = 0, 1, 2
+# MDM: resolution k (0 = the lowest of the model's resolutions) draws its noise at MDM_NOISE_OFFSET + k,
+# so a resolution's noise does not change when the progressive schedule adds higher ones.
+MDM_NOISE_OFFSET = 3
 
 
 def _col(t: torch.Tensor) -> torch.Tensor:
@@ -134,3 +138,28 @@ def vpred_loss(denoiser, y: torch.Tensor, class_labels=None, *, generator: torch
 
         return multiscale_loss(schedules.eps_from_v(z, v_hat, alpha, sigma), eps)
     return ((v_hat - schedules.v_from_eps(yf, eps, alpha, sigma)) ** 2).mean()
+
+
+def mdm_train_loss(denoiser, y: torch.Tensor, class_labels=None, *, generator: torch.Generator | None = None,
+                   seeds=None, num_resolutions: int | None = None, weights=None, weighting: str = "v",
+                   backend: str | None = None) -> torch.Tensor:
+    """Matryoshka diffusion's joint loss (SPEC 11) on the lowest ``num_resolutions`` (default all)
+    of the model's resolutions. ``denoiser``: an :class:`~relayops.training.nested_unet.MDMDenoiser`;
+    y: ``[B, C, R, R]`` crops at the highest resolution R (every lower one is its avgpool).
+    ``t ~ U(0, 1)`` per sample, shared by the resolutions; ``z^r = alpha_t^r avgpool_r(y) +
+    sigma_t^r eps^r`` (:func:`relayops.multires.mdm_noising`); the loss is
+    :func:`relayops.multires.mdm_loss` with ``weights`` (one per resolution used) and ``weighting``."""
+    from ..multires import mdm_loss, mdm_noising
+
+    seeds = resolve_seeds(y, generator, seeds)
+    res = denoiser.resolutions[:num_resolutions]
+    if y.shape[-1] != denoiser.resolutions[-1] or y.shape[-2] != y.shape[-1]:
+        raise ValueError(f"y must be [B, C, {denoiser.resolutions[-1]}, {denoiser.resolutions[-1]}] crops at the "
+                         f"model's highest resolution, got {tuple(y.shape)}")
+    t = sample_uniforms(seeds, y, 1, LEVEL_OFFSET, backend)[:, 0]
+    yf = y.float()
+    eps = [white_noise(yf.new_empty(y.shape[0], y.shape[1], r, r), seeds, MDM_NOISE_OFFSET + k, backend)
+           for k, r in enumerate(res)]
+    noised = mdm_noising(yf, t, res, eps=eps, schedule=denoiser.schedule, reference=denoiser.reference)
+    x_hats = denoiser(noised.z, t, class_labels)
+    return mdm_loss([x.float() for x in x_hats], noised, weights, weighting=weighting)

@@ -1,6 +1,7 @@
 """The training loop: AdamW, warm-up, gradient clipping, EMA, bf16 autocast, DDP, exact resume.
 
-``train(TrainConfig(...))`` trains one stage and writes ``<out>/checkpoint.safetensors`` (+ .json)
+``train(TrainConfig(...))`` trains one stage (base, relay, or a Matryoshka "mdm" model) and writes
+``<out>/checkpoint.safetensors`` (+ .json)
 and, every ``sample_every`` steps, a PNG grid of samples from the EMA weights. Run it under
 ``torchrun --nproc_per_node=N`` for DistributedDataParallel (gloo on CPU, nccl on GPU, each
 process on ``cuda:LOCAL_RANK``); the global batch is split over the ranks.
@@ -40,19 +41,21 @@ from .. import schedules
 from .._optional import progress_bar
 from . import checkpoint as ckpt
 from .data import CropDataset, area_downsample, load_images, save_grid
-from .losses import LABEL_OFFSET, edm_base_loss, linear_relay_loss, relay_loss, sample_uniforms, vpred_loss
+from .losses import (LABEL_OFFSET, edm_base_loss, linear_relay_loss, mdm_train_loss, relay_loss, sample_uniforms,
+                     vpred_loss)
+from .nested_unet import MDMDenoiser, NestedUNet, NestedUNetConfig
 from .unet import EDMPrecond, UNet, UNetConfig, VPredPrecond
 
-STAGES = ("base", "relay")
+STAGES = ("base", "relay", "mdm")
 
 
 @dataclass
 class TrainConfig:
     """Everything that defines a training run (saved in the checkpoint)."""
-    stage: str = "base"                # "base" (low resolution) or "relay" (super-resolution)
+    stage: str = "base"                # "base" (low resolution), "relay" (super-resolution) or "mdm"
     data: str = "builtin"              # "builtin" or a folder of PNG/JPEG images
     out: str = "runs/train"
-    resolution: int = 16               # training crop size (the relay stage may sample larger)
+    resolution: int = 16               # training crop size (the relay stage may sample larger; mdm: the highest)
     patch: int = 4                     # s: relay patch size / super-resolution factor
     crop_scale: list = field(default_factory=lambda: [1.0, 2.0])
     steps: int = 1000
@@ -75,8 +78,14 @@ class TrainConfig:
     sigma_trunc: float = 0.9
     # base stage alternatives (SPEC 11)
     parameterization: str = "edm"      # "edm" or "vpred" (shifted cosine schedule)
-    vpred_reference: int = 64
+    vpred_reference: int = 64         # reference resolution of the shifted schedules (v-prediction and mdm)
     multiscale: bool = False
+    # Matryoshka diffusion (stage "mdm", SPEC 11): a NestedUNet over these resolutions (ascending)
+    mdm_resolutions: list = field(default_factory=lambda: [16, 32, 64])
+    mdm_weights: list = field(default_factory=list)   # loss weight per resolution (default 1 each)
+    mdm_weighting: str = "v"           # "v": per resolution the v-prediction error; "x": the x error
+    mdm_schedule: str = "shifted"      # "cosine", "shifted" or "interpolated" (relayops.multires)
+    progressive: list = field(default_factory=list)   # the step at which each higher resolution joins
     # class conditioning
     class_cond: bool = False
     label_dropout: float = 0.1
@@ -106,8 +115,12 @@ class TrainConfig:
             raise ValueError("resolution and patch must be positive")
         if self.stage == "relay" and self.resolution % self.patch:
             raise ValueError(f"resolution {self.resolution} is not divisible by the patch size {self.patch}")
+        if self.stage == "mdm":
+            self._validate_mdm()
+        elif self.progressive:
+            raise ValueError("progressive is an option of the mdm stage")
         mult = 2 ** (len(self.model.get("channel_mult", UNetConfig().channel_mult)) - 1)
-        if self.resolution % mult:
+        if self.stage != "mdm" and self.resolution % mult:
             raise ValueError(f"resolution {self.resolution} must be a multiple of {mult} "
                              f"(the UNet halves it {int(math.log2(mult))} times)")
         if self.steps < 0 or self.batch_size < 1:
@@ -115,8 +128,36 @@ class TrainConfig:
         if not self.time_limit >= 0:
             raise ValueError(f"time_limit must be >= 0 seconds (0: no limit), got {self.time_limit}")
 
-    def unet_config(self, num_classes: int = 0) -> UNetConfig:
-        cfg = UNetConfig.from_dict({"resolution": self.resolution, **self.model})
+    def _validate_mdm(self) -> None:
+        if self.parameterization != "edm" or self.multiscale:
+            raise ValueError("the mdm stage predicts v with its own joint loss; parameterization and multiscale "
+                             "are base-stage options")
+        self.unet_config().validate()   # the resolutions and the levels of the NestedUNet
+        res = list(self.mdm_resolutions)
+        if self.resolution != res[-1]:
+            raise ValueError(f"the mdm stage trains on crops at its highest resolution {res[-1]}; "
+                             f"resolution is {self.resolution}")
+        if self.mdm_weights and len(self.mdm_weights) != len(res):
+            raise ValueError(f"mdm_weights needs one weight per resolution {res}, got {self.mdm_weights}")
+        if self.mdm_weighting not in ("x", "v"):
+            raise ValueError(f"mdm_weighting must be 'x' or 'v', got {self.mdm_weighting!r}")
+        if self.mdm_schedule not in ("cosine", "shifted", "interpolated"):
+            raise ValueError(f"mdm_schedule must be 'cosine', 'shifted' or 'interpolated', got {self.mdm_schedule!r}")
+        p = list(self.progressive)
+        if p and (len(p) != len(res) - 1 or p[0] < 1 or any(b <= a for a, b in zip(p, p[1:]))):
+            raise ValueError(f"progressive needs {len(res) - 1} increasing steps >= 1 (when each of the resolutions "
+                             f"{res[1:]} joins), got {p}")
+
+    def active_resolutions(self, step: int) -> int:
+        """How many resolutions (the lowest ones) the mdm stage trains at ``step``: the
+        progressive schedule adds the next one at each of its steps."""
+        return 1 + sum(step >= p for p in self.progressive) if self.progressive else len(self.mdm_resolutions)
+
+    def unet_config(self, num_classes: int = 0) -> UNetConfig | NestedUNetConfig:
+        if self.stage == "mdm":
+            cfg = NestedUNetConfig.from_dict({"resolutions": list(self.mdm_resolutions), **self.model})
+        else:
+            cfg = UNetConfig.from_dict({"resolution": self.resolution, **self.model})
         cfg.num_classes = num_classes if self.class_cond else 0
         return cfg
 
@@ -136,6 +177,13 @@ def build_denoiser(unet: UNet, parameterization: str = "edm"):
     return VPredPrecond(unet) if parameterization == "vpred" else EDMPrecond(unet)
 
 
+def _stage_denoiser(net, cfg: TrainConfig):
+    """The training wrapper of a stage's network: the mdm stage's joint denoiser, else build_denoiser's."""
+    if cfg.stage == "mdm":
+        return MDMDenoiser(net, cfg.mdm_schedule, cfg.vpred_reference)
+    return build_denoiser(net, cfg.parameterization)
+
+
 def load_denoiser(path, expected_stage: str | None = None, *, ema: bool = True, device="cpu"):
     """``(denoiser, record)`` from a checkpoint: the EMA (default) or raw weights, in eval mode.
 
@@ -151,13 +199,21 @@ def load_denoiser(path, expected_stage: str | None = None, *, ema: bool = True, 
             raise RuntimeError(f"checkpoint {str(path)!r} holds one network (converted from "
                                f"{record.get('source', {}).get('file')!r}) under 'ema.'; it has no raw weights")
         return network_from_record(record, state, str(path)).to(device), record
-    unet = UNet(UNetConfig.from_dict(record["unet"]))
+    train_cfg = TrainConfig.from_dict(record["train"])
+    unet = _build_network(train_cfg.stage, record["unet"])
     try:
         unet.load_state_dict(state)
     except RuntimeError as e:
         raise RuntimeError(f"checkpoint {str(path)!r} does not match its own architecture record: {e}") from None
-    denoiser = build_denoiser(unet, record["train"].get("parameterization", "edm")).to(device).eval()
+    denoiser = _stage_denoiser(unet, train_cfg).to(device).eval()
     return denoiser, record
+
+
+def _build_network(stage: str, config) -> UNet | NestedUNet:
+    """The network of a stage from its architecture (a config object or its dict)."""
+    if stage == "mdm":
+        return NestedUNet(config if isinstance(config, NestedUNetConfig) else NestedUNetConfig.from_dict(config))
+    return UNet(config if isinstance(config, UNetConfig) else UNetConfig.from_dict(config))
 
 
 def _env_int(name: str, default: int) -> int:
@@ -286,8 +342,8 @@ class Trainer:
 
         torch.manual_seed(cfg.seed)  # identical initial weights on every rank
         self.unet_config = cfg.unet_config(len(class_names))
-        self.unet = UNet(self.unet_config).to(self.device)
-        self.ema = UNet(self.unet_config).to(self.device).eval()
+        self.unet = _build_network(cfg.stage, self.unet_config).to(self.device)
+        self.ema = _build_network(cfg.stage, self.unet_config).to(self.device).eval()
         self.ema.load_state_dict(self.unet.state_dict())
         self.ema.requires_grad_(False)
         self.opt = torch.optim.AdamW(self.unet.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
@@ -299,10 +355,12 @@ class Trainer:
             self._resume()
         net = self.unet
         if self.distributed:
+            # The progressive schedule leaves the higher resolutions' layers unused at first.
             net = torch.nn.parallel.DistributedDataParallel(
-                self.unet, device_ids=[self.device.index] if self.device.type == "cuda" else None)
-        self.denoiser = build_denoiser(net, cfg.parameterization)
-        self.ema_denoiser = build_denoiser(self.ema, cfg.parameterization)
+                self.unet, device_ids=[self.device.index] if self.device.type == "cuda" else None,
+                find_unused_parameters=bool(cfg.progressive))
+        self.denoiser = _stage_denoiser(net, cfg)
+        self.ema_denoiser = _stage_denoiser(self.ema, cfg)
         self.relay_grid = None
         if cfg.stage == "relay" and cfg.relay_mode == "linear":
             self.relay_grid = schedules.relay_sigmas(cfg.linear_steps, cfg.sigma_trunc, dtype=torch.float32,
@@ -422,6 +480,11 @@ class Trainer:
         randomness comes from ``seeds[b]``."""
         cfg = self.cfg
         labels = self._training_labels(labels, seeds)
+        if cfg.stage == "mdm":
+            k = cfg.active_resolutions(self.step)
+            return mdm_train_loss(self.denoiser, y, labels, seeds=seeds, num_resolutions=k,
+                                  weights=cfg.mdm_weights[:k] or None, weighting=cfg.mdm_weighting,
+                                  backend=cfg.backend)
         if cfg.stage == "relay" and cfg.relay_mode == "linear":
             return linear_relay_loss(self.denoiser, y, labels, seeds=seeds, s=cfg.patch, sigmas=self.relay_grid,
                                      backend=cfg.backend)
@@ -466,12 +529,16 @@ class Trainer:
 
     def sample_grid(self, num: int = 16) -> Path | None:
         """A PNG grid from the EMA weights (needs relayops.sampling); the relay stage starts
-        from area-downsampled training crops."""
+        from area-downsampled training crops; the mdm stage shows the highest resolution it trains."""
         from .. import sampling
 
         cfg = self.cfg
         with torch.no_grad():
-            if cfg.stage == "base":
+            if cfg.stage == "mdm":
+                res = cfg.mdm_resolutions[:cfg.active_resolutions(self.step)]
+                x = sampling.mdm_sample(self.ema_denoiser, num, res, channels=3, schedule=cfg.mdm_schedule,
+                                        reference=cfg.vpred_reference, seed=0, device=self.device)[-1]
+            elif cfg.stage == "base":
                 x = sampling.edm_sample(self.ema_denoiser, (num, 3, cfg.resolution, cfg.resolution), seed=0,
                                         device=self.device)
             else:

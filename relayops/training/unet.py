@@ -116,6 +116,102 @@ class AttnBlock(nn.Module):
         return x + self.proj(out.transpose(-1, -2).reshape(b, c, h, w))
 
 
+@dataclass(frozen=True)
+class Level:
+    """One resolution level of a UNet: its channels, residual blocks and whether it attends."""
+    channels: int
+    blocks: int
+    attention: bool
+
+
+def unet_levels(model_channels: int, channel_mult, num_blocks, resolution: int, attn_resolutions) -> list[Level]:
+    """The levels of a UNet whose first level is at ``resolution`` (each later level halves it).
+    ``num_blocks``: one int for every level or one per level."""
+    blocks = list(num_blocks) if isinstance(num_blocks, (list, tuple)) else [num_blocks] * len(channel_mult)
+    if len(blocks) != len(channel_mult):
+        raise ValueError(f"num_blocks has {len(blocks)} entries; channel_mult has {len(channel_mult)} levels")
+    return [Level(model_channels * m, int(b), resolution // 2**i in attn_resolutions)
+            for i, (m, b) in enumerate(zip(channel_mult, blocks))]
+
+
+def build_encoder(cin: int, levels: list[Level], emb_channels: int, dropout: float, num_heads: int):
+    """The down path: each level's residual blocks (plus attention), a stride-2 convolution between
+    levels. Returns ``(modules, skip channel counts, output channels)``; the skips start with the input."""
+    down, skips, cur = nn.ModuleList(), [cin], cin
+    for i, level in enumerate(levels):
+        for _ in range(level.blocks):
+            blocks = nn.ModuleList([ResBlock(cur, level.channels, emb_channels, dropout)])
+            cur = level.channels
+            if level.attention:
+                blocks.append(AttnBlock(cur, num_heads))
+            down.append(blocks)
+            skips.append(cur)
+        if i < len(levels) - 1:
+            down.append(nn.ModuleList([nn.Conv2d(cur, cur, 3, stride=2, padding=1)]))
+            skips.append(cur)
+    return down, skips, cur
+
+
+def build_decoder(cin: int, skips: list, levels: list[Level], emb_channels: int, dropout: float, num_heads: int):
+    """The up path matching :func:`build_encoder` (consumes ``skips`` from the end): per level, from
+    the lowest resolution up, one block more than the encoder, each fed a skip; a nearest 2x
+    upsampling and convolution between levels. Returns ``(modules, output channels)``."""
+    up, cur = nn.ModuleList(), cin
+    for i in reversed(range(len(levels))):
+        level = levels[i]
+        for _ in range(level.blocks + 1):
+            blocks = nn.ModuleList([ResBlock(cur + skips.pop(), level.channels, emb_channels, dropout)])
+            cur = level.channels
+            if level.attention:
+                blocks.append(AttnBlock(cur, num_heads))
+            up.append(blocks)
+        if i > 0:
+            up.append(upsampler(cur))
+    return up, cur
+
+
+def upsampler(channels: int) -> nn.ModuleList:
+    """Nearest 2x upsampling followed by a 3x3 convolution."""
+    return nn.ModuleList([nn.Upsample(scale_factor=2, mode="nearest"), nn.Conv2d(channels, channels, 3, padding=1)])
+
+
+def run_layers(layers, h: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
+    """Apply layers in order; residual blocks also take the embedding."""
+    for layer in layers:
+        h = layer(h, emb) if isinstance(layer, ResBlock) else layer(h)
+    return h
+
+
+def run_encoder(down: nn.ModuleList, h: torch.Tensor, emb: torch.Tensor):
+    """``(h, skips)`` of :func:`build_encoder`'s modules; the skips start with the input ``h``."""
+    hs = [h]
+    for blocks in down:
+        h = run_layers(blocks, h, emb)
+        hs.append(h)
+    return h, hs
+
+
+def run_decoder(up: nn.ModuleList, h: torch.Tensor, hs: list, emb: torch.Tensor) -> torch.Tensor:
+    """:func:`build_decoder`'s modules; every residual block first concatenates the last skip."""
+    for blocks in up:
+        if isinstance(blocks[0], ResBlock):
+            h = torch.cat([h, hs.pop()], dim=1)
+        h = run_layers(blocks, h, emb)
+    return h
+
+
+def embed_noise_and_labels(embed: NoiseEmbedding, label_embed, num_classes: int, c_noise: torch.Tensor,
+                           class_labels, extra: torch.Tensor | None = None) -> torch.Tensor:
+    """The blocks' conditioning: SiLU of the noise embedding plus the label embedding (no label:
+    the token ``num_classes``) plus ``extra`` (a distilled student's guidance embedding)."""
+    emb = embed(c_noise) if extra is None else embed(c_noise) + extra
+    if label_embed is not None:
+        if class_labels is None:
+            class_labels = torch.full((c_noise.shape[0],), num_classes, dtype=torch.long, device=c_noise.device)
+        emb = emb + label_embed(class_labels.long())
+    return F.silu(emb)
+
+
 class UNet(nn.Module):
     """The raw network ``F(x, c_noise, class_labels)``; see the module docstring."""
 
@@ -134,37 +230,11 @@ class UNet(nn.Module):
             nn.init.zeros_(self.guidance_embed.mlp[-1].weight)
             nn.init.zeros_(self.guidance_embed.mlp[-1].bias)
         self.conv_in = nn.Conv2d(cfg.in_channels, ch, 3, padding=1)
-
-        self.down = nn.ModuleList()
-        skips = [ch]
-        cur = ch
-        res = cfg.resolution
-        for level, mult in enumerate(cfg.channel_mult):
-            for _ in range(cfg.num_blocks):
-                blocks = nn.ModuleList([ResBlock(cur, ch * mult, emb_ch, cfg.dropout)])
-                cur = ch * mult
-                if res in cfg.attn_resolutions:
-                    blocks.append(AttnBlock(cur, cfg.num_heads))
-                self.down.append(blocks)
-                skips.append(cur)
-            if level < len(cfg.channel_mult) - 1:
-                self.down.append(nn.ModuleList([nn.Conv2d(cur, cur, 3, stride=2, padding=1)]))
-                skips.append(cur)
-                res //= 2
+        levels = unet_levels(ch, cfg.channel_mult, cfg.num_blocks, cfg.resolution, cfg.attn_resolutions)
+        self.down, skips, cur = build_encoder(ch, levels, emb_ch, cfg.dropout, cfg.num_heads)
         self.mid = nn.ModuleList([ResBlock(cur, cur, emb_ch, cfg.dropout), AttnBlock(cur, cfg.num_heads),
                                   ResBlock(cur, cur, emb_ch, cfg.dropout)])
-        self.up = nn.ModuleList()
-        for level, mult in reversed(list(enumerate(cfg.channel_mult))):
-            for _ in range(cfg.num_blocks + 1):
-                blocks = nn.ModuleList([ResBlock(cur + skips.pop(), ch * mult, emb_ch, cfg.dropout)])
-                cur = ch * mult
-                if res in cfg.attn_resolutions:
-                    blocks.append(AttnBlock(cur, cfg.num_heads))
-                self.up.append(blocks)
-            if level > 0:
-                self.up.append(nn.ModuleList([nn.Upsample(scale_factor=2, mode="nearest"),
-                                              nn.Conv2d(cur, cur, 3, padding=1)]))
-                res *= 2
+        self.up, cur = build_decoder(cur, skips, levels, emb_ch, cfg.dropout, cfg.num_heads)
         self.norm_out = nn.GroupNorm(_groups(cur), cur)
         self.conv_out = nn.Conv2d(cur, cfg.in_channels, 3, padding=1)
         nn.init.zeros_(self.conv_out.weight)
@@ -181,30 +251,17 @@ class UNet(nn.Module):
         ``guidance=True`` only (None there means w = 1: the conditional model)."""
         if x.shape[-1] % self.size_multiple or x.shape[-2] % self.size_multiple:
             raise ValueError(f"UNet input H x W = {tuple(x.shape[-2:])} must be multiples of {self.size_multiple}")
-        emb = self.embed(c_noise)
+        guidance_emb = None
         if self.guidance_embed is not None:
             w = torch.ones(x.shape[0], device=x.device) if guidance is None else guidance
-            emb = emb + self.guidance_embed(w)
+            guidance_emb = self.guidance_embed(w)
         elif guidance is not None:
             raise ValueError("guidance was given, but this network has no guidance input (UNetConfig.guidance)")
-        if self.label_embed is not None:
-            if class_labels is None:
-                class_labels = torch.full((x.shape[0],), self.config.num_classes, dtype=torch.long, device=x.device)
-            emb = emb + self.label_embed(class_labels.long())
-        emb = F.silu(emb)
-        h = self.conv_in(x)
-        hs = [h]
-        for blocks in self.down:
-            for layer in blocks:
-                h = layer(h, emb) if isinstance(layer, ResBlock) else layer(h)
-            hs.append(h)
-        for layer in self.mid:
-            h = layer(h, emb) if isinstance(layer, ResBlock) else layer(h)
-        for blocks in self.up:
-            if isinstance(blocks[0], ResBlock):
-                h = torch.cat([h, hs.pop()], dim=1)
-            for layer in blocks:
-                h = layer(h, emb) if isinstance(layer, ResBlock) else layer(h)
+        emb = embed_noise_and_labels(self.embed, self.label_embed, self.config.num_classes, c_noise, class_labels,
+                                     guidance_emb)
+        h, hs = run_encoder(self.down, self.conv_in(x), emb)
+        h = run_layers(self.mid, h, emb)
+        h = run_decoder(self.up, h, hs, emb)
         return self.conv_out(F.silu(self.norm_out(h)))
 
 
