@@ -1,6 +1,6 @@
 """relayops: fast, tested kernels and samplers for relay diffusion (RDM, ICLR 2024).
 
-The public API is re-exported here; see README.md, and docs/spec.md for the formulas.
+The public API is re-exported here; see docs/api.md, and docs/spec.md for the formulas.
 """
 from . import analysis, multires, reference, sampling, schedules
 from .ops import (

@@ -194,7 +194,7 @@ def karras_from_start(n: int) -> tuple:
 
 
 def test_matrix_form_is_the_implementation():
-    """The matrix form above (used for eta > 0 and the README table) gives relay_sample's exact error."""
+    """The matrix form above (used for eta > 0 and the tables of docs/solvers.md) gives relay_sample's exact error."""
     k, den = oracle.relay_noise_cov(oracle.ALPHA, True), oracle.relay_denoiser(True)
     grid = karras_from_start(6)
     for solver in solvers.SECOND_ORDER:
