@@ -23,6 +23,8 @@ import time
 import pytest
 import torch
 
+from relayops import _machine
+
 
 B, C = 8, 3
 SIZES = (64, 256, 1024)
@@ -39,7 +41,7 @@ _COPY_TIMES: dict[tuple, float] = {}
 
 
 def pytest_benchmark_update_machine_info(config, machine_info):
-    machine_info["relayops"] = machine_info()
+    machine_info["relayops"] = _machine.machine_info()
 
 
 def sync(device: str) -> None:
