@@ -59,22 +59,26 @@ def _positive_float(text: str) -> float:
     return v
 
 
+def _comma_list(convert, what: str):
+    """An argparse type: comma-separated values, each read by ``convert``."""
+    def parse(text: str) -> list:
+        try:
+            return [convert(v) for v in text.split(",") if v.strip()]
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected comma-separated {what}, got {text!r}") from None
+    return parse
+
+
+_int_list = _comma_list(int, "integers")
+_float_list = _comma_list(float, "numbers")
+
+
 def _level_list(text: str) -> list[float]:
     """An argparse type: comma-separated noise levels > 0, sorted, without repeats."""
-    try:
-        levels = sorted({float(v) for v in text.split(",") if v.strip()})
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
+    levels = sorted(set(_float_list(text)))
     if not levels or not all(0 < v < float("inf") for v in levels):
         raise argparse.ArgumentTypeError(f"expected noise levels > 0, got {text!r}")
     return levels
-
-
-def _int_list(text: str) -> list[int]:
-    try:
-        return [int(v) for v in text.split(",") if v.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
 
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:
@@ -88,13 +92,6 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--dropout", type=float, default=0.0)
     g.add_argument("--class-cond", action="store_true",
                    help="condition on the class = first-level subfolder of --data (10%% label dropout for guidance)")
-
-
-def _float_list(text: str) -> list[float]:
-    try:
-        return [float(v) for v in text.split(",") if v.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
 
 
 def _add_mdm_train_args(p: argparse.ArgumentParser) -> None:

@@ -606,21 +606,19 @@ struct Strip {
           Ab[a][c] = acc;
         }
     }
+    row_matrices(sc.F, R);
+    if (second_order(P)) row_matrices(sc.E, Re);
+  }
+
+  // M[k] = C^T diag(D[k S .. k S + S - 1]) C: the row pass of a per-frequency factor D, row k.
+  void row_matrices(const A* D, A (*M)[S][S]) {
     for (int k = 0; k < S; ++k)
       for (int a = 0; a < S; ++a)
         for (int b = 0; b < S; ++b) {
           A acc = 0;
-          for (int l = 0; l < S; ++l) acc += Cm[l][a] * sc.F[k * S + l] * Cm[l][b];
-          R[k][a][b] = acc;
+          for (int l = 0; l < S; ++l) acc += Cm[l][a] * D[k * S + l] * Cm[l][b];
+          M[k][a][b] = acc;
         }
-    if (second_order(P))
-      for (int k = 0; k < S; ++k)
-        for (int a = 0; a < S; ++a)
-          for (int b = 0; b < S; ++b) {
-            A acc = 0;
-            for (int l = 0; l < S; ++l) acc += Cm[l][a] * sc.E[k * S + l] * Cm[l][b];
-            Re[k][a][b] = acc;
-          }
   }
 
   void load_rows(const View& v, int64_t b, int64_t c, int64_t h0, A* dst) const {
