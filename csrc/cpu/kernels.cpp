@@ -853,6 +853,7 @@ void run(const Params<A>& P) {
   const int64_t nstrips = P.H / n, nq = P.W / n, planes = P.B * P.C;
   const bool rows = needs_noise(P);
   const bool strips = S != 0;  // the row-vectorised path
+  const bool noise_in_place = std::is_same_v<T, A> && P.mode == kNoise && P.out.sw == 1;
   int64_t chunk = 1;
   if (rows) {  // long runs of patch rows amortise the s - 1 halo rows each unit redraws
     const int64_t want = (planes * nstrips + 8 * max_threads() - 1) / (8 * max_threads());
@@ -887,6 +888,11 @@ void run(const Params<A>& P) {
           const A* nz = nullptr;
           if (rows) {
             for (; next <= p * n + n - 1 + P.shift; ++next) rn->gen_row(b, c, next);
+            if (noise_in_place) {  // relay_noise into contiguous rows of its own type: no copy
+              if constexpr (std::is_same_v<T, A>)
+                for (int i = 0; i < n; ++i) rn->combine(p * n + i, P.out.template at<A>(b, c, p * n + i, 0));
+              continue;
+            }
             for (int i = 0; i < n; ++i) rn->combine(p * n + i, nzrows.data() + i * P.W);
             nz = nzrows.data();
           }
@@ -934,7 +940,7 @@ void normals_from_words(const uint32_t* w, int64_t n, int dtype, void* eps, void
   }
 }
 
-void vector_transcendental(int isa, int mode, const float* in, float* out, int64_t n) {
+void vector_transcendental(int isa, int mode, const uint32_t* in, float* out, int64_t n) {
   if (mode != 0 && mode != 1) throw std::invalid_argument("relayops: vector_transcendental mode is 0 (log) or 1 (cos)");
   if (isa > best_isa()) throw std::invalid_argument("relayops: this CPU lacks the instruction set asked for");
   switch (isa) {

@@ -11,8 +11,8 @@ enum Isa : int { kPortable = 0, kAvx2 = 1, kAvx512 = 2 };
 int best_isa();
 int cpu_isa();
 void set_isa_cap(int cap);
-// For the tests: the vector log_unit (mode 0) or cos_2pi (mode 1) of isa on n floats.
-void vector_transcendental(int isa, int mode, const float* in, float* out, int64_t n);
+// For the tests: the vector ln u1 (mode 0) or cos(2 pi u2) (mode 1) of isa from n Philox words (SPEC 4).
+void vector_transcendental(int isa, int mode, const uint32_t* in, float* out, int64_t n);
 // Runs one op on CPU memory. cuda_tiles: emulate the CUDA kernels' thread blocks (tile.h,
 // emulate_tiles) instead of the CPU loops; for tests.
 void launch(const CallArgs& a, bool cuda_tiles);

@@ -35,11 +35,11 @@ PYBIND11_MODULE(_C, m) {
   m.def(
       "vector_transcendental",
       [](int isa, int mode, int64_t in, int64_t out, int64_t n) {
-        relayops::cpu::vector_transcendental(isa, mode, reinterpret_cast<const float*>(in),
+        relayops::cpu::vector_transcendental(isa, mode, reinterpret_cast<const uint32_t*>(in),
                                              reinterpret_cast<float*>(out), n);
       },
       py::arg("isa"), py::arg("mode"), py::arg("input"), py::arg("out"), py::arg("n"),
-      "For tests: the vector log_unit (mode 0) or cos_2pi (mode 1) of instruction set isa on n floats");
+      "For tests: the vector ln u1 (mode 0) or cos(2 pi u2) (mode 1) of instruction set isa from n Philox words");
   m.def(
       "run",
       [](int mode, int dtype, int s, std::array<int64_t, 4> shape, std::vector<relayops::ViewArg> views,

@@ -4,8 +4,9 @@
 // NEON on aarch64). kLanes float lanes per vector: 16, 8 or 4. No include guard: included once per
 // namespace, after <cstdint>, <cstring>, relayops/philox.h and, on x86-64, <immintrin.h>.
 //
-// Box-Muller (SPEC 4) per vector of lanes: the same branch-free log_unit / cos_2pi formulas as
-// relayops/philox.h, with fused multiply-adds, a hardware vector sqrt and a Cody-Waite split of
+// Box-Muller (SPEC 4) per vector of lanes, straight from the Philox words: the series of
+// relayops/philox.h's log_unit / cos_2pi, with the exponent and the cosine's argument reduction
+// taken from the integers, fused multiply-adds, a hardware vector sqrt and a Cody-Waite split of
 // e ln 2. Results differ from the scalar code by rounding only (tested against float64 libm).
 
 #if !defined(RELAYOPS_VECTOR_BYTES)
@@ -17,7 +18,9 @@ typedef float VF __attribute__((vector_size(RELAYOPS_VECTOR_BYTES)));
 typedef int32_t VI __attribute__((vector_size(RELAYOPS_VECTOR_BYTES)));
 typedef uint32_t VU __attribute__((vector_size(RELAYOPS_VECTOR_BYTES)));
 
-inline __attribute__((always_inline)) VF splat(float a) { return VF{} + a; }
+// a in every lane: one broadcast (a - 0 is a for every a; a + 0 is not for a = -0, so the
+// compiler would add before broadcasting)
+inline __attribute__((always_inline)) VF splat(float a) { return a - VF{}; }
 
 // a * b + c, one rounding where the instruction set has FMA.
 inline __attribute__((always_inline)) VF fmadd(VF a, VF b, VF c) {
@@ -48,31 +51,36 @@ inline __attribute__((always_inline)) VF vsqrt(VF a) {
 #endif
 }
 
-// ln(u) for normal floats u in (0, 1]: u = 2^e m with m in [sqrt(1/2), sqrt(2)),
-// ln m = 2 atanh(z), z = (m - 1) / (m + 1), |z| < 0.172 (odd series to z^9, truncation < 1e-9).
-inline __attribute__((always_inline)) VF log_unit(VF u) {
-  const VU bits = (VU)u;
+// ln u1 for u1 = n 2^-24 with n = (a >> 8) + 1 in [1, 2^24] (SPEC 4), from the word a: n is exact
+// in float32, n = 2^e m with m in [sqrt(1/2), sqrt(2)) (the mantissa is halved and e raised by one
+// where it exceeds sqrt(2)'s), so ln u1 = (e - 24) ln 2 + ln m; ln m = 2 atanh(z), z = (m - 1) / (m + 1),
+// |z| < 0.172 (odd series to z^9, truncation < 1e-9).
+inline __attribute__((always_inline)) VF log_u1(VU a) {
+  const VU bits = (VU)__builtin_convertvector((VI)((a >> 8) + 1u), VF);
   const VU mant = bits & 0x007fffffu;
   const VU big = (0x003504f3u - mant) >> 31;  // 1 where the mantissa exceeds sqrt(2)'s
   const VF m = (VF)(mant | (0x3f800000u - (big << 23)));
-  const VF e = __builtin_convertvector((VI)(bits >> 23) - 127 + (VI)big, VF);
+  const VF e = __builtin_convertvector((VI)(bits >> 23) - (127 + 24) + (VI)big, VF);
   const VF z = (m - 1.0f) / (m + 1.0f), z2 = z * z;
   VF p = fmadd(z2, splat(1.0f / 9), splat(1.0f / 7));
   p = fmadd(p, z2, splat(1.0f / 5));
   p = fmadd(p, z2, splat(1.0f / 3));
   const VF series = fmadd((z + z) * z2, p, z + z);
-  // e ln 2 = e (ln2_hi + ln2_lo): e ln2_hi is exact (ln2_hi has 11 significant bits, |e| < 2^7)
+  // e ln 2 = e (ln2_hi + ln2_lo): e ln2_hi is exact (ln2_hi has 11 significant bits, |e| <= 24)
   return fmadd(e, splat(0.693359375f), fmadd(e, splat(-2.12194440e-4f), series));
 }
 
-// cos(2 pi t) for t in [0, 1): r = t - round(t) in [-1/2, 1/2], b = |r| folded into [0, 1/4]
-// (cos(2 pi (1/2 - a)) = -cos(2 pi a)), then the Taylor series in b^2 (terms to b^12; the first
-// omitted one is below 7e-9 at b = 1/4).
-inline __attribute__((always_inline)) VF cos_2pi(VF t) {
-  const VF r = t - __builtin_convertvector(__builtin_convertvector(t + 0.5f, VI), VF);  // t + 1/2 > 0
-  const VF a = (VF)((VU)r & 0x7fffffffu);
-  const VU flip = (VU)(a > 0.25f);  // all ones where folded
-  const VF b = (VF)(((VU)(0.5f - a) & flip) | ((VU)a & ~flip));
+// cos(2 pi u2) for u2 = (b >> 8) 2^-24 (SPEC 4), from the word b, reduced in integers (exact):
+// r = u2 - round(u2) in [-1/2, 1/2) is (int32(b) >> 8) 2^-24 (the arithmetic shift subtracts 2^24
+// exactly where u2 >= 1/2); with a = |r|, cos(2 pi a) = -cos(2 pi (1/2 - a)) folds it into
+// b = min(a, 1/2 - a) in [0, 1/4], then the Taylor series in b^2 (terms to b^12; the first omitted
+// one is below 7e-9 at b = 1/4).
+inline __attribute__((always_inline)) VF cos_u2(VU w) {
+  const VI r = (VI)w >> 8;  // r 2^24 in [-2^23, 2^23)
+  const VI a = r < 0 ? -r : r;
+  const VI half_minus_a = 0x800000 - a;
+  const VF b = __builtin_convertvector(a < half_minus_a ? a : half_minus_a, VF) * 5.9604644775390625e-8f;
+  const VU flip = (VU)(a > 0x400000) & 0x80000000u;  // the sign bit where folded (a > 1/4)
   const VF y = b * b;
   constexpr double w2 = 39.47841760435743;  // (2 pi)^2
   VF c = fmadd(splat(float(w2 * w2 * w2 * w2 * w2 * w2 / 479001600.0)), y, splat(float(-w2 * w2 * w2 * w2 * w2 / 3628800.0)));
@@ -81,15 +89,11 @@ inline __attribute__((always_inline)) VF cos_2pi(VF t) {
   c = fmadd(c, y, splat(float(w2 * w2 / 24.0)));
   c = fmadd(c, y, splat(float(-w2 / 2.0)));
   c = fmadd(c, y, splat(1.0f));
-  return (VF)((VU)c ^ (flip & 0x80000000u));
+  return (VF)((VU)c ^ flip);
 }
 
-// sqrt(-2 ln u1) cos(2 pi u2) from the words (a, b): u1 = ((a >> 8) + 1) 2^-24, u2 = (b >> 8) 2^-24.
-inline __attribute__((always_inline)) VF box_muller(VU a, VU b) {
-  const VF u1 = __builtin_convertvector((VI)((a >> 8) + 1u), VF) * 5.9604644775390625e-8f;
-  const VF u2 = __builtin_convertvector((VI)(b >> 8), VF) * 5.9604644775390625e-8f;
-  return vsqrt(-2.0f * log_unit(u1)) * cos_2pi(u2);
-}
+// sqrt(-2 ln u1) cos(2 pi u2) from the words (a, b).
+inline __attribute__((always_inline)) VF box_muller(VU a, VU b) { return vsqrt(-2.0f * log_u1(a)) * cos_u2(b); }
 
 // n lanes from / to memory, n < kLanes padded with zeros (a whole vector when n == kLanes).
 template <class V, class E>
@@ -117,12 +121,12 @@ inline void box_muller_row(const uint32_t* w, int64_t W, float* eps, float* eps2
   if (y < W) lanes(y, W - y);
 }
 
-// For the tests: log_unit (mode 0) or cos_2pi (mode 1) of n floats.
-inline void transcendental(int mode, const float* in, float* out, int64_t n) {
+// For the tests: ln u1 (mode 0) or cos(2 pi u2) (mode 1) of the uniforms of n Philox words.
+inline void transcendental(int mode, const uint32_t* in, float* out, int64_t n) {
   for (int64_t y = 0; y < n; y += kLanes) {
     const int64_t k = n - y < kLanes ? n - y : kLanes;
-    const VF v = load_lanes<VF>(in + y, k);
-    store_lanes(out + y, mode == 0 ? log_unit(v) : cos_2pi(v), k);
+    const VU w = load_lanes<VU>(in + y, k);
+    store_lanes(out + y, mode == 0 ? log_u1(w) : cos_u2(w), k);
   }
 }
 
@@ -152,20 +156,31 @@ template <int S>
 inline void blur_rows(const float* const* in, float* const* out, int64_t W, const float (*A)[S], float keep,
                       float floor, const float* nz, float scale) {
   static_assert(kLanes % S == 0, "a vector holds whole patches");
-  VF rc[S];  // lane i holds keep A[i % S][l]
+  // Coefficients and row pointers in locals whose address never escapes: the output stores cannot
+  // alias them, so they are loaded once, not in every iteration.
+  VF ac[S][S];  // column pass: A[k][i] in every lane
+  VF rc[S];     // row pass: lane i holds keep A[i % S][l]
+  const float* ip[S];
+  float* op[S];
+  for (int k = 0; k < S; ++k) {
+    ip[k] = in[k];
+    op[k] = out[k];
+    for (int i = 0; i < S; ++i) ac[k][i] = splat(A[k][i]);
+  }
   for (int l = 0; l < S; ++l)
     for (int i = 0; i < kLanes; ++i) rc[l][i] = keep * A[i % S][l];
+  const VF vfloor = splat(floor), vscale = splat(scale);
   const auto lanes = [&](int64_t y, int64_t n) __attribute__((always_inline)) {
     VF x[S], t[S];
-    for (int i = 0; i < S; ++i) x[i] = load_lanes<VF>(in[i] + y, n);
+    for (int i = 0; i < S; ++i) x[i] = load_lanes<VF>(ip[i] + y, n);
     for (int k = 0; k < S; ++k) {
-      t[k] = splat(A[k][0]) * x[0];
-      for (int i = 1; i < S; ++i) t[k] = fmadd(splat(A[k][i]), x[i], t[k]);
+      t[k] = ac[k][0] * x[0];
+      for (int i = 1; i < S; ++i) t[k] = fmadd(ac[k][i], x[i], t[k]);
     }
     for (int k = 0; k < S; ++k) {
-      VF r = splat(floor) * x[k];
-      if (nz) r = fmadd(splat(scale), load_lanes<VF>(nz + k * W + y, n), r);
-      store_lanes(out[k] + y, row_pass<S>(r, t[k], rc), n);
+      VF r = vfloor * x[k];
+      if (nz) r = fmadd(vscale, load_lanes<VF>(nz + k * W + y, n), r);
+      store_lanes(op[k] + y, row_pass<S>(r, t[k], rc), n);
     }
   };
   int64_t y = 0;
