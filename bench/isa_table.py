@@ -76,17 +76,20 @@ def table(rows: dict) -> str:
     if ("relay_step_euler", "reference backend") in ms:
         lines.append(f"| reference backend's Euler `relay_step` | {ms[('relay_step_euler', 'reference backend')]:.3g} "
                      "| - |")
-    lines += ["", "| path | `patch_blur` ms | / copy (same size) | / copy at DRAM speed | `relay_noise` ms "
-              "| / `torch.randn` | Euler `relay_step` ms | Heun `relay_step` ms | Heun / Euler |",
-              "|---|---|---|---|---|---|---|---|---|"]
+    lines += ["", "| path | `patch_blur` ms | / copy (same size) | / copy at DRAM speed | its kernel alone ms | / copy "
+              "(same size) | `relay_noise` ms | / `torch.randn` | Euler `relay_step` ms | Heun `relay_step` ms "
+              "| Heun / Euler |",
+              "|---|---|---|---|---|---|---|---|---|---|---|"]
     for isa in ("portable", "avx2", "avx512"):
         if ("patch_blur", isa) not in ms:
             continue
         blur, noise = ms[("patch_blur", isa)], ms[("relay_noise", isa)]
         euler, heun = ms[("relay_step_euler", isa)], ms[("relay_step_heun", isa)]
         blur_dram = rows[("patch_blur", isa)][1] / dram_gbps / 1e6  # ms to move its bytes at DRAM speed
-        lines.append(f"| {isa} | {blur:.3g} | {blur / copy_ms:.2f} | {blur / blur_dram:.2f} | {noise:.3g} | "
-                     f"{noise / randn:.2f} | {euler:.3g} | {heun:.3g} | {heun / euler:.2f} |")
+        kernel = ms.get(("patch_blur_kernel", isa), float("nan"))
+        lines.append(f"| {isa} | {blur:.3g} | {blur / copy_ms:.2f} | {blur / blur_dram:.2f} | {kernel:.3g} | "
+                     f"{kernel / copy_ms:.2f} | {noise:.3g} | {noise / randn:.2f} | {euler:.3g} | {heun:.3g} | "
+                     f"{heun / euler:.2f} |")
     return "\n".join(lines)
 
 

@@ -2,11 +2,13 @@
 this CPU has), next to the memory-bound and library references measured in the same run.
 
 Shape 8x3x256x256 float32 (the targets' shape), threads from RELAYOPS_BENCH_THREADS (default
-torch's). Per path: ``patch_blur``, ``relay_noise`` (normals drawn in the kernel), Euler and Heun
-``relay_step`` (noise drawn in the kernel). References: ``copy`` of the 8x3x256x256 tensor (the
-same size as the ops' tensors: warm in the 32 MiB L3 of the machine measured), ``dram_copy`` of a
-256 MiB tensor (far larger than any cache: DRAM bandwidth), ``torch.randn`` of as many normals as
-``relay_noise`` draws (two per pixel), and the reference backend's Euler ``relay_step``.
+torch's). Per path: ``patch_blur`` (the public op, and its compiled forward alone: what the op
+layer of checks, dispatcher and autograd wrapper adds is the difference), ``relay_noise`` (normals
+drawn in the kernel), Euler and Heun ``relay_step`` (noise drawn in the kernel). References:
+``copy`` of the 8x3x256x256 tensor (the same size as the ops' tensors: warm in the 32 MiB L3 of
+the machine measured), ``dram_copy`` of a 256 MiB tensor (far larger than any cache: DRAM
+bandwidth), ``torch.randn`` of as many normals as ``relay_noise`` draws (two per pixel), and the
+reference backend's Euler ``relay_step``.
 Rounds: ``RELAYOPS_BENCH_ROUNDS`` (default 20); bench/isa_table.py reports the fastest round of
 each (other processes on a shared machine only ever add time).
 
@@ -50,6 +52,8 @@ def _op_call(op: str, backend: str):
     item = x.numel() * x.element_size()
     if op == "patch_blur":  # reads x, writes out
         return (lambda: relayops.patch_blur(x, tau, backend=backend)), 2 * item
+    if op == "patch_blur_kernel":  # the compiled forward alone: no checks, no dispatcher, no autograd wrapper
+        return (lambda: compiled.patch_blur(x, tau, 4, 0.001)), 2 * item
     if op == "relay_noise":  # writes out
         return (lambda: relayops.relay_noise(x, seed=1, backend=backend)), item
     extra = dict(x_prop=xp, x0_hat_prop=x0p) if op == "relay_step_heun" else {}
@@ -64,7 +68,8 @@ def forced_isa(request):
     compiled.set_cpu_isa(before)
 
 
-@pytest.mark.parametrize("op", ("patch_blur", "relay_noise", "relay_step_euler", "relay_step_heun"))
+@pytest.mark.parametrize("op", (
+    "patch_blur", "patch_blur_kernel", "relay_noise", "relay_step_euler", "relay_step_heun"))
 @pytest.mark.parametrize("isa", ISAS)
 def test_op_on_path(benchmark, forced_isa, isa, op):
     assert forced_isa(isa) == isa

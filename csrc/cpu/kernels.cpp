@@ -898,10 +898,10 @@ void run(const Params<A>& P) {
           }
           if (st) {
             if constexpr (S != 0) st->process(sc, b, c, p, nz);
-          } else if (rows) {
-            for (int64_t q = 0; q < nq; ++q) process_patch<S, T, A>(P, sc, b, c, p, q, nz + q * n, P.W);
-          } else {
-            for (int64_t q = 0; q < nq; ++q) process_patch<S, T, A>(P, sc, b, c, p, q, nullptr, 0);
+          } else {  // without noise, nzrows is empty and never read (a null constant here would make GCC
+                    // warn about the noise reads of modes that never run without it)
+            for (int64_t q = 0; q < nq; ++q)
+              process_patch<S, T, A>(P, sc, b, c, p, q, nzrows.data() + (rows ? q * n : 0), rows ? P.W : 0);
           }
         }
       });
