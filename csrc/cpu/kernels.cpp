@@ -559,7 +559,7 @@ struct BlurRows {
 template <int S, class VT, class T>
 RELAYOPS_AVX512 void blur_rows_avx512(const T* const* in, T* const* out, int64_t W,
                                       const typename VT::E (*Am)[S], typename VT::E keep, typename VT::E floor,
-                                      const typename VT::E* nz, typename VT::E scale) {
+                                      const typename VT::E* nz, typename VT::E scale, int64_t ahead) {
   constexpr int L = VT::L;
   const BlurRows<S, VT> k(Am, keep, floor, scale);
   // local copies of the row pointers: the stores cannot alias them, so they stay in registers
@@ -570,7 +570,10 @@ RELAYOPS_AVX512 void blur_rows_avx512(const T* const* in, T* const* out, int64_t
     op[i] = out[i];
   }
   int64_t y = 0;
-  for (; y + L <= W; y += L) k.template step<true>(ip, op, W, nz, y, L);
+  for (; y + L <= W; y += L) {
+    for (int i = 0; i < S; ++i) __builtin_prefetch(ip[i] + y + ahead);  // the next patch row (vector_rows.h)
+    k.template step<true>(ip, op, W, nz, y, L);
+  }
   if (y < W) k.template step<false>(ip, op, W, nz, y, W - y);
 }
 #endif
@@ -621,11 +624,20 @@ struct Strip {
         }
   }
 
+  // Asks for the row S rows below `row` (the same row of the next patch row, where the plane has
+  // one) while this one is read: the short row streams of a patch row are too short for the
+  // hardware prefetcher (vector_rows.h blur_rows).
+  void prefetch_next(const T* row, int64_t h0, int64_t sh) const {
+    if (h0 + S >= P.H) return;
+    for (int64_t y = 0; y < W; y += 64 / int64_t(sizeof(T))) __builtin_prefetch(row + S * sh + y);
+  }
+
   void load_rows(const View& v, int64_t b, int64_t c, int64_t h0, A* dst) const {
     for (int i = 0; i < S; ++i) {
       const T* src = v.template at<const T>(b, c, h0 + i, 0);
       A* d = dst + i * W;
       if (v.sw == 1) {
+        prefetch_next(src, h0, v.sh);
 #pragma omp simd
         for (int64_t y = 0; y < W; ++y) d[y] = load_elem<A>(src + y);
       } else {
@@ -658,6 +670,8 @@ struct Strip {
       const A* xr = x + i * W;
       A* x0r = x0 + i * W;
       if (sp == 1 && s0p == 1) {
+        prefetch_next(xp, h0, P.xp.sh);
+        prefetch_next(x0p, h0, P.x0p.sh);
 #pragma omp simd
         for (int64_t y = 0; y < W; ++y) {
           x0r[y] = heun_x0(xr[y], x0r[y], load_elem<A>(xp + y), load_elem<A>(x0p + y), sg, sn);
@@ -714,6 +728,7 @@ struct Strip {
   // Blur (+ noise) of the patch row at image row h0 with the fused AVX-512 kernel, or for float
   // math the fused AVX2 one; false when neither applies. Contiguous rows (any dtype) are read and written in place.
   bool blur_simd(int64_t b, int64_t c, int64_t h0, const A* nz, A scale) {
+    const int64_t next_rows = h0 + S < P.H ? S * P.x.sh : 0;  // to the next patch row's input, if any
     if constexpr (std::is_same_v<A, float>) {
       if (cpu_isa() == kAvx2) {  // 8 float lanes (vector_rows.h); float rows in place, others via X / Vb
         const float* in[S];
@@ -731,7 +746,7 @@ struct Strip {
           }
         }
         if (!direct) load_rows(P.x, b, c, h0, X.data());
-        avx2::blur_rows<S>(in, out, W, Ab, 1.0f - P.d_min, P.d_min, nz, scale);
+        avx2::blur_rows<S>(in, out, W, Ab, 1.0f - P.d_min, P.d_min, nz, scale, direct ? next_rows : 0);
         if (!direct) store_rows(b, c, h0, Vb.data());
         return true;
       }
@@ -753,12 +768,12 @@ struct Strip {
     }
     const A keep = A(1) - P.d_min, floor = P.d_min;
     if (direct_in && direct_out) {
-      blur_rows_avx512<S, VT, T>(in, out, W, Ab, keep, floor, nz, scale);
+      blur_rows_avx512<S, VT, T>(in, out, W, Ab, keep, floor, nz, scale, next_rows);
       return true;
     }
     // strided rows (e.g. channels_last) go through the X / Vb scratch rows
     load_rows(P.x, b, c, h0, X.data());
-    blur_rows_avx512<S, VT, A>(in_s, out_s, W, Ab, keep, floor, nz, scale);
+    blur_rows_avx512<S, VT, A>(in_s, out_s, W, Ab, keep, floor, nz, scale, 0);
     store_rows(b, c, h0, Vb.data());
     return true;
   }
