@@ -93,11 +93,28 @@ def table(rows: dict) -> str:
     return "\n".join(lines)
 
 
+def width_table(rows: dict) -> str:
+    """patch_blur's compiled forward per image width (the same number of elements), per path."""
+    shapes = sorted({op[len("blur_kernel_"):] for op, _ in rows if op.startswith("blur_kernel_")},
+                    key=lambda s: int(s.split("x")[-1]))
+    if not shapes:
+        return ""
+    lines = ["", "`patch_blur`'s kernel alone (ms) by image shape, the same number of elements:", "",
+             "| path | " + " | ".join(shapes) + " |", "|---|" + "---|" * len(shapes)]
+    for isa in ("portable", "avx2", "avx512"):
+        if (f"blur_kernel_{shapes[0]}", isa) in rows:
+            lines.append(f"| {isa} | " + " | ".join(f"{rows[(f'blur_kernel_{s}', isa)][0] * 1e3:.3g}" for s in shapes)
+                         + " |")
+    return "\n".join(lines)
+
+
 def main(argv: list[str]) -> None:
     if len(argv) != 1:
         raise SystemExit("usage: python bench/isa_table.py RESULTS.json")
     print(f"Machine: {machine()}. torch {torch.__version__}, commit {commit()}.\n")
-    print(table(load(argv[0])))
+    rows = load(argv[0])
+    print(table(rows))
+    print(width_table(rows))
 
 
 if __name__ == "__main__":

@@ -96,3 +96,18 @@ def test_randn(benchmark):
     """torch.randn of the normals relay_noise draws (two per pixel)."""
     shape = (2, *SHAPE)
     _time(benchmark, lambda: torch.randn(shape), op="randn", isa="-", nbytes=4 * torch.Size(shape).numel())
+
+
+WIDTH_SHAPES = ((32, 3, 128, 128), (8, 3, 256, 256), (2, 3, 512, 512))  # the same number of elements
+
+
+@pytest.mark.parametrize("shape", WIDTH_SHAPES, ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("isa", ISAS)
+def test_blur_kernel_by_width(benchmark, forced_isa, isa, shape):
+    """patch_blur's compiled forward on images of different widths and the same size: a patch row
+    is s rows of W values each, so narrow images give short row streams (prefetching matters)."""
+    assert forced_isa(isa) == isa
+    x = torch.randn(shape)
+    tau = torch.full((shape[0],), 0.9)
+    _time(benchmark, lambda: compiled.patch_blur(x, tau, 4, 0.001), op="blur_kernel_" + "x".join(map(str, shape)),
+          isa=isa, nbytes=2 * x.numel() * x.element_size())
