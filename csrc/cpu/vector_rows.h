@@ -186,7 +186,7 @@ inline void blur_rows(const float* const* in, float* const* out, int64_t W, cons
   };
   // A patch row's S input rows are S short streams (W floats each) that end where the next patch
   // row begins: the hardware prefetcher barely ramps up on them (a blur of 128-wide images took
-  // 2.5x the time per element of 512-wide ones). So each iteration also asks for the same columns
+  // 2.6x the time per element of 512-wide ones). So each iteration also asks for the same columns
   // of the next patch row.
   int64_t y = 0;
   for (; y + kLanes <= W; y += kLanes) {
