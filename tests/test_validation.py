@@ -3,6 +3,7 @@ import pytest
 import torch
 
 import relayops
+from relayops._validate import HOST_CHECK_MAX, per_sample
 
 X = torch.zeros(2, 3, 8, 8)
 
@@ -78,6 +79,23 @@ def test_per_sample_parameters(name, param):
         call(name, **{param: torch.tensor([0.5, -1.0])})
     with pytest.raises(TypeError, match=rf"{param} must be a float or a floating \[B\] tensor"):
         call(name, **{param: torch.ones(2, dtype=torch.int64)})
+
+
+@pytest.mark.parametrize("b", [2, HOST_CHECK_MAX + 1], ids=["host-checked", "tensor-checked"])
+@pytest.mark.parametrize("bad", [-1.0, float("nan")], ids=["negative", "nan"])
+def test_per_sample_values_checked_for_any_batch(b, bad):
+    """A few per-sample values are range-checked as Python floats, many with tensor ops: the same
+    errors either way, NaN included; a valid vector passes both."""
+    x = torch.zeros(b, 1, 4, 4)
+    tau = torch.full((b,), 0.5)
+    assert per_sample("tau", tau, x) is tau
+    tau[b - 1] = bad
+    with pytest.raises(ValueError, match=r"tau must be >= 0 everywhere"):
+        per_sample("tau", tau, x)
+    sigma = torch.full((b,), 0.5)
+    sigma[0] = 0.0
+    with pytest.raises(ValueError, match=r"sigma must be > 0 everywhere"):
+        per_sample("sigma", sigma, x, positive=True)
 
 
 def test_sigma_must_be_positive_in_step():
