@@ -24,12 +24,13 @@ build: setup
 lint: setup
 	$(BIN)/ruff check .
 
-# The aarch64 cross compiler for the aarch64 build checks of tests/test_cpu_isa.py, from Debian's
-# registry where apt-get runs as root (about 25 s); without it those tests skip, saying why.
+# The aarch64 cross compiler and clang for the build checks of tests/test_cpu_isa.py (aarch64,
+# clang), from Debian's registry where apt-get runs as root (about a minute); without them those
+# tests skip, saying why.
 toolchain:
-	@command -v aarch64-linux-gnu-g++ >/dev/null || \
-	  { command -v apt-get >/dev/null && [ "$$(id -u)" = 0 ] && apt-get install -y -qq g++-aarch64-linux-gnu >/dev/null 2>&1; } || \
-	  echo "no aarch64 cross compiler: the aarch64 build tests will skip"
+	@{ command -v aarch64-linux-gnu-g++ && command -v clang++; } >/dev/null || \
+	  { command -v apt-get >/dev/null && [ "$$(id -u)" = 0 ] && apt-get install -y -qq g++-aarch64-linux-gnu clang >/dev/null 2>&1; } || \
+	  echo "no aarch64 cross compiler or clang: their build tests will skip"
 
 test: lint build toolchain
 	$(BIN)/python -m pytest

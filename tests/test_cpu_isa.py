@@ -190,6 +190,43 @@ def test_portable_rows_vectorise_for_aarch64(tmp_path):
         assert re.search(rf"\b{op}\s+v\d+\.4s", text), f"no 4-lane {op} in the aarch64 build of box_muller_row"
 
 
+_AARCH64_BLUR = """
+#include <cstdint>
+#include <cstring>
+#include <utility>
+#include <arm_neon.h>
+namespace portable {
+#define RELAYOPS_VECTOR_BYTES 16
+#include "vector_rows.h"
+}
+void blur(const float* const* in, float* const* out, int64_t w, const float (*a)[4]) {
+  portable::blur_rows<4>(in, out, w, a, 0.999f, 0.001f, nullptr, 0.0f, 0);
+}
+"""
+
+
+@_NEEDS_CROSS
+def test_portable_blur_rows_vectorise_for_aarch64(tmp_path):
+    """The portable path's fused blur rows (s = 4) built for aarch64 are 4-lane NEON FMAs."""
+    src = tmp_path / "blur.cpp"
+    src.write_text(_AARCH64_BLUR)
+    asm = tmp_path / "blur.s"
+    subprocess.run([CROSS, "-std=c++17", "-O2", "-S", f"-I{ROOT / 'csrc/cpu'}", str(src), "-o", str(asm)],
+                   check=True, capture_output=True, text=True)
+    assert re.search(r"\bfmla\s+v\d+\.4s", asm.read_text()), "no 4-lane fmla in the aarch64 build of blur_rows"
+
+
+@pytest.mark.skipif(shutil.which("clang++") is None, reason="no clang++ (Debian: clang)")
+def test_cpu_kernels_compile_with_clang(tmp_path):
+    """csrc/cpu/kernels.cpp compiles with clang++ as well as GCC (its vector-extension rows use
+    each compiler's shuffle builtin; OpenMP is left out: clang's runtime headers are a separate
+    package)."""
+    done = subprocess.run(["clang++", "-std=c++17", "-O1", "-c", f"-I{ROOT / 'csrc/include'}",
+                           f"-I{ROOT / 'csrc/cpu'}", str(ROOT / "csrc/cpu/kernels.cpp"),
+                           "-o", str(tmp_path / "kernels.o")], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-4000:]
+
+
 @_NEEDS_CROSS
 def test_cpu_kernels_compile_for_aarch64(tmp_path):
     """csrc/cpu/kernels.cpp (no torch or pybind11 headers) compiles for aarch64 with OpenMP."""

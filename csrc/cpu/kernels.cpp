@@ -363,9 +363,11 @@ struct RowNoise {
 // out[qs + j] = sum_l A[j][l] t[qs + l], i.e. for each l one fixed permutation (lane qs + j reads
 // lane qs + l) times a vector of coefficients (lane qs + j holds A[j][l]). Both passes are fused,
 // so each input element is loaded once and each output stored once, straight from / to the
-// tensor when its rows are contiguous. AVX-512: float 16 lanes, double 8. AVX2: float math only,
-// 8 lanes, written with vector extensions (vector_rows.h, blur_rows). Otherwise (portable path,
-// float64 on AVX2) the compiler-vectorised two-pass code of Strip runs.
+// tensor when its rows are contiguous. AVX-512: float 16 lanes, double 8 (intrinsics, BlurRows:
+// about 10% faster than the vector-extension rows there, and half / double storage in registers).
+// AVX2 (8 lanes) and the portable path (4 lanes, s = 2, 4): float math only, written with vector
+// extensions (vector_rows.h, blur_rows). Otherwise (float64 below AVX-512, s = 8 on the portable
+// path) the compiler-vectorised two-pass code of Strip runs.
 #ifdef RELAYOPS_X86
 #define RELAYOPS_AVX512 __attribute__((target("avx512f")))
 
@@ -724,36 +726,54 @@ struct Strip {
     }
   }
 
-#ifdef RELAYOPS_X86
-  // Blur (+ noise) of the patch row at image row h0 with the fused AVX-512 kernel, or for float
-  // math the fused AVX2 one; false when neither applies. Contiguous rows (any dtype) are read and written in place.
-  bool blur_simd(int64_t b, int64_t c, int64_t h0, const A* nz, A scale) {
-    const int64_t next_rows = h0 + S < P.H ? S * P.x.sh : 0;  // to the next patch row's input, if any
-    if constexpr (std::is_same_v<A, float>) {
-      if (cpu_isa() == kAvx2) {  // 8 float lanes (vector_rows.h); float rows in place, others via X / Vb
-        const float* in[S];
-        float* out[S];
-        bool direct = false;
-        if constexpr (std::is_same_v<T, float>) direct = P.x.sw == 1 && P.out.sw == 1;
-        for (int i = 0; i < S; ++i) {
-          in[i] = X.data() + i * W;
-          out[i] = Vb.data() + i * W;
-          if constexpr (std::is_same_v<T, float>) {
-            if (direct) {
-              in[i] = P.x.template at<const float>(b, c, h0 + i, 0);
-              out[i] = P.out.template at<float>(b, c, h0 + i, 0);
-            }
-          }
+  // Fused blur of one patch row of float math with the vector-extension rows of one instruction
+  // set (vector_rows.h blur_rows): float rows in place, other storage via the X / Vb scratch rows.
+  template <class Rows>
+  void blur_float_rows(Rows rows, int64_t b, int64_t c, int64_t h0, const float* nz, float scale, int64_t next_rows) {
+    const float* in[S];
+    float* out[S];
+    bool direct = false;
+    if constexpr (std::is_same_v<T, float>) direct = P.x.sw == 1 && P.out.sw == 1;
+    for (int i = 0; i < S; ++i) {
+      in[i] = X.data() + i * W;
+      out[i] = Vb.data() + i * W;
+      if constexpr (std::is_same_v<T, float>) {
+        if (direct) {
+          in[i] = P.x.template at<const float>(b, c, h0 + i, 0);
+          out[i] = P.out.template at<float>(b, c, h0 + i, 0);
         }
-        if (!direct) load_rows(P.x, b, c, h0, X.data());
-        avx2::blur_rows<S>(in, out, W, Ab, 1.0f - P.d_min, P.d_min, nz, scale, direct ? next_rows : 0);
-        if (!direct) store_rows(b, c, h0, Vb.data());
-        return true;
       }
     }
+    if (!direct) load_rows(P.x, b, c, h0, X.data());
+    rows(in, out, W, Ab, 1.0f - P.d_min, P.d_min, nz, scale, direct ? next_rows : 0);
+    if (!direct) store_rows(b, c, h0, Vb.data());
+  }
+
+  // Blur (+ noise) of the patch row at image row h0 with a fused kernel: the AVX-512 one, or for
+  // float math the vector-extension rows of the instruction set in use (AVX2; the portable path's
+  // 4 lanes, NEON on aarch64, for s = 2, 4). False when none applies: Strip's two passes run.
+  // Contiguous rows (any dtype on AVX-512) are read and written in place.
+  bool blur_fused(int64_t b, int64_t c, int64_t h0, const A* nz, A scale) {
+    [[maybe_unused]] const int64_t next_rows = h0 + S < P.H ? S * P.x.sh : 0;  // to the next patch row's input
+    [[maybe_unused]] const int isa = cpu_isa();
+    if constexpr (std::is_same_v<A, float>) {
+#ifdef RELAYOPS_X86
+      if (isa == kAvx2) {  // 8 float lanes
+        blur_float_rows(avx2::blur_rows<S>, b, c, h0, nz, scale, next_rows);
+        return true;
+      }
+#endif
+      if constexpr (portable::kLanes % S == 0) {
+        if (isa == kPortable) {
+          blur_float_rows(portable::blur_rows<S>, b, c, h0, nz, scale, next_rows);
+          return true;
+        }
+      }
+    }
+#ifdef RELAYOPS_X86
     // float64 with s = 8 holds one patch per vector: the row pass would be a shuffle per element,
     // slower than Strip's two passes.
-    if (cpu_isa() != kAvx512 || (std::is_same_v<A, double> && S == 8)) return false;
+    if (isa != kAvx512 || (std::is_same_v<A, double> && S == 8)) return false;
     using VT = typename Simd512<A>::type;
     const bool direct_in = P.x.sw == 1, direct_out = P.out.sw == 1;
     const T* in[S];
@@ -776,8 +796,10 @@ struct Strip {
     blur_rows_avx512<S, VT, A>(in_s, out_s, W, Ab, keep, floor, nz, scale, 0);
     store_rows(b, c, h0, Vb.data());
     return true;
-  }
+#else
+    return false;
 #endif
+  }
 
   // One patch row p of plane (b, c); nz: its noise rows (row stride W) when needed.
   void process(const SampleConsts<S, A>& sc, int64_t b, int64_t c, int64_t p, const A* nz) {
@@ -800,9 +822,7 @@ struct Strip {
         return store_rows(b, c, h0, nz);
       case kBlur:
       case kCorrupt: {
-#ifdef RELAYOPS_X86
-        if (blur_simd(b, c, h0, P.mode == kCorrupt ? nz : nullptr, sc.noise_scale)) return;
-#endif
+        if (blur_fused(b, c, h0, P.mode == kCorrupt ? nz : nullptr, sc.noise_scale)) return;
         load_rows(P.x, b, c, h0, x);
         column_pass(x, t, Ab);
         row_pass(t, v, 3);

@@ -140,7 +140,11 @@ inline void transcendental(int mode, const uint32_t* in, float* out, int64_t n) 
 // compiler turns into an in-lane shuffle with an immediate where it can (no index registers).
 template <int S, int l, int... i>
 inline __attribute__((always_inline)) VF spread(VF v, std::integer_sequence<int, i...>) {
+#if defined(__clang__)
+  return __builtin_shufflevector(v, v, (i / S * S + l)...);
+#else
   return __builtin_shuffle(v, VI{(i / S * S + l)...});
+#endif
 }
 
 // r + sum_{l < S} rc[l] * spread_l(t)
