@@ -10,7 +10,9 @@ the machine measured), ``dram_copy`` of a 256 MiB tensor (far larger than any ca
 bandwidth), ``torch.randn`` of as many normals as ``relay_noise`` draws (two per pixel), and the
 reference backend's Euler ``relay_step``.
 Rounds: ``RELAYOPS_BENCH_ROUNDS`` (default 20); bench/isa_table.py reports the fastest round of
-each (other processes on a shared machine only ever add time).
+each (other processes on a shared machine only ever add time). The JSON also records each
+benchmark's minor page faults per call (``page_faults_per_call``): fresh output pages taken from
+the OS cost time that varies from run to run.
 
 Run (one command, under 3 minutes on 2 cores), then the table::
 
@@ -20,6 +22,7 @@ Run (one command, under 3 minutes on 2 cores), then the table::
 from __future__ import annotations
 
 import os
+import resource
 
 import pytest
 import torch
@@ -33,11 +36,19 @@ SHAPE = (8, 3, 256, 256)
 ISAS = compiled.CPU_ISAS[:compiled.CPU_ISAS.index(compiled.best_cpu_isa()) + 1]
 
 
+def _minor_faults() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+
+
 def _time(benchmark, fn, *, op: str, isa: str, nbytes: int, rounds: int = ROUNDS):
     fn()  # warm-up: first-call allocations outside the timing
+    before = _minor_faults()
     benchmark.pedantic(fn, rounds=rounds, iterations=1, warmup_rounds=1)
+    # page faults per call: a fresh output the allocator takes from new pages costs about 2 us
+    # per 4 KiB page on the machine measured, so they explain run-to-run differences
+    faults = (_minor_faults() - before) / (rounds + 1)
     benchmark.extra_info.update(isa_op=op, isa=isa, threads=torch.get_num_threads(), bytes=nbytes,
-                                shape=list(SHAPE))
+                                shape=list(SHAPE), page_faults_per_call=round(faults, 1))
 
 
 def _inputs():
