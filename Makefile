@@ -24,13 +24,15 @@ build: setup
 lint: setup
 	$(BIN)/ruff check .
 
-# The aarch64 cross compiler and clang for the build checks of tests/test_cpu_isa.py (aarch64,
-# clang), from Debian's registry where apt-get runs as root (about a minute); without them those
-# tests skip, saying why.
+# The aarch64 cross compiler and clang for the build checks of tests/test_cpu_isa.py, each from
+# Debian's registry where apt-get runs as root (about a minute together); without one, its tests
+# skip, saying why.
+APT_INSTALL = command -v apt-get >/dev/null && [ "$$(id -u)" = 0 ] && apt-get install -y -qq
 toolchain:
-	@{ command -v aarch64-linux-gnu-g++ && command -v clang++; } >/dev/null || \
-	  { command -v apt-get >/dev/null && [ "$$(id -u)" = 0 ] && apt-get install -y -qq g++-aarch64-linux-gnu clang >/dev/null 2>&1; } || \
-	  echo "no aarch64 cross compiler or clang: their build tests will skip"
+	@command -v aarch64-linux-gnu-g++ >/dev/null || { $(APT_INSTALL) g++-aarch64-linux-gnu >/dev/null 2>&1; } || \
+	  echo "no aarch64 cross compiler: the aarch64 build tests will skip"
+	@command -v clang++ >/dev/null || { $(APT_INSTALL) clang >/dev/null 2>&1; } || \
+	  echo "no clang: the clang build test will skip"
 
 test: lint build toolchain
 	$(BIN)/python -m pytest
