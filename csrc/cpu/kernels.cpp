@@ -1,6 +1,8 @@
 // CPU kernels (OpenMP). Work units are (sample, channel, run of patch rows). For s = 2, 4, 8 a
 // patch row is processed by loops over the whole image width that the compiler vectorises
-// (struct Strip); other s use the per-patch math of relayops/patch.h (process_patch).
+// (struct Strip); other s use the per-patch math of relayops/patch.h (process_patch). Strip reads
+// and writes rows that are contiguous and of the math type in place; other rows go through
+// scratch rows (a copy each way), which only strided layouts and half types need.
 // With cuda_tiles the CUDA kernels' tile phases (relayops/tile.h) run instead, block by block.
 // patch_blur / relay_corrupt use a fused AVX-512 kernel when the CPU has it (BlurRows).
 // Noise is produced row by row (struct RowNoise): each row of eps/eps2 is drawn (or read) once,
@@ -634,6 +636,36 @@ struct Strip {
     for (int64_t y = 0; y < W; y += 64 / int64_t(sizeof(T))) __builtin_prefetch(row + S * sh + y);
   }
 
+  // The S rows of view v's patch row at h0 as math-type values, returned as the first row with
+  // the row stride in `stride`: the tensor's own rows where they are contiguous and of the math
+  // type (read in place), else copies in `scratch` (stride W).
+  const A* rows_in(const View& v, int64_t b, int64_t c, int64_t h0, A* scratch, int64_t& stride) const {
+    if constexpr (std::is_same_v<T, A>) {
+      if (v.sw == 1) {
+        const A* first = v.template at<const A>(b, c, h0, 0);
+        for (int i = 0; i < S; ++i) prefetch_next(first + i * v.sh, h0, v.sh);
+        stride = v.sh;
+        return first;
+      }
+    }
+    load_rows(v, b, c, h0, scratch);
+    stride = W;
+    return scratch;
+  }
+
+  // Where the S output rows of the patch row at h0 go: the output's own rows where they are
+  // contiguous and of the math type, else `scratch` (stride W; store_rows copies it out).
+  A* rows_out(int64_t b, int64_t c, int64_t h0, A* scratch, int64_t& stride) const {
+    if constexpr (std::is_same_v<T, A>) {
+      if (P.out.sw == 1) {
+        stride = P.out.sh;
+        return P.out.template at<A>(b, c, h0, 0);
+      }
+    }
+    stride = W;
+    return scratch;
+  }
+
   void load_rows(const View& v, int64_t b, int64_t c, int64_t h0, A* dst) const {
     for (int i = 0; i < S; ++i) {
       const T* src = v.template at<const T>(b, c, h0 + i, 0);
@@ -663,13 +695,13 @@ struct Strip {
 
   // Heun (SPEC 8): x0 <- heun_x0(x, x0, x', x0'), reading x' and x0' straight from memory in the
   // same loop.
-  void heun_rows(const SampleConsts<S, A>& sc, int64_t b, int64_t c, int64_t h0, const A* x, A* x0) const {
+  void heun_rows(const SampleConsts<S, A>& sc, int64_t b, int64_t c, int64_t h0, const A* x, int64_t xs, A* x0) const {
     const A sg = sc.sigma, sn = sc.sigma_next;
     for (int i = 0; i < S; ++i) {
       const T* xp = P.xp.template at<const T>(b, c, h0 + i, 0);
       const T* x0p = P.x0p.template at<const T>(b, c, h0 + i, 0);
       const int64_t sp = P.xp.sw, s0p = P.x0p.sw;
-      const A* xr = x + i * W;
+      const A* xr = x + i * xs;
       A* x0r = x0 + i * W;
       if (sp == 1 && s0p == 1) {
         prefetch_next(xp, h0, P.xp.sh);
@@ -686,8 +718,8 @@ struct Strip {
     }
   }
 
-  // out[k][y] = sum_i M[k][i] in[i][y] (M = C, C^T or the blur's A).
-  void column_pass(const A* in, A* out, const A (*M)[S]) const {
+  // out[k][y] = sum_i M[k][i] in[i][y] (M = C, C^T or the blur's A; in's rows `stride` apart).
+  void column_pass(const A* in, int64_t stride, A* out, const A (*M)[S]) const {
     for (int k = 0; k < S; ++k) {
       A m[S];
       for (int i = 0; i < S; ++i) m[i] = M[k][i];
@@ -695,15 +727,43 @@ struct Strip {
 #pragma omp simd
       for (int64_t y = 0; y < W; ++y) {
         A acc = 0;
-        for (int i = 0; i < S; ++i) acc += m[i] * in[i * W + y];
+        for (int i = 0; i < S; ++i) acc += m[i] * in[i * stride + y];
         o[y] = acc;
       }
     }
   }
 
+  // The step's last column pass fused with its combine: out[k][y] = gamma x[k][y] +
+  // sum_i C^T[k][i] v[i][y] (+ scale nz[k][y] when nz is given), rows of x and out `xs` and `os`
+  // apart.
+  void step_out(const A* v, const A* x, int64_t xs, A* out, int64_t os, A gamma, const A* nz, A scale) const {
+    for (int k = 0; k < S; ++k) {
+      A m[S];
+      for (int i = 0; i < S; ++i) m[i] = CmT[k][i];
+      const A* xk = x + k * xs;
+      A* o = out + k * os;
+      if (nz) {
+        const A* nk = nz + k * W;
+#pragma omp simd
+        for (int64_t y = 0; y < W; ++y) {
+          A acc = 0;
+          for (int i = 0; i < S; ++i) acc += m[i] * v[i * W + y];
+          o[y] = gamma * xk[y] + acc + scale * nk[y];
+        }
+      } else {
+#pragma omp simd
+        for (int64_t y = 0; y < W; ++y) {
+          A acc = 0;
+          for (int i = 0; i < S; ++i) acc += m[i] * v[i * W + y];
+          o[y] = gamma * xk[y] + acc;
+        }
+      }
+    }
+  }
+
   // Per row k and patch q: out[q S + a] = sum_j M[a][j] in[q S + j] with M = R_k (which = 0),
-  // C (1), C^T (2), the blur's A (3) or Re_k (4).
-  void row_pass(const A* in, A* out, int which) const {
+  // C (1), C^T (2), the blur's A (3) or Re_k (4); out's rows `os` apart.
+  void row_pass(const A* in, A* out, int64_t os, int which) const {
     const int64_t nq = W / S;
     for (int k = 0; k < S; ++k) {
       A M[S][S];
@@ -712,7 +772,7 @@ struct Strip {
           M[a][j] = which == 0 ? R[k][a][j] : which == 1 ? Cm[a][j] : which == 2 ? Cm[j][a] : which == 3 ? Ab[a][j]
                                                                                              : Re[k][a][j];
       const A* src = in + k * W;
-      A* dst = out + k * W;
+      A* dst = out + k * os;
 #pragma omp simd
       for (int64_t q = 0; q < nq; ++q) {
         A v[S];
@@ -809,61 +869,73 @@ struct Strip {
     A* v = Vb.data();
     switch (P.mode) {
       case kDct:
-        load_rows(P.x, b, c, h0, x);
-        column_pass(x, t, Cm);
-        row_pass(t, v, 1);
-        return store_rows(b, c, h0, v);
-      case kIdct:
-        load_rows(P.x, b, c, h0, x);
-        column_pass(x, t, CmT);
-        row_pass(t, v, 2);
-        return store_rows(b, c, h0, v);
+      case kIdct: {
+        int64_t xs, os;
+        const A* xr = rows_in(P.x, b, c, h0, x, xs);
+        column_pass(xr, xs, t, P.mode == kDct ? Cm : CmT);
+        A* o = rows_out(b, c, h0, v, os);
+        row_pass(t, o, os, P.mode == kDct ? 1 : 2);
+        if (o == v) store_rows(b, c, h0, v);
+        return;
+      }
       case kNoise:
         return store_rows(b, c, h0, nz);
       case kBlur:
       case kCorrupt: {
         if (blur_fused(b, c, h0, P.mode == kCorrupt ? nz : nullptr, sc.noise_scale)) return;
-        load_rows(P.x, b, c, h0, x);
-        column_pass(x, t, Ab);
-        row_pass(t, v, 3);
-        const A keep = A(1) - P.d_min, floor = P.d_min;
-        if (P.mode == kCorrupt) {
-          const A scale = sc.noise_scale;
+        int64_t xs, os;
+        const A* xr = rows_in(P.x, b, c, h0, x, xs);
+        column_pass(xr, xs, t, Ab);
+        row_pass(t, v, W, 3);
+        A* o = rows_out(b, c, h0, t, os);
+        const A keep = A(1) - P.d_min, floor = P.d_min, scale = sc.noise_scale;
+        for (int i = 0; i < S; ++i) {
+          const A *vi = v + i * W, *xi = xr + i * xs;
+          A* oi = o + i * os;
+          if (P.mode == kCorrupt) {
+            const A* ni = nz + i * W;
 #pragma omp simd
-          for (int64_t e = 0; e < n; ++e) v[e] = keep * v[e] + floor * x[e] + scale * nz[e];
-        } else {
+            for (int64_t y = 0; y < W; ++y) oi[y] = keep * vi[y] + floor * xi[y] + scale * ni[y];
+          } else {
 #pragma omp simd
-          for (int64_t e = 0; e < n; ++e) v[e] = keep * v[e] + floor * x[e];
+            for (int64_t y = 0; y < W; ++y) oi[y] = keep * vi[y] + floor * xi[y];
+          }
         }
-        return store_rows(b, c, h0, v);
+        if (o == t) store_rows(b, c, h0, t);
+        return;
       }
       case kStep: {
-        A* x0 = X0.data();
-        load_rows(P.x, b, c, h0, x);
-        load_rows(P.x0, b, c, h0, x0);
-        if (P.xp.present()) heun_rows(sc, b, c, h0, x, x0);
-        column_pass(x0, t, Cm);
-        row_pass(t, v, 0);
+        int64_t xs, x0s, os;
+        const A* xr = rows_in(P.x, b, c, h0, x, xs);
+        const A* x0r;
+        if (P.xp.present()) {  // Heun: x0 <- heun_x0(x, x0, x', x0') in scratch
+          load_rows(P.x0, b, c, h0, X0.data());
+          heun_rows(sc, b, c, h0, xr, xs, X0.data());
+          x0r = X0.data();
+          x0s = W;
+        } else {
+          x0r = rows_in(P.x0, b, c, h0, X0.data(), x0s);
+        }
+        column_pass(x0r, x0s, t, Cm);
+        row_pass(t, v, W, 0);
         if (second_order(P)) {  // v += rows of E (x0b - x0), transformed like x0 (patch.h second_order_coef)
           A* xd = Xd.data();
           load_rows(P.x0b, b, c, h0, xd);
+          for (int i = 0; i < S; ++i) {
+            const A* x0i = x0r + i * x0s;
+            A* xdi = xd + i * W;
 #pragma omp simd
-          for (int64_t e = 0; e < n; ++e) xd[e] -= x0[e];
-          column_pass(xd, t, Cm);
-          row_pass(t, xd, 4);
+            for (int64_t y = 0; y < W; ++y) xdi[y] -= x0i[y];
+          }
+          column_pass(xd, W, t, Cm);
+          row_pass(t, xd, W, 4);
 #pragma omp simd
           for (int64_t e = 0; e < n; ++e) v[e] += xd[e];
         }
-        column_pass(v, x0, CmT);
-        const A gamma = sc.gamma, scale = sc.noise_scale;
-        if (P.eta != A(0)) {
-#pragma omp simd
-          for (int64_t e = 0; e < n; ++e) x0[e] = gamma * x[e] + x0[e] + scale * nz[e];
-        } else {
-#pragma omp simd
-          for (int64_t e = 0; e < n; ++e) x0[e] = gamma * x[e] + x0[e];
-        }
-        return store_rows(b, c, h0, x0);
+        A* o = rows_out(b, c, h0, t, os);
+        step_out(v, xr, xs, o, os, sc.gamma, P.eta != A(0) ? nz : nullptr, sc.noise_scale);
+        if (o == t) store_rows(b, c, h0, t);
+        return;
       }
     }
   }
