@@ -693,26 +693,27 @@ struct Strip {
     }
   }
 
-  // Heun (SPEC 8): x0 <- heun_x0(x, x0, x', x0'), reading x' and x0' straight from memory in the
-  // same loop.
-  void heun_rows(const SampleConsts<S, A>& sc, int64_t b, int64_t c, int64_t h0, const A* x, int64_t xs, A* x0) const {
+  // Heun (SPEC 8): dst <- heun_x0(x, x0, x', x0'), reading x' and x0' straight from memory in the
+  // same loop; x and x0 rows `xs` and `x0s` apart, dst's W apart (dst may be x0 itself).
+  void heun_rows(const SampleConsts<S, A>& sc, int64_t b, int64_t c, int64_t h0, const A* x, int64_t xs,
+                 const A* x0, int64_t x0s, A* dst) const {
     const A sg = sc.sigma, sn = sc.sigma_next;
     for (int i = 0; i < S; ++i) {
       const T* xp = P.xp.template at<const T>(b, c, h0 + i, 0);
       const T* x0p = P.x0p.template at<const T>(b, c, h0 + i, 0);
       const int64_t sp = P.xp.sw, s0p = P.x0p.sw;
-      const A* xr = x + i * xs;
-      A* x0r = x0 + i * W;
+      const A *xr = x + i * xs, *x0r = x0 + i * x0s;
+      A* d = dst + i * W;
       if (sp == 1 && s0p == 1) {
         prefetch_next(xp, h0, P.xp.sh);
         prefetch_next(x0p, h0, P.x0p.sh);
 #pragma omp simd
         for (int64_t y = 0; y < W; ++y) {
-          x0r[y] = heun_x0(xr[y], x0r[y], load_elem<A>(xp + y), load_elem<A>(x0p + y), sg, sn);
+          d[y] = heun_x0(xr[y], x0r[y], load_elem<A>(xp + y), load_elem<A>(x0p + y), sg, sn);
         }
       } else {
         for (int64_t y = 0; y < W; ++y) {
-          x0r[y] = heun_x0(xr[y], x0r[y], load_elem<A>(xp + y * sp), load_elem<A>(x0p + y * s0p), sg, sn);
+          d[y] = heun_x0(xr[y], x0r[y], load_elem<A>(xp + y * sp), load_elem<A>(x0p + y * s0p), sg, sn);
         }
       }
     }
@@ -907,14 +908,11 @@ struct Strip {
       case kStep: {
         int64_t xs, x0s, os;
         const A* xr = rows_in(P.x, b, c, h0, x, xs);
-        const A* x0r;
+        const A* x0r = rows_in(P.x0, b, c, h0, X0.data(), x0s);
         if (P.xp.present()) {  // Heun: x0 <- heun_x0(x, x0, x', x0') in scratch
-          load_rows(P.x0, b, c, h0, X0.data());
-          heun_rows(sc, b, c, h0, xr, xs, X0.data());
+          heun_rows(sc, b, c, h0, xr, xs, x0r, x0s, X0.data());
           x0r = X0.data();
           x0s = W;
-        } else {
-          x0r = rows_in(P.x0, b, c, h0, X0.data(), x0s);
         }
         column_pass(x0r, x0s, t, Cm);
         row_pass(t, v, W, 0);
