@@ -918,12 +918,13 @@ struct Strip {
         row_pass(t, v, W, 0);
         if (second_order(P)) {  // v += rows of E (x0b - x0), transformed like x0 (patch.h second_order_coef)
           A* xd = Xd.data();
-          load_rows(P.x0b, b, c, h0, xd);
+          int64_t bs;
+          const A* x0b = rows_in(P.x0b, b, c, h0, xd, bs);
           for (int i = 0; i < S; ++i) {
-            const A* x0i = x0r + i * x0s;
+            const A *x0i = x0r + i * x0s, *x0bi = x0b + i * bs;
             A* xdi = xd + i * W;
 #pragma omp simd
-            for (int64_t y = 0; y < W; ++y) xdi[y] -= x0i[y];
+            for (int64_t y = 0; y < W; ++y) xdi[y] = x0bi[y] - x0i[y];
           }
           column_pass(xd, W, t, Cm);
           row_pass(t, xd, W, 4);
