@@ -24,15 +24,17 @@ build: setup
 lint: setup
 	$(BIN)/ruff check .
 
-# The aarch64 cross compiler and clang for the build checks of tests/test_cpu_isa.py, each from
-# Debian's registry where apt-get runs as root (about a minute together); without one, its tests
-# skip, saying why.
+# The aarch64 cross compiler, qemu-user (runs the aarch64 build of the CPU kernels) and clang for
+# the checks of tests/test_cpu_isa.py, each from Debian's registry where apt-get runs as root
+# (about a minute together); without one, its tests skip, saying why.
 APT_INSTALL = command -v apt-get >/dev/null && [ "$$(id -u)" = 0 ] && apt-get install -y -qq
 toolchain:
 	@command -v aarch64-linux-gnu-g++ >/dev/null || { $(APT_INSTALL) g++-aarch64-linux-gnu >/dev/null 2>&1; } || \
 	  echo "no aarch64 cross compiler: the aarch64 build tests will skip"
 	@command -v clang++ >/dev/null || { $(APT_INSTALL) clang >/dev/null 2>&1; } || \
 	  echo "no clang: the clang build test will skip"
+	@command -v qemu-aarch64 >/dev/null || { $(APT_INSTALL) qemu-user >/dev/null 2>&1; } || \
+	  echo "no qemu-aarch64: the aarch64 run test will skip"
 
 test: lint build toolchain
 	$(BIN)/python -m pytest

@@ -4,19 +4,23 @@ relayops.set_cpu_isa (the ``cpu_isa`` fixture of conftest.py; a path this CPU la
 
 * every op case of the shared matrix (float32, float64) on each path below the best one (the best
   one runs it in test_backends.py) against the float64 reference; the blur rows on every path;
-* seeded noise of each path within 1e-6 of the reference (rows with vector tails, per-sample seeds,
-  and the extreme Philox words of test_box_muller_words.py);
+* each path's vector Philox words equal to the reference's (counters whose low word wraps, and at
+  the top of the 64-bit range); seeded noise of each path within 1e-6 of the reference (rows with
+  vector tails, per-sample seeds, and the extreme Philox words of test_box_muller_words.py);
 * each path's vector ln and cos(2 pi .) against float64 libm (NumPy) over every input Box-Muller
   can give them (all 2^24 uniforms of SPEC 4), worst errors printed;
 * the cap (never above the CPU, RELAYOPS_CPU_ISA, bad values);
 * the CPU kernel sources compile for aarch64 and its portable path uses NEON vector instructions
-  (with a cross compiler; skipped where none is installed).
+  (with a cross compiler; skipped where none is installed), and the aarch64 build runs the op
+  matrix under qemu-aarch64 (skipped without qemu-user).
 """
 from __future__ import annotations
 
+import ctypes
 import os
 import re
 import shutil
+import struct
 import subprocess
 import sys
 from pathlib import Path
@@ -26,6 +30,7 @@ import pytest
 import torch
 
 import relayops
+from relayops.reference.philox import MASK32, philox4x32
 
 compiled = pytest.importorskip("relayops.ops._compiled", reason="relayops._C is not built")
 
@@ -77,6 +82,23 @@ def test_blur_rows_on_each_path(cpu_isa, s, memory_format):
         e1, e2 = eps.to(dtype).double(), eps2.to(dtype).double()
         want = relayops.relay_corrupt(xi.double(), 0.5, 0.7, s, eps=e1, eps2=e2, backend="reference")
         assert_close(got, want, atol=tol * scale_of(want), what=f"relay_corrupt {dtype} on {cpu_isa}")
+
+
+def test_philox_words_on_each_path(cpu_isa):
+    """Each path's vector Philox (four vectors at a time, then single vectors, the last partial)
+    against the reference's int64 emulation, word for word: element indices whose low word wraps
+    within a row (the carry into the high word) and at the top of the 64-bit range (wrapping to 0)."""
+    isa = int(relayops._C.Isa.__members__[cpu_isa])
+    for seed, offset in ((0, 0), (2**64 - 1, 2**40 + 3), (0x0123456789ABCDEF, 7)):
+        for base in (0, 2**32 - 37, 5 * 2**32 + 11, 2**64 - 50):
+            for n in (1, 7, 76, 300):
+                got = torch.empty(4, n, dtype=torch.int32)
+                relayops._C.philox_words(isa, seed, offset, base, n, got.data_ptr())
+                e = [(base + i) % 2**64 for i in range(n)]
+                counter = (torch.tensor([v & MASK32 for v in e]), torch.tensor([v >> 32 for v in e]),
+                           torch.tensor(offset & MASK32), torch.tensor(offset >> 32))
+                want = torch.stack(philox4x32(counter, (seed & MASK32, seed >> 32)))
+                assert torch.equal(got.long() & MASK32, want), f"{cpu_isa}: seed {seed}, base {base}, n {n}"
 
 
 @pytest.mark.parametrize("width", (7, 76, 256))
@@ -164,41 +186,49 @@ CROSS = "aarch64-linux-gnu-g++"
 _NEEDS_CROSS = pytest.mark.skipif(shutil.which(CROSS) is None,
                                   reason=f"no aarch64 cross compiler ({CROSS}; Debian: g++-aarch64-linux-gnu)")
 
-_AARCH64_ROWS = """
+# The includes vector_rows.h expects before it (see its header).
+_AARCH64_PRELUDE = """
+#include <algorithm>
 #include <cmath>
-#include <cstdint>
-#include <cstring>
-#include <arm_neon.h>
-namespace portable {
-#define RELAYOPS_VECTOR_BYTES 16
-#include "vector_rows.h"
-}
-void rows(const uint32_t* w, int64_t n, float* a, float* b) { portable::box_muller_row(w, n, a, b); }
-"""
-
-
-@_NEEDS_CROSS
-def test_portable_rows_vectorise_for_aarch64(tmp_path):
-    """The portable Box-Muller rows built for aarch64 use NEON vector sqrt, FMA and divide."""
-    src = tmp_path / "rows.cpp"
-    src.write_text(_AARCH64_ROWS)
-    asm = tmp_path / "rows.s"
-    subprocess.run([CROSS, "-std=c++17", "-O2", "-fno-math-errno", "-S", f"-I{ROOT / 'csrc/cpu'}", str(src),
-                    "-o", str(asm)], check=True, capture_output=True, text=True)
-    text = asm.read_text()
-    for op in ("fsqrt", "fmla", "fdiv"):
-        assert re.search(rf"\b{op}\s+v\d+\.4s", text), f"no 4-lane {op} in the aarch64 build of box_muller_row"
-
-
-_AARCH64_BLUR = """
 #include <cstdint>
 #include <cstring>
 #include <utility>
 #include <arm_neon.h>
+#include "relayops/philox.h"
 namespace portable {
 #define RELAYOPS_VECTOR_BYTES 16
 #include "vector_rows.h"
 }
+"""
+_AARCH64_ROWS = _AARCH64_PRELUDE + """
+void rows(const uint32_t* w, int64_t n, float* a, float* b) { portable::box_muller_row(w, n, a, b); }
+void words(const relayops::PhiloxKey& key, uint64_t base, int64_t n, uint32_t* w) {
+  portable::philox_row(key, base, n, w);
+}
+"""
+
+
+def _aarch64_asm(tmp_path, source: str, *flags: str) -> str:
+    """source compiled to aarch64 assembly with csrc/cpu and csrc/include on the include path."""
+    src, asm = tmp_path / "rows.cpp", tmp_path / "rows.s"
+    src.write_text(source)
+    subprocess.run([CROSS, "-std=c++17", "-O2", *flags, "-S", f"-I{ROOT / 'csrc/cpu'}",
+                    f"-I{ROOT / 'csrc/include'}", str(src), "-o", str(asm)], check=True, capture_output=True, text=True)
+    return asm.read_text()
+
+
+@_NEEDS_CROSS
+def test_portable_rows_vectorise_for_aarch64(tmp_path):
+    """The portable Box-Muller rows built for aarch64 use NEON vector sqrt, FMA and divide; the
+    Philox rows NEON widening multiplies (two 32 x 32 -> 64-bit products per umull / umull2)."""
+    text = _aarch64_asm(tmp_path, _AARCH64_ROWS, "-fno-math-errno")
+    for op in ("fsqrt", "fmla", "fdiv"):
+        assert re.search(rf"\b{op}\s+v\d+\.4s", text), f"no 4-lane {op} in the aarch64 build of box_muller_row"
+    for op in ("umull", "umull2"):
+        assert re.search(rf"\b{op}\s+v\d+\.2d", text), f"no {op} in the aarch64 build of philox_row"
+
+
+_AARCH64_BLUR = _AARCH64_PRELUDE + """
 void blur(const float* const* in, float* const* out, int64_t w, const float (*a)[4]) {
   portable::blur_rows<4>(in, out, w, a, 0.999f, 0.001f, nullptr, 0.0f, 0);
 }
@@ -208,12 +238,72 @@ void blur(const float* const* in, float* const* out, int64_t w, const float (*a)
 @_NEEDS_CROSS
 def test_portable_blur_rows_vectorise_for_aarch64(tmp_path):
     """The portable path's fused blur rows (s = 4) built for aarch64 are 4-lane NEON FMAs."""
-    src = tmp_path / "blur.cpp"
-    src.write_text(_AARCH64_BLUR)
-    asm = tmp_path / "blur.s"
-    subprocess.run([CROSS, "-std=c++17", "-O2", "-S", f"-I{ROOT / 'csrc/cpu'}", str(src), "-o", str(asm)],
-                   check=True, capture_output=True, text=True)
-    assert re.search(r"\bfmla\s+v\d+\.4s", asm.read_text()), "no 4-lane fmla in the aarch64 build of blur_rows"
+    text = _aarch64_asm(tmp_path, _AARCH64_BLUR)
+    assert re.search(r"\bfmla\s+v\d+\.4s", text), "no 4-lane fmla in the aarch64 build of blur_rows"
+
+
+_NEEDS_QEMU = pytest.mark.skipif(shutil.which(CROSS) is None or shutil.which("qemu-aarch64") is None,
+                                 reason=f"needs {CROSS} and qemu-aarch64 (Debian: g++-aarch64-linux-gnu, qemu-user)")
+_ELEMENT_BYTES = {int(code): torch.empty(0, dtype=dtype).element_size() for dtype, code in compiled.DTYPE_CODES.items()}
+
+
+@pytest.fixture(scope="module")
+def aarch64_runner(tmp_path_factory):
+    """tests/aarch64_runner.cpp and csrc/cpu/kernels.cpp built for aarch64 (static, OpenMP)."""
+    exe = tmp_path_factory.mktemp("aarch64") / "runner"
+    sources = (ROOT / "csrc/cpu/kernels.cpp", ROOT / "tests/aarch64_runner.cpp")
+    subprocess.run([CROSS, "-std=c++17", "-O2", "-fopenmp", "-fno-math-errno", "-static", f"-I{ROOT / 'csrc/include'}",
+                    f"-I{ROOT / 'csrc/cpu'}", *map(str, sources), "-o", str(exe)], check=True, capture_output=True,
+                   text=True)
+    return exe
+
+
+def _run_under_qemu(runner: Path, workdir: Path):
+    """A stand-in for relayops._C.run that runs the call in the aarch64 build under qemu: the
+    memory each pointer reaches (from the shape and strides) goes to the runner in a file, and the
+    output comes back into the output tensor's memory."""
+    def run(mode, dtype, s, shape, views, per_sample, seeds, scalars, seed, offset, flags, cuda_tiles=False):
+        regions = []
+
+        def region(ptr, nbytes):
+            if not ptr:
+                return 0
+            regions.append(ctypes.string_at(ptr, nbytes))
+            return len(regions)
+
+        size, acc_size = _ELEMENT_BYTES[int(dtype)], 8 if int(dtype) == int(compiled.DType.float64) else 4
+        b = shape[0]
+        words = [int(mode), int(dtype), s, *shape]
+        for ptr, *strides in views:
+            extent = 1 + sum((n - 1) * st for n, st in zip(shape, strides))
+            words += [region(ptr, extent * size), *strides]
+        words += [region(p, (b * s * s if i == 4 else b) * acc_size) for i, p in enumerate(per_sample)]
+        words.append(region(seeds, 8 * b))
+        header = struct.pack(f"<{len(words)}q4d2Q5q", *words, *scalars, seed, offset, *flags, int(cuda_tiles))
+        body = b"".join(struct.pack("<q", len(r)) + r for r in regions)
+        (workdir / "call.bin").write_bytes(header + struct.pack("<q", len(regions)) + body)
+        subprocess.run(["qemu-aarch64", str(runner), str(workdir / "call.bin"), str(workdir / "out.bin")], check=True,
+                       capture_output=True, env=dict(os.environ, OMP_NUM_THREADS="2"))
+        result = (workdir / "out.bin").read_bytes()
+        ctypes.memmove(views[7][0], result, len(result))
+
+    return run
+
+
+AARCH64_SHAPES = [(2, 3, 8, 12, 4), (1, 4, 16, 8, 8), (3, 2, 6, 4, 2), (2, 1, 9, 6, 3), (1, 2, 16, 32, 16)]
+
+
+@_NEEDS_QEMU
+@pytest.mark.parametrize("dtype", (torch.float32, torch.float64, torch.bfloat16), ids=str)
+def test_op_matrix_on_aarch64(aarch64_runner, tmp_path, monkeypatch, dtype):
+    """Every op case of the shared matrix, run by the aarch64 build of the CPU kernels (the portable
+    path: NEON Philox, Box-Muller and fused blur) under qemu-aarch64, against the float64
+    reference: fused blur rows (s = 2, 4), the two-pass rows (s = 8, 16) and per-patch code (s = 3)."""
+    monkeypatch.setattr(compiled._C, "run", _run_under_qemu(aarch64_runner, tmp_path))
+    for shape in AARCH64_SHAPES:
+        inputs, exact = matrix.make_inputs(shape, dtype, "cpu")
+        for name in matrix.CASES:
+            matrix.check_case(name, ("cpu", "cpu"), inputs, exact, shape[4], dtype)
 
 
 @pytest.mark.skipif(shutil.which("clang++") is None, reason="no clang++ (Debian: clang)")

@@ -64,135 +64,15 @@ void set_isa_cap(int cap) {
 
 namespace {
 
-// The Philox + Box-Muller row loop is the hot spot of the noise ops. Philox's 32 x 32 -> 64-bit
-// products vectorise badly when left to the compiler (64-bit lanes), so AVX-512 and AVX2 versions
-// with mul_epu32 on even/odd lanes compute the words; Box-Muller runs on vectors of lanes
-// (vector_rows.h, built per instruction set). The build itself stays portable x86-64: which
-// instruction set runs is decided at run time (cpu_isa), capped by set_isa_cap.
+// The vector row loops (vector_rows.h: Philox, Box-Muller, the fused blur) are compiled once per
+// instruction set; the build itself stays portable x86-64 (or aarch64): which instruction set runs
+// is decided at run time (cpu_isa), capped by set_isa_cap.
 #if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
 #define RELAYOPS_X86 1
 #define RELAYOPS_TARGET_AVX2 __attribute__((target("avx2,fma")))
 #define RELAYOPS_TARGET_AVX512 __attribute__((target("avx512f,avx2,fma")))
-#endif
-
-void philox_words_scalar(const PhiloxKey& key, uint64_t base, int64_t from, int64_t W, uint32_t* w) {
-  for (int64_t y = from; y < W; ++y) {
-    const uint64_t e = base + uint64_t(y);
-    const Philox4 r = philox4x32_10(uint32_t(e), uint32_t(e >> 32), key.off0, key.off1, key.k0, key.k1);
-    w[y] = r.x0;
-    w[W + y] = r.x1;
-    w[2 * W + y] = r.x2;
-    w[3 * W + y] = r.x3;
-  }
-}
-
-#ifdef RELAYOPS_X86
 // GCC 12 warns about the intrinsics headers' own _mm512_undefined_* inside the masked builtins.
 #pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
-// hi and lo words of a * m for 8 lanes (m a constant in every lane).
-__attribute__((target("avx2"))) inline __m256i mulhilo8(__m256i a, __m256i m, __m256i& lo) {
-  const __m256i even = _mm256_mul_epu32(a, m);                         // lanes 0, 2, 4, 6 (64-bit)
-  const __m256i odd = _mm256_mul_epu32(_mm256_srli_epi64(a, 32), m);  // lanes 1, 3, 5, 7
-  lo = _mm256_blend_epi32(even, _mm256_slli_epi64(odd, 32), 0xAA);
-  return _mm256_blend_epi32(_mm256_srli_epi64(even, 32), odd, 0xAA);
-}
-
-// The same rounds as relayops::philox4x32_10 (philox.h), 8 counters per vector, 4 vectors in
-// flight (the rounds are a dependency chain; interleaving hides the multiply latency).
-__attribute__((target("avx2"))) void philox_words_avx2(const PhiloxKey& key, uint64_t base, int64_t W, uint32_t* w) {
-  constexpr int V = 4, L = 8;
-  const __m256i m0 = _mm256_set1_epi32(int(0xD2511F53u)), m1 = _mm256_set1_epi32(int(0xCD9E8D57u));
-  int64_t y = 0;
-  for (; y + V * L <= W; y += V * L) {
-    alignas(32) uint32_t lo[V * L], hi[V * L];
-    for (int i = 0; i < V * L; ++i) {
-      const uint64_t e = base + uint64_t(y + i);
-      lo[i] = uint32_t(e);
-      hi[i] = uint32_t(e >> 32);
-    }
-    __m256i c0[V], c1[V], c2[V], c3[V];
-    for (int v = 0; v < V; ++v) {
-      c0[v] = _mm256_load_si256(reinterpret_cast<const __m256i*>(lo + v * L));
-      c1[v] = _mm256_load_si256(reinterpret_cast<const __m256i*>(hi + v * L));
-      c2[v] = _mm256_set1_epi32(int(key.off0));
-      c3[v] = _mm256_set1_epi32(int(key.off1));
-    }
-    uint32_t k0 = key.k0, k1 = key.k1;
-    for (int r = 0; r < 10; ++r) {
-      const __m256i kk0 = _mm256_set1_epi32(int(k0)), kk1 = _mm256_set1_epi32(int(k1));
-      for (int v = 0; v < V; ++v) {
-        __m256i lo0, lo1;
-        const __m256i hi0 = mulhilo8(c0[v], m0, lo0), hi1 = mulhilo8(c2[v], m1, lo1);
-        c0[v] = _mm256_xor_si256(_mm256_xor_si256(hi1, c1[v]), kk0);
-        c1[v] = lo1;
-        c2[v] = _mm256_xor_si256(_mm256_xor_si256(hi0, c3[v]), kk1);
-        c3[v] = lo0;
-      }
-      k0 += 0x9E3779B9u;
-      k1 += 0xBB67AE85u;
-    }
-    for (int v = 0; v < V; ++v) {
-      _mm256_storeu_si256(reinterpret_cast<__m256i*>(w + y + v * L), c0[v]);
-      _mm256_storeu_si256(reinterpret_cast<__m256i*>(w + W + y + v * L), c1[v]);
-      _mm256_storeu_si256(reinterpret_cast<__m256i*>(w + 2 * W + y + v * L), c2[v]);
-      _mm256_storeu_si256(reinterpret_cast<__m256i*>(w + 3 * W + y + v * L), c3[v]);
-    }
-  }
-  philox_words_scalar(key, base, y, W, w);
-}
-
-// hi and lo words of a * m for 16 lanes.
-__attribute__((target("avx512f"))) inline __m512i mulhilo16(__m512i a, __m512i m, __m512i& lo) {
-  const __m512i even = _mm512_mul_epu32(a, m);
-  const __m512i odd = _mm512_mul_epu32(_mm512_srli_epi64(a, 32), m);
-  lo = _mm512_mask_blend_epi32(0xAAAA, even, _mm512_slli_epi64(odd, 32));
-  return _mm512_mask_blend_epi32(0xAAAA, _mm512_srli_epi64(even, 32), odd);
-}
-
-// philox_words_avx2 with 16 counters per vector and 4 independent vectors in flight (the rounds
-// are a dependency chain, so interleaving hides the multiply latency).
-__attribute__((target("avx512f"))) void philox_words_avx512(const PhiloxKey& key, uint64_t base, int64_t W, uint32_t* w) {
-  constexpr int V = 4, L = 16;
-  const __m512i m0 = _mm512_set1_epi32(int(0xD2511F53u)), m1 = _mm512_set1_epi32(int(0xCD9E8D57u));
-  int64_t y = 0;
-  for (; y + V * L <= W; y += V * L) {
-    alignas(64) uint32_t lo[V * L], hi[V * L];
-    for (int i = 0; i < V * L; ++i) {
-      const uint64_t e = base + uint64_t(y + i);
-      lo[i] = uint32_t(e);
-      hi[i] = uint32_t(e >> 32);
-    }
-    __m512i c0[V], c1[V], c2[V], c3[V];
-    for (int v = 0; v < V; ++v) {
-      c0[v] = _mm512_load_si512(lo + v * L);
-      c1[v] = _mm512_load_si512(hi + v * L);
-      c2[v] = _mm512_set1_epi32(int(key.off0));
-      c3[v] = _mm512_set1_epi32(int(key.off1));
-    }
-    uint32_t k0 = key.k0, k1 = key.k1;
-    for (int r = 0; r < 10; ++r) {
-      const __m512i kk0 = _mm512_set1_epi32(int(k0)), kk1 = _mm512_set1_epi32(int(k1));
-      for (int v = 0; v < V; ++v) {
-        __m512i lo0, lo1;
-        const __m512i hi0 = mulhilo16(c0[v], m0, lo0), hi1 = mulhilo16(c2[v], m1, lo1);
-        c0[v] = _mm512_xor_si512(_mm512_xor_si512(hi1, c1[v]), kk0);
-        c1[v] = lo1;
-        c2[v] = _mm512_xor_si512(_mm512_xor_si512(hi0, c3[v]), kk1);
-        c3[v] = lo0;
-      }
-      k0 += 0x9E3779B9u;
-      k1 += 0xBB67AE85u;
-    }
-    for (int v = 0; v < V; ++v) {
-      _mm512_storeu_si512(w + y + v * L, c0[v]);
-      _mm512_storeu_si512(w + W + y + v * L, c1[v]);
-      _mm512_storeu_si512(w + 2 * W + y + v * L, c2[v]);
-      _mm512_storeu_si512(w + 3 * W + y + v * L, c3[v]);
-    }
-  }
-  philox_words_scalar(key, base, y, W, w);
-}
-
 #endif
 
 // The vector row loops, once per instruction set.
@@ -253,18 +133,22 @@ void per_isa(const F& f) {
   }
 }
 
-// eps, eps2 of W consecutive elements from logical index base; w: 4 W words of scratch.
+// eps, eps2 of W consecutive elements from logical index base; w: 4 W words of scratch. The
+// Philox words go through memory (one loop doing both runs out of vector registers and is slower).
 void draw_row(const PhiloxKey& key, uint64_t base, int64_t W, float* eps, float* eps2, uint32_t* w) {
+  switch (cpu_isa()) {
 #ifdef RELAYOPS_X86
-  const int isa = cpu_isa();
-  if (isa == kAvx512)
-    philox_words_avx512(key, base, W, w);
-  else if (isa == kAvx2)
-    philox_words_avx2(key, base, W, w);
-  else
+    case kAvx512:
+      avx512::philox_row(key, base, W, w);
+      return avx512::box_muller_row(w, W, eps, eps2);
+    case kAvx2:
+      avx2::philox_row(key, base, W, w);
+      return avx2::box_muller_row(w, W, eps, eps2);
 #endif
-    philox_words_scalar(key, base, 0, W, w);
-  box_muller_row(w, W, eps, eps2);
+    default:
+      portable::philox_row(key, base, W, w);
+      return portable::box_muller_row(w, W, eps, eps2);
+  }
 }
 
 void draw_row(const PhiloxKey& key, uint64_t base, int64_t W, double* eps, double* eps2, uint32_t*) {
@@ -1055,6 +939,18 @@ void vector_transcendental(int isa, int mode, const uint32_t* in, float* out, in
     case kAvx2: return avx2::transcendental(mode, in, out, n);
 #endif
     default: return portable::transcendental(mode, in, out, n);
+  }
+}
+
+void philox_words(int isa, uint64_t seed, uint64_t offset, uint64_t base, int64_t n, uint32_t* w) {
+  if (isa > best_isa()) throw std::invalid_argument("relayops: this CPU lacks the instruction set asked for");
+  const PhiloxKey key = make_key(seed, offset);
+  switch (isa) {
+#ifdef RELAYOPS_X86
+    case kAvx512: return avx512::philox_row(key, base, n, w);
+    case kAvx2: return avx2::philox_row(key, base, n, w);
+#endif
+    default: return portable::philox_row(key, base, n, w);
   }
 }
 

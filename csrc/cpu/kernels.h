@@ -13,6 +13,9 @@ int cpu_isa();
 void set_isa_cap(int cap);
 // For the tests: the vector ln u1 (mode 0) or cos(2 pi u2) (mode 1) of isa from n Philox words (SPEC 4).
 void vector_transcendental(int isa, int mode, const uint32_t* in, float* out, int64_t n);
+// For the tests: the Philox words of isa's row code for the element indices base .. base + n - 1
+// (SPEC 4 counters, wrapping at 2^64): w[k n + i] = word k of element base + i.
+void philox_words(int isa, uint64_t seed, uint64_t offset, uint64_t base, int64_t n, uint32_t* w);
 // Runs one op on CPU memory. cuda_tiles: emulate the CUDA kernels' thread blocks (tile.h,
 // emulate_tiles) instead of the CPU loops; for tests.
 void launch(const CallArgs& a, bool cuda_tiles);

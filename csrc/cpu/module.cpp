@@ -41,6 +41,13 @@ PYBIND11_MODULE(_C, m) {
       py::arg("isa"), py::arg("mode"), py::arg("input"), py::arg("out"), py::arg("n"),
       "For tests: the vector ln u1 (mode 0) or cos(2 pi u2) (mode 1) of instruction set isa from n Philox words");
   m.def(
+      "philox_words",
+      [](int isa, uint64_t seed, uint64_t offset, uint64_t base, int64_t n, int64_t out) {
+        relayops::cpu::philox_words(isa, seed, offset, base, n, reinterpret_cast<uint32_t*>(out));
+      },
+      py::arg("isa"), py::arg("seed"), py::arg("offset"), py::arg("base"), py::arg("n"), py::arg("out"),
+      "For tests: the Philox words [4, n] (uint32) of instruction set isa for element indices base .. base + n - 1");
+  m.def(
       "run",
       [](int mode, int dtype, int s, std::array<int64_t, 4> shape, std::vector<relayops::ViewArg> views,
          std::array<int64_t, 5> per_sample, int64_t seeds, std::array<double, 4> scalars, uint64_t seed,

@@ -2,7 +2,11 @@
 // instruction set: kernels.cpp includes this file inside namespaces avx512 and avx2 (each in a
 // `#pragma GCC target` region, x86-64 only) and portable (the build's own target: SSE2 on x86-64,
 // NEON on aarch64). kLanes float lanes per vector: 16, 8 or 4. No include guard: included once per
-// namespace, after <cstdint>, <cstring>, relayops/philox.h and, on x86-64, <immintrin.h>.
+// namespace, after <algorithm>, <cstdint>, <cstring>, <utility>, relayops/philox.h and the
+// intrinsics header (<immintrin.h> on x86-64, <arm_neon.h> on aarch64).
+//
+// Philox4x32-10 (SPEC 4) on kLanes counters per vector: the 32 x 32 -> 64-bit products of the
+// even and the odd lanes (x86: mul_epu32; aarch64: umull), their words blended back.
 //
 // Box-Muller (SPEC 4) per vector of lanes, straight from the Philox words: the series of
 // relayops/philox.h's log_unit / cos_2pi, with the exponent and the cosine's argument reduction
@@ -95,6 +99,81 @@ inline __attribute__((always_inline)) VF cos_u2(VU w) {
 // sqrt(-2 ln u1) cos(2 pi u2) from the words (a, b).
 inline __attribute__((always_inline)) VF box_muller(VU a, VU b) { return vsqrt(-2.0f * log_u1(a)) * cos_u2(b); }
 
+// ---- Philox4x32-10: the rounds of relayops/philox.h, kLanes counters per vector ----
+typedef uint64_t VU64 __attribute__((vector_size(RELAYOPS_VECTOR_BYTES)));
+
+// Lanes 2i of a and 2i + 1 of b (one blend).
+template <int... i>
+inline __attribute__((always_inline)) VU even_odd(VU a, VU b, std::integer_sequence<int, i...>) {
+#if defined(__clang__)
+  return __builtin_shufflevector(a, b, (i % 2 ? kLanes + i : i)...);
+#else
+  return __builtin_shuffle(a, b, VI{(i % 2 ? kLanes + i : i)...});
+#endif
+}
+
+// The 64-bit products of the even lanes of a and m (their low words; the odd lanes are ignored).
+inline __attribute__((always_inline)) VU64 mul_even(VU a, VU m) {
+#if RELAYOPS_VECTOR_BYTES == 64
+  return (VU64)_mm512_mul_epu32((__m512i)a, (__m512i)m);
+#elif RELAYOPS_VECTOR_BYTES == 32
+  return (VU64)_mm256_mul_epu32((__m256i)a, (__m256i)m);
+#elif defined(__SSE2__)
+  return (VU64)_mm_mul_epu32((__m128i)a, (__m128i)m);
+#else
+  return ((VU64)a & 0xffffffffu) * ((VU64)m & 0xffffffffu);
+#endif
+}
+
+// The high words of a * m per lane (m the same in every lane); lo gets the low words.
+inline __attribute__((always_inline)) VU mulhilo(VU a, uint32_t m, VU& lo) {
+#if defined(__aarch64__)
+  // umull / umull2: the 64-bit products of the low and high lane pairs; uzp splits lo and hi words
+  const uint32x4_t v = (uint32x4_t)a;
+  const uint32x4_t p0 = vreinterpretq_u32_u64(vmull_n_u32(vget_low_u32(v), m));
+  const uint32x4_t p1 = vreinterpretq_u32_u64(vmull_high_n_u32(v, m));
+  lo = (VU)vuzp1q_u32(p0, p1);
+  return (VU)vuzp2q_u32(p0, p1);
+#else
+  // even lanes' products, then the odd lanes' (shifted down into the even words)
+  const VU mm = VU{} + m;
+  const VU even = (VU)mul_even(a, mm), odd = (VU)mul_even((VU)((VU64)a >> 32), mm);
+  constexpr auto lanes = std::make_integer_sequence<int, kLanes>{};
+  lo = even_odd(even, (VU)((VU64)odd << 32), lanes);
+  return even_odd((VU)((VU64)even >> 32), odd, lanes);
+#endif
+}
+
+// The four Philox words of counters (e, off0, off1) for the element indices e = base + y + lane,
+// y = 0, kLanes, ..., (V - 1) kLanes: c[k][v] is word k of vector v. V vectors in flight: the
+// ten rounds are one dependency chain per vector, so interleaving hides the multiply latency.
+template <int V>
+inline __attribute__((always_inline)) void philox_words(const relayops::PhiloxKey& key, uint64_t base,
+                                                        VU (&c)[4][V]) {
+  VU iota;
+  for (int i = 0; i < kLanes; ++i) iota[i] = uint32_t(i);
+  for (int v = 0; v < V; ++v) {
+    const uint64_t e = base + uint64_t(v * kLanes);
+    c[0][v] = uint32_t(e) + iota;
+    c[1][v] = uint32_t(e >> 32) - (VU)(c[0][v] < iota);  // carry where the low word wrapped
+    c[2][v] = VU{} + key.off0;
+    c[3][v] = VU{} + key.off1;
+  }
+  uint32_t k0 = key.k0, k1 = key.k1;
+  for (int r = 0; r < 10; ++r) {
+    for (int v = 0; v < V; ++v) {
+      VU lo0, lo1;
+      const VU hi0 = mulhilo(c[0][v], 0xD2511F53u, lo0), hi1 = mulhilo(c[2][v], 0xCD9E8D57u, lo1);
+      c[0][v] = hi1 ^ c[1][v] ^ k0;
+      c[1][v] = lo1;
+      c[2][v] = hi0 ^ c[3][v] ^ k1;
+      c[3][v] = lo0;
+    }
+    k0 += 0x9E3779B9u;
+    k1 += 0xBB67AE85u;
+  }
+}
+
 // n lanes from / to memory, n < kLanes padded with zeros (a whole vector when n == kLanes).
 template <class V, class E>
 inline __attribute__((always_inline)) V load_lanes(const E* p, int64_t n) {
@@ -119,6 +198,26 @@ inline void box_muller_row(const uint32_t* w, int64_t W, float* eps, float* eps2
   int64_t y = 0;
   for (; y + kLanes <= W; y += kLanes) lanes(y, kLanes);  // constant size: plain vector loads
   if (y < W) lanes(y, W - y);
+}
+
+// The words of V vectors of elements base + y, ... stored at w[k W + y + ...]; the last vector
+// stores n lanes.
+template <int V>
+inline __attribute__((always_inline)) void philox_store(const relayops::PhiloxKey& key, uint64_t base, int64_t y,
+                                                        int64_t W, int64_t n, uint32_t* w) {
+  VU c[4][V];
+  philox_words<V>(key, base + uint64_t(y), c);
+  for (int v = 0; v < V; ++v)
+    for (int k = 0; k < 4; ++k) store_lanes(w + k * W + y + v * kLanes, c[k][v], v == V - 1 ? n : kLanes);
+}
+
+// w[k W + y] = Philox word k of element base + y for y < W (SPEC 4): groups of four vectors, then
+// single ones, the last one partial.
+inline void philox_row(const relayops::PhiloxKey& key, uint64_t base, int64_t W, uint32_t* w) {
+  constexpr int V = 4;
+  int64_t y = 0;
+  for (; y + V * kLanes <= W; y += V * kLanes) philox_store<V>(key, base, y, W, kLanes, w);
+  for (; y < W; y += kLanes) philox_store<1>(key, base, y, W, std::min<int64_t>(W - y, kLanes), w);
 }
 
 // For the tests: ln u1 (mode 0) or cos(2 pi u2) (mode 1) of the uniforms of n Philox words.
