@@ -318,6 +318,22 @@ def test_cpu_kernels_compile_with_clang(tmp_path):
 
 
 @_NEEDS_CROSS
+@pytest.mark.skipif(shutil.which("clang++") is None, reason="no clang++ (Debian: clang)")
+def test_cpu_kernels_compile_with_clang_for_aarch64(tmp_path):
+    """The build Apple silicon gets (clang, aarch64; here with the cross toolchain's headers):
+    csrc/cpu/kernels.cpp compiles, its Philox rows use NEON widening multiplies and its Box-Muller
+    and blur rows 4-lane FMAs."""
+    asm = tmp_path / "kernels.s"
+    done = subprocess.run(["clang++", "--target=aarch64-linux-gnu", "-std=c++17", "-O2", "-S",
+                           f"-I{ROOT / 'csrc/include'}", str(ROOT / "csrc/cpu/kernels.cpp"), "-o", str(asm)],
+                          capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-4000:]
+    text = asm.read_text()
+    for op, lanes in (("umull", "2d"), ("umull2", "2d"), ("fmla", "4s"), ("fsqrt", "4s")):
+        assert re.search(rf"\b{op}\s+v\d+\.{lanes}", text), f"no {op} .{lanes} in clang's aarch64 build"
+
+
+@_NEEDS_CROSS
 def test_cpu_kernels_compile_for_aarch64(tmp_path):
     """csrc/cpu/kernels.cpp (no torch or pybind11 headers) compiles for aarch64 with OpenMP."""
     done = subprocess.run([CROSS, "-std=c++17", "-O0", "-fopenmp", "-fno-math-errno", "-c",
