@@ -11,8 +11,9 @@
 // halo rows per unit). Scratch memory is O(s * W) per thread, never proportional to the input.
 // Instruction sets: the build is baseline x86-64 (or aarch64); each work unit runs a copy of the
 // row loops compiled for the instruction set cpu_isa() picks at run time (per_isa), so a cap
-// (set_isa_cap) forces every path, hand-written (Philox, Box-Muller, fused blur) and compiler-
-// vectorised alike, on any CPU that has it.
+// (set_isa_cap) forces every path, written with vector extensions (vector_rows.h: Philox,
+// Box-Muller, fused blur), with intrinsics (the AVX-512 fused blur) or left to the compiler's
+// vectoriser alike, on any CPU that has it.
 #include "kernels.h"
 
 #include "relayops/tile.h"
