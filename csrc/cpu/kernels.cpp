@@ -101,6 +101,17 @@ namespace portable {
 #undef RELAYOPS_VECTOR_BYTES
 }  // namespace portable
 
+// The Philox words (vector_rows.h philox_row) of instruction set isa.
+void philox_row(int isa, const PhiloxKey& key, uint64_t base, int64_t W, uint32_t* w) {
+  switch (isa) {
+#ifdef RELAYOPS_X86
+    case kAvx512: return avx512::philox_row(key, base, W, w);
+    case kAvx2: return avx2::philox_row(key, base, W, w);
+#endif
+    default: return portable::philox_row(key, base, W, w);
+  }
+}
+
 void box_muller_row(const uint32_t* w, int64_t W, float* eps, float* eps2) {
   switch (cpu_isa()) {
 #ifdef RELAYOPS_X86
@@ -137,19 +148,8 @@ void per_isa(const F& f) {
 // eps, eps2 of W consecutive elements from logical index base; w: 4 W words of scratch. The
 // Philox words go through memory (one loop doing both runs out of vector registers and is slower).
 void draw_row(const PhiloxKey& key, uint64_t base, int64_t W, float* eps, float* eps2, uint32_t* w) {
-  switch (cpu_isa()) {
-#ifdef RELAYOPS_X86
-    case kAvx512:
-      avx512::philox_row(key, base, W, w);
-      return avx512::box_muller_row(w, W, eps, eps2);
-    case kAvx2:
-      avx2::philox_row(key, base, W, w);
-      return avx2::box_muller_row(w, W, eps, eps2);
-#endif
-    default:
-      portable::philox_row(key, base, W, w);
-      return portable::box_muller_row(w, W, eps, eps2);
-  }
+  philox_row(cpu_isa(), key, base, W, w);
+  box_muller_row(w, W, eps, eps2);
 }
 
 void draw_row(const PhiloxKey& key, uint64_t base, int64_t W, double* eps, double* eps2, uint32_t*) {
@@ -945,14 +945,7 @@ void vector_transcendental(int isa, int mode, const uint32_t* in, float* out, in
 
 void philox_words(int isa, uint64_t seed, uint64_t offset, uint64_t base, int64_t n, uint32_t* w) {
   if (isa > best_isa()) throw std::invalid_argument("relayops: this CPU lacks the instruction set asked for");
-  const PhiloxKey key = make_key(seed, offset);
-  switch (isa) {
-#ifdef RELAYOPS_X86
-    case kAvx512: return avx512::philox_row(key, base, n, w);
-    case kAvx2: return avx2::philox_row(key, base, n, w);
-#endif
-    default: return portable::philox_row(key, base, n, w);
-  }
+  philox_row(isa, make_key(seed, offset), base, n, w);
 }
 
 void launch(const CallArgs& a, bool cuda_tiles) {
