@@ -36,33 +36,61 @@ STAGES = ("base", "relay")
 _EDM_NAME = "EDMPrecond"
 
 
-def _module_state(obj, prefix: str, out: dict) -> None:
-    """The state-dict entries of a pickled module tree (nn.Module.state_dict's rules)."""
-    if not isinstance(obj, (PersistentObject, PlainModule)):
-        raise UnsafeCheckpointError(f"{prefix.rstrip('.') or 'the network'} is a {type(obj).__name__}, not a module")
-    state = obj.state or {}
-    skip = state.get("_non_persistent_buffers_set") or set()
-    for group in ("_parameters", "_buffers", "_modules"):
-        if not isinstance(state.get(group) or {}, dict):
-            raise UnsafeCheckpointError(f"{prefix}{group} is not a dict")
-    for group in ("_parameters", "_buffers"):
-        for name, value in (state.get(group) or {}).items():
-            if value is None or (group == "_buffers" and name in skip):
-                continue
-            if not isinstance(value, TensorRef):
-                raise UnsafeCheckpointError(f"{prefix}{name} is a {type(value).__name__}, not a tensor")
-            out[prefix + name] = value
-    for name, child in (state.get("_modules") or {}).items():
-        if child is not None:
-            _module_state(child, f"{prefix}{name}.", out)
+MAX_MODULE_DEPTH = 32      # modules nested in a checkpoint's network (EDM's: 4)
+MAX_ARGUMENT_ITEMS = 10_000  # values in a network's recorded constructor arguments, nested ones included
+MAX_ARGUMENT_DEPTH = 16
 
 
-def _plain(value, key: str):
-    """A constructor argument as JSON data (tuples become lists); anything else is an error."""
+def _module_state(root, out: dict) -> None:
+    """The state-dict entries of a pickled module tree (nn.Module.state_dict's rules).
+
+    Each module is visited once (a module reached twice is refused: EDM's networks share none,
+    and a shared-node graph would otherwise double the work per level) and at most
+    ``MAX_MODULE_DEPTH`` deep."""
+    seen: set[int] = set()
+    todo = [(root, "", 0)]
+    while todo:
+        obj, prefix, depth = todo.pop()
+        where = prefix.rstrip(".") or "the network"
+        if not isinstance(obj, (PersistentObject, PlainModule)):
+            raise UnsafeCheckpointError(f"{where} is a {type(obj).__name__}, not a module")
+        if id(obj) in seen:
+            raise UnsafeCheckpointError(f"{where} is a module that appears twice in the network")
+        if depth > MAX_MODULE_DEPTH:
+            raise UnsafeCheckpointError(f"{where}: modules nested more than {MAX_MODULE_DEPTH} deep")
+        seen.add(id(obj))
+        state = obj.state or {}
+        skip = state.get("_non_persistent_buffers_set") or set()
+        for group in ("_parameters", "_buffers", "_modules"):
+            if not isinstance(state.get(group) or {}, dict):
+                raise UnsafeCheckpointError(f"{prefix}{group} is not a dict")
+            if not all(isinstance(name, str) for name in (state.get(group) or {})):
+                raise UnsafeCheckpointError(f"{prefix}{group} has a name that is not a string")
+        for group in ("_parameters", "_buffers"):
+            for name, value in (state.get(group) or {}).items():
+                if value is None or (group == "_buffers" and name in skip):
+                    continue
+                if not isinstance(value, TensorRef):
+                    raise UnsafeCheckpointError(f"{prefix}{name} is a {type(value).__name__}, not a tensor")
+                out[prefix + name] = value
+        children = [(child, f"{prefix}{name}.", depth + 1)
+                    for name, child in (state.get("_modules") or {}).items() if child is not None]
+        todo.extend(reversed(children))  # depth first, in order: the keys come out in state_dict's order
+
+
+def _plain(value, key: str, count: list | None = None, depth: int = 0):
+    """A constructor argument as JSON data (tuples become lists); anything else is an error.
+    ``count``: values converted so far (at most ``MAX_ARGUMENT_ITEMS``, nested at most
+    ``MAX_ARGUMENT_DEPTH`` deep, so that shared lists cannot blow up the output)."""
+    count = [0] if count is None else count
+    count[0] += 1
+    if count[0] > MAX_ARGUMENT_ITEMS or depth > MAX_ARGUMENT_DEPTH:
+        raise UnsafeCheckpointError(f"constructor argument {key!r} holds more than {MAX_ARGUMENT_ITEMS} values or "
+                                    f"is nested more than {MAX_ARGUMENT_DEPTH} deep")
     if isinstance(value, (list, tuple)):
-        return [_plain(v, key) for v in value]
+        return [_plain(v, key, count, depth + 1) for v in value]
     if isinstance(value, dict):
-        return {str(k): _plain(v, key) for k, v in value.items()}
+        return {str(k): _plain(v, key, count, depth + 1) for k, v in value.items()}
     if value is None or isinstance(value, (bool, int, float, str)):
         return value
     raise ValueError(f"constructor argument {key!r} holds a {type(value).__name__}; expected plain data")
@@ -82,17 +110,60 @@ def _constructor_kwargs(net: PersistentObject) -> dict:
                          f"at most {len(names)}")
     merged = dict(zip(names, args or ()))
     merged.update(kwargs)
-    return {str(k): _plain(v, str(k)) for k, v in merged.items()}
+    count = [0]
+    return {str(k): _plain(v, str(k), count) for k, v in merged.items()}
+
+
+# The sizes a checkpoint's record may ask EDMPrecond for (the released networks: 256x256, 256
+# channels, 6 levels, 3 blocks, 1000 classes, 554M parameters).
+NETWORK_LIMITS = {
+    "img_resolution": 4096, "img_channels": 64, "label_dim": 100_000, "augment_dim": 1024, "model_channels": 4096,
+    "channel_mult_emb": 16, "channel_mult_noise": 16, "num_blocks": 16,
+}
+NETWORK_LIST_LIMITS = {"channel_mult": (12, 64), "attn_resolutions": (16, 4096), "resample_filter": (16, 1024)}
+MAX_NETWORK_BLOCKS = 64         # len(channel_mult) * (2 num_blocks + 3): the released 256x256 networks, 42
+MAX_NETWORK_PARAMETERS = 10**10
+
+
+def _check_network_size(kwargs: dict) -> None:
+    def bad(name, value, limit):
+        raise ValueError(f"the checkpoint's network argument {name}={value!r} is outside the limit "
+                         f"({limit}; relayops.models.convert.NETWORK_LIMITS)")
+    for name, limit in NETWORK_LIMITS.items():
+        v = kwargs.get(name)
+        if v is not None and (not isinstance(v, int) or isinstance(v, bool) or not 0 <= v <= limit):
+            bad(name, v, f"an integer in [0, {limit}]")
+    for name, (length, limit) in NETWORK_LIST_LIMITS.items():
+        v = kwargs.get(name)
+        if v is not None and (not isinstance(v, (list, tuple)) or len(v) > length or not all(
+                isinstance(x, (int, float)) and not isinstance(x, bool) and 0 <= x <= limit for x in v)):
+            bad(name, v, f"at most {length} numbers in [0, {limit}]")
+    levels, blocks = len(kwargs.get("channel_mult") or (1, 2, 2, 2)), kwargs.get("num_blocks") or 4
+    if levels * (2 * blocks + 3) > MAX_NETWORK_BLOCKS:  # building is linear in the blocks (defaults: SongUNet's)
+        bad("num_blocks", blocks, f"{levels} levels of {blocks} blocks: at most {MAX_NETWORK_BLOCKS} blocks in all")
 
 
 def build_network(kwargs: dict, device="meta") -> EDMPrecond:
-    """EDMPrecond from its recorded arguments (on the meta device by default: no memory)."""
+    """EDMPrecond from its recorded arguments (on the meta device by default: no memory).
+
+    The arguments come from a file: sizes outside :data:`NETWORK_LIMITS`, more than
+    ``MAX_NETWORK_BLOCKS`` blocks and networks of more than ``MAX_NETWORK_PARAMETERS`` (counted on
+    the meta device) are refused before anything is allocated."""
+    _check_network_size(kwargs)
     try:
-        with torch.device(device):
-            return EDMPrecond(**kwargs)
-    except TypeError as e:
-        raise ValueError(f"the checkpoint's network arguments do not fit relayops' EDMPrecond ({e}): {kwargs}") \
-            from None
+        with torch.device("meta"):
+            net = EDMPrecond(**kwargs)
+    except (TypeError, ValueError, IndexError, KeyError, ZeroDivisionError, RuntimeError) as e:
+        raise ValueError(f"the checkpoint's network arguments do not fit relayops' EDMPrecond "
+                         f"({type(e).__name__}: {e}): {kwargs}") from None
+    n = sum(t.numel() for t in net.state_dict().values())
+    if n > MAX_NETWORK_PARAMETERS:
+        raise ValueError(f"the checkpoint's network has {n} parameters, more than the limit of "
+                         f"{MAX_NETWORK_PARAMETERS} (MAX_NETWORK_PARAMETERS)")
+    if torch.device(device).type == "meta":
+        return net
+    with torch.device(device):
+        return EDMPrecond(**kwargs)
 
 
 def _check_against(net: EDMPrecond, tensors: dict, source: str) -> None:
@@ -142,18 +213,20 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def read_checkpoint(path, module: str = "ema", stage: str | None = None):
+def read_checkpoint(path, module: str = "ema", stage: str | None = None, *, max_bytes: int | None = None):
     """``(kwargs, tensors, record)`` of an EDM ``.pkl`` or RDM ``.pt`` checkpoint, read safely.
 
     ``module``: which network of the file (``"ema"``; RDM's training states also hold ``"net"``,
     the raw weights). ``tensors`` maps state-dict keys to :class:`safe_pickle.TensorRef` (data not
     read yet); they match :class:`EDMPrecond` ``(**kwargs)`` in keys and shapes. ``record`` is the
-    relayops checkpoint record (see the module docstring).
+    relayops checkpoint record (see the module docstring). ``max_bytes``: the most bytes the file's
+    storages (and its tensors) may take; by default twice the file size plus 1 MiB
+    (:func:`safe_pickle.read_file`).
     """
     if stage is not None and stage not in STAGES:
         raise ValueError(f"stage must be one of {STAGES} or None, got {stage!r}")
     path = Path(path)
-    top = read_file(path)
+    top = read_file(path, max_bytes=max_bytes)
     if not isinstance(top, dict):
         raise ValueError(f"{path} holds a {type(top).__name__}; EDM and RDM checkpoints hold a dict with 'ema'")
     if module not in top:
@@ -165,7 +238,7 @@ def read_checkpoint(path, module: str = "ema", stage: str | None = None):
                          "(EDM's and RDM's released models)")
     kwargs = _constructor_kwargs(net)
     tensors: dict[str, TensorRef] = {}
-    _module_state(net, "", tensors)
+    _module_state(net, tensors)
     _check_against(build_network(kwargs), tensors, str(path))
     seen = top.get("step")  # RDM's training states count images, not steps
     record = {
@@ -181,13 +254,13 @@ def read_checkpoint(path, module: str = "ema", stage: str | None = None):
     return kwargs, tensors, record
 
 
-def convert(src, dest, *, module: str = "ema", stage: str | None = None) -> Path:
+def convert(src, dest, *, module: str = "ema", stage: str | None = None, max_bytes: int | None = None) -> Path:
     """Write the ``module`` network of ``src`` (``.pkl``/``.pt``) as a relayops checkpoint in ``dest``.
 
     Returns the ``checkpoint.safetensors`` path. Tensors keep their dtype; they are written under
     ``ema.`` (whichever network was chosen; ``record["source"]["module"]`` says which).
     """
-    kwargs, refs, record = read_checkpoint(src, module, stage)
+    kwargs, refs, record = read_checkpoint(src, module, stage, max_bytes=max_bytes)
     tensors = {f"ema.{k}": ref.load() for k, ref in refs.items()}
     return ckpt.save_checkpoint(dest, tensors, record)
 
@@ -204,18 +277,19 @@ def network_from_record(record: dict, state: dict[str, torch.Tensor], source: st
 
 
 def load_checkpoint(path, *, module: str = "ema", device="cpu", dtype: torch.dtype | None = None,
-                    channels_last: bool = False) -> EDMPrecond:
+                    channels_last: bool = False, max_bytes: int | None = None) -> EDMPrecond:
     """An EDMPrecond (eval mode, no gradients) from a released ``.pkl``/``.pt`` (read safely, nothing
     written) or a converted relayops checkpoint (run directory or ``.safetensors``).
 
     ``dtype``: float16 or bfloat16 runs the network (and holds its weights) in that type; the
     preconditioning stays float32. ``channels_last``: weights and activations channels-last.
+    ``max_bytes``: as for :func:`read_checkpoint`.
     """
     if dtype not in (None, torch.float16, torch.bfloat16, torch.float32):
         raise ValueError(f"dtype must be float16, bfloat16 or float32, got {dtype}")
     p = Path(path)
     if p.suffix in (".pkl", ".pt", ".pth"):
-        _, refs, record = read_checkpoint(p, module)
+        _, refs, record = read_checkpoint(p, module, max_bytes=max_bytes)
         state = {k: ref.load() for k, ref in refs.items()}
     else:
         tensors, record = ckpt.load_checkpoint(p)

@@ -116,6 +116,8 @@ STORAGE_DTYPES = {
 class _NoState:
     """Objects a checkpoint may create but never modify (pickle's BUILD opcode is refused)."""
 
+    __slots__ = ()
+
     def __setstate__(self, state):
         raise UnsafeCheckpointError(f"a checkpoint tried to set the state of a {type(self).__name__}")
 
