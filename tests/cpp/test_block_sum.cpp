@@ -52,6 +52,5 @@ int main() {
       CHECK_NEAR(cov, want, 1e-12);
       CHECK_NEAR(MT[a * n + b], M[b * n + a], 1e-15);
     }
-  std::printf("test_block_sum: %d failure(s)\n", g_failures);
-  return g_failures;
+  return finish("test_block_sum");
 }

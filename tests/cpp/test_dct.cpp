@@ -45,6 +45,5 @@ int main() {
   round_trip<4>(4);
   round_trip<8>(8);
   for (int s = 1; s <= kMaxS; ++s) round_trip<0>(s);
-  std::printf("test_dct: %d failure(s)\n", g_failures);
-  return g_failures;
+  return finish("test_dct");
 }

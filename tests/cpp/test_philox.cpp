@@ -37,6 +37,5 @@ int main() {
   const relayops::PhiloxKey key = relayops::make_key(0xa4093822299f31d0ull, 0x0370734413198a2eull);
   CHECK(key.k0 == 0x299f31d0u && key.k1 == 0xa4093822u && key.off0 == 0x13198a2eu && key.off1 == 0x03707344u);
 
-  std::printf("test_philox: %d failure(s)\n", g_failures);
-  return g_failures;
+  return finish("test_philox");
 }
