@@ -603,7 +603,7 @@ def load_pickle(file, persistent_load: Callable | None = None, extra_globals: di
         if size is None:
             size = _remaining(file)
         obj = _RestrictedUnpickler(file, size, persistent_load, extra_globals).load()
-    except UnsafeCheckpointError:
+    except (UnsafeCheckpointError, MemoryError):  # a MemoryError would be a bug of the limits: not hidden
         raise
     except Exception as e:  # whatever a damaged pickle makes the opcodes raise: the loader's error
         raise UnsafeCheckpointError(f"malformed pickle ({type(e).__name__}: {e})") from None
@@ -747,9 +747,15 @@ def _read_record(zf: zipfile.ZipFile, info: zipfile.ZipInfo, buf: bytearray) -> 
 def _read_zip(path: Path, budget: _Budget):
     """``torch.save``'s zip: ``<prefix>/data.pkl`` and ``<prefix>/data/<key>`` per storage."""
     try:
-        zf = zipfile.ZipFile(path)
-    except Exception as e:
+        return _read_zip_records(path, budget)
+    except (UnsafeCheckpointError, MemoryError):
+        raise
+    except Exception as e:  # zipfile's, zlib's and I/O errors of a damaged zip
         raise UnsafeCheckpointError(f"{path} is a corrupt zip ({type(e).__name__}: {e})") from None
+
+
+def _read_zip_records(path: Path, budget: _Budget):
+    zf = zipfile.ZipFile(path)
     records = {info.filename: info for info in zf.infolist()}
     pkls = [n for n in records if n.endswith("/data.pkl") and n.count("/") == 1]
     if len(pkls) != 1:
@@ -784,13 +790,8 @@ def _read_zip(path: Path, budget: _Budget):
             storages[key] = StorageRef(stype.dtype, numel, lambda buf, i=info: _read_record(zf, i, buf), budget)
         return storages[key]
 
-    try:
-        with zf.open(pkl) as f:
-            return load_pickle(f, persistent, size=pkl.file_size)
-    except UnsafeCheckpointError:
-        raise
-    except Exception as e:
-        raise UnsafeCheckpointError(f"{path}: data.pkl could not be read ({type(e).__name__}: {e})") from None
+    with zf.open(pkl) as f:
+        return load_pickle(f, persistent, size=pkl.file_size)
 
 
 def read_file(path, *, max_bytes: int | None = None) -> Any:
