@@ -103,8 +103,8 @@ def test_a_training_state_reads_only_the_chosen_network(tmp_path, marker, monkey
                     extra={"net": random_net(BASE, 1), "optimizer_state": {"state": {0: {"m": torch.ones(1000)}}}})
     read = []
     original = zipfile.ZipFile.open
-    monkeypatch.setattr(zipfile.ZipFile, "open", lambda self, name, *a, **k: read.append(getattr(name, "filename", name))
-                        or original(self, name, *a, **k))
+    monkeypatch.setattr(zipfile.ZipFile, "open", lambda self, name, *a, **k:
+                        read.append(getattr(name, "filename", name)) or original(self, name, *a, **k))
     load_checkpoint(path)
     records = [n for n in zipfile.ZipFile(path).namelist() if "/data/" in n]
     storages = [n for n in read if "/data/" in n]
