@@ -44,7 +44,7 @@ test: lint build toolchain
 FUZZ_EXAMPLES ?= 500
 SEED ?= 0
 fuzz: build
-	RELAYOPS_FUZZ_EXAMPLES=$(FUZZ_EXAMPLES) RELAYOPS_FUZZ_LONG=1 $(BIN)/python -m pytest tests/test_fuzz.py \
+	RELAYOPS_FUZZ_EXAMPLES=$(FUZZ_EXAMPLES) RELAYOPS_FUZZ_LONG=1 $(BIN)/python -m pytest tests/test_fuzz.py tests/test_loader_fuzz.py \
 		-p no:cacheprovider --hypothesis-show-statistics --hypothesis-seed=$(SEED)
 
 # install-check: the packaging test with the CUDA module built too (where nvcc is found): sdist,
