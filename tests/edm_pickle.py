@@ -109,3 +109,46 @@ class PersistentRecord:
     def __reduce__(self):
         meta = dict(type="class", version=6, module_src=self._src, class_name=self._name, state=dict(self._state))
         return _reconstruct_persistent_obj, (meta,), None
+
+
+def dump_records(data, path, fmt: str = "pkl") -> None:
+    """``pickle.dump`` (``fmt="pkl"``) or ``torch.save`` (``"pt"``) of data holding
+    :class:`PersistentRecord` objects, the persistence module importable meanwhile."""
+    with _fake_persistence(PERSISTENCE):
+        if fmt == "pkl":
+            with open(path, "wb") as f:
+                pickle.dump(data, f, protocol=2)
+        else:
+            torch.save(data, path)
+
+
+# Buffers of EDM's networks (everything else in their state dicts is a parameter).
+EDM_BUFFERS = ("resample_filter", "freqs")
+
+
+def records_from_state_dict(state: dict, init_kwargs: dict, src: str = "", containers=("enc", "dec")):
+    """An EDMPrecond as EDM's persistence pickles it, built from a state dict and the constructor
+    arguments alone (no network class involved): one persistent record per module path of the
+    keys, torch ``ModuleDict``s (pickled by class reference, as EDM's are) for ``containers``,
+    parameters as ``nn.Parameter``, ``EDM_BUFFERS`` as buffers."""
+    tree: dict = {}
+    for key, value in state.items():
+        *path, leaf = key.split(".")
+        node = tree
+        for part in path:
+            node = node.setdefault(part, {})
+        node[leaf] = value
+
+    def build(name: str, node: dict, top: bool):
+        params = {k: nn.Parameter(v, requires_grad=v.is_floating_point()) for k, v in node.items()
+                  if isinstance(v, torch.Tensor) and k not in EDM_BUFFERS}
+        buffers = {k: v for k, v in node.items() if isinstance(v, torch.Tensor) and k in EDM_BUFFERS}
+        modules = {k: build(k, v, False) for k, v in node.items() if isinstance(v, dict)}
+        if name in containers and not params and not buffers:
+            plain = nn.ModuleDict()
+            plain.__dict__["_modules"] = dict(modules)  # records, not nn.Modules: set past __setattr__
+            return plain
+        return PersistentRecord("EDMPrecond" if top else "Module", src, _parameters=params, _buffers=buffers,
+                                _modules=modules, _non_persistent_buffers_set=set(), training=False,
+                                _init_args=(), _init_kwargs=dict(init_kwargs) if top else {})
+    return build("", tree, True)

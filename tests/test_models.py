@@ -2,7 +2,9 @@
 resampling, embeddings, preconditioning, low precision, channels-last and torch.compile."""
 from __future__ import annotations
 
+import json
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -21,21 +23,22 @@ def meta_net(**kwargs) -> EDMPrecond:
 
 # --- the released architectures -------------------------------------------------------------------
 
-# (config, augment_dim) -> (state-dict tensors, parameters in millions, 2 decimals), as the
-# released RDM checkpoints hold them.
-TABLE = {
-    ("imagenet64", 0): (553, 295.90), ("imagenet64", 9): (554, 295.90),
-    ("imagenet256-relay", 0): (587, 553.83), ("imagenet256-relay", 9): (588, 553.83),
-    ("celebahq256-relay", 0): (586, 552.81), ("celebahq256-relay", 9): (587, 552.81),
-}
+# (config, augment_dim) -> (state-dict tensors, parameters) of the released RDM stages, as the
+# authors' own network code builds them: tests/data/edm-reference/manifest.json (see its README;
+# tests/test_edm_reference.py checks every key and shape of the same file).
+_MANIFEST = json.loads((Path(__file__).resolve().parent / "data" / "edm-reference" / "manifest.json").read_text())
+_PRESET = {"imagenet64": "imagenet64", "imagenet256": "imagenet256-relay", "celebahq64": "celebahq64",
+           "celebahq256": "celebahq256-relay"}
+TABLE = {(_PRESET[name.split("/")[0]], cfg["kwargs"]["augment_dim"]): (cfg["tensors"], cfg["parameters"])
+         for name, cfg in _MANIFEST["configs"].items()}
 
 
 @pytest.mark.parametrize("name,augment_dim", list(TABLE))
 def test_released_parameter_tables(name, augment_dim):
     net = meta_net(**RDM_CONFIGS[name], augment_dim=augment_dim)
-    tensors, millions = TABLE[name, augment_dim]
+    tensors, parameters = TABLE[name, augment_dim]
     assert len(net.state_dict()) == tensors
-    assert round(sum(p.numel() for p in net.parameters()) / 1e6, 2) == millions
+    assert sum(p.numel() for p in net.parameters()) == parameters
 
 
 def test_edm_key_names_and_shapes():
