@@ -1,17 +1,23 @@
 """One test matrix for every backend: values, per-sample seeds, gradients, errors, opcheck, compile.
 
-Every op case runs on every backend available here, from one fixture (``target``): the
-reference, the compiled "cpu" backend and Triton (under TRITON_INTERPRET=1, on CPU tensors) on a
-machine without a GPU; on a GPU also the reference on CUDA tensors, "cuda", and Triton on CUDA
-tensors. Values are compared with the float64 reference (itself tested against SciPy in
-tests/test_reference_*.py) on the same rounded inputs: float64 within 1e-10, float32 within
-1e-5 of the output's scale, float16/bfloat16 at most twice as far from it as the reference run
-in the same precision. Gradients are compared with PyTorch's autograd through the float64
-reference. Fresh kernel outputs are NaN-filled under test, so a skipped element fails.
+Comparisons (values, layouts, large shapes, gradients) run every op case on every kernel
+backend available here (fixture ``kernel_target``): the compiled "cpu" backend and Triton (under
+TRITON_INTERPRET=1, on CPU tensors) on a machine without a GPU; on a GPU also "cuda" and Triton
+on CUDA tensors. Each is compared with the float64 reference (itself tested against SciPy and
+analytic results in tests/test_reference_*.py, so it is not compared with itself here) on the
+same rounded inputs: float64 within 1e-10, float32 within 1e-5 of the output's scale,
+float16/bfloat16 at most twice as far from it as the reference run in the same precision.
+Gradients are compared with PyTorch's autograd through the float64 reference. Fresh kernel
+outputs are NaN-filled under test, so a skipped element fails. Patch sizes above the kernels'
+limit (16) run the reference: a separate test checks that the reference is what runs there.
+
+Properties every backend must have, the reference included (fixture ``target``): per-sample
+seeds, identical errors, torch.compile; opcheck on the kernel backends.
 """
 from __future__ import annotations
 
 import os
+import sys
 
 import pytest
 import torch
@@ -51,6 +57,12 @@ def _target_id(t):
 
 @pytest.fixture(params=TARGETS, ids=_target_id)
 def target(request):
+    return request.param
+
+
+@pytest.fixture(params=KERNEL_TARGETS, ids=_target_id)
+def kernel_target(request):
+    """The backends whose values are compared with the reference (not the reference itself)."""
     return request.param
 
 
@@ -129,9 +141,10 @@ CASES = {
 }
 
 # (B, C, H, W, s): B = 1, C = 1, H = W = s, non-square, C = 4 and 16, s = 2, 3 (not a power of
-# two), 4, 8, 16, s = 32 (above the kernels' limit: the reference runs), an empty batch.
+# two), 4, 8, 16 (the kernels' limit), an empty batch. Above the limit the reference runs:
+# test_patch_sizes_above_the_limit_run_the_reference.
 SHAPES = [(1, 1, 4, 4, 4), (2, 3, 8, 12, 4), (1, 4, 16, 8, 8), (3, 16, 6, 4, 2), (2, 1, 9, 6, 3),
-          (1, 2, 16, 32, 16), (1, 1, 32, 64, 32), (0, 2, 8, 8, 4)]
+          (1, 2, 16, 32, 16), (0, 2, 8, 8, 4)]
 DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 
 
@@ -163,9 +176,46 @@ def check_case(name, target, inputs, exact, s, dtype):
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("shape", SHAPES, ids=_shape_id)
 @pytest.mark.parametrize("name", list(CASES))
-def test_values(target, name, shape, dtype):
-    inputs, exact = make_inputs(shape, dtype, target[1])
-    check_case(name, target, inputs, exact, shape[4], dtype)
+def test_values(kernel_target, name, shape, dtype):
+    inputs, exact = make_inputs(shape, dtype, kernel_target[1])
+    check_case(name, kernel_target, inputs, exact, shape[4], dtype)
+
+
+OPS = ("patch_dct", "patch_idct", "patch_blur", "block_noise", "relay_noise", "relay_corrupt", "relay_step")
+
+
+def _python_calls(fn):
+    """``fn()`` and the code objects of every Python function it called."""
+    called = set()
+
+    def profile(frame, event, arg):
+        if event == "call":
+            called.add(frame.f_code)
+    sys.setprofile(profile)
+    try:
+        out = fn()
+    finally:
+        sys.setprofile(None)
+    return out, called
+
+
+@pytest.mark.parametrize("name", list(CASES))
+@pytest.mark.parametrize("target", KERNEL_TARGETS, ids=_target_id)
+def test_patch_sizes_above_the_limit_run_the_reference(target, name):
+    """s = 32 on a kernel backend runs relayops.reference's function of the op (and gives its
+    output exactly); s = 16 runs the kernel (the control: the reference function is not called)."""
+    backend, device = target
+    dtype = torch.float64 if takes_float64(backend) else torch.float32
+    op = max((o for o in OPS if name.startswith(o)), key=len)
+    reference_code = getattr(relayops.reference, op).__code__
+    call = CASES[name][0]
+    for shape in ((1, 1, 32, 64, 32), (1, 2, 16, 32, 16)):
+        s = shape[4]
+        inputs, _ = make_inputs(shape, dtype, device)
+        out, called = _python_calls(lambda: call(inputs, s, backend))
+        assert (reference_code in called) == (s > 16), f"{name} on {backend}, s = {s}"
+        if s > 16:
+            assert torch.equal(out, call(inputs, s, "reference"))
 
 
 LAYOUTS = ("contiguous", "channels_last", "strided", "transposed", "offset", "batch_strided")
@@ -197,12 +247,12 @@ def relayout(t: torch.Tensor, layout: str) -> torch.Tensor:
 @pytest.mark.parametrize("dtype", (torch.float32, torch.bfloat16), ids=str)
 @pytest.mark.parametrize("layout", ("channels_last", "strided"))
 @pytest.mark.parametrize("name", list(CASES))
-def test_layouts(target, name, layout, dtype):
+def test_layouts(kernel_target, name, layout, dtype):
     """channels_last and strided inputs give the same numbers; outputs keep channels_last."""
-    inputs, exact = make_inputs((2, 3, 8, 12, 4), dtype, target[1], seed=1)
+    inputs, exact = make_inputs((2, 3, 8, 12, 4), dtype, kernel_target[1], seed=1)
     inputs = {n: relayout(v, layout) if n in IMAGES else v for n, v in inputs.items()}
     assert not inputs["x"].is_contiguous()
-    out = check_case(name, target, inputs, exact, 4, dtype)
+    out = check_case(name, kernel_target, inputs, exact, 4, dtype)
     if layout == "channels_last":
         assert out.is_contiguous(memory_format=torch.channels_last)
 
@@ -227,7 +277,7 @@ def test_per_sample_seeds_draw_what_each_sample_draws_alone(target, name):
 
 # Shapes spanning many tiles and threads; not under the Triton interpreter, which runs one
 # program at a time (its tiles are covered by the small shapes above, with masked last tiles).
-LARGE_TARGETS = [t for t in TARGETS if t != ("triton", "cpu")]
+LARGE_TARGETS = [t for t in KERNEL_TARGETS if t != ("triton", "cpu")]
 LARGE_CASES = ("patch_blur", "block_noise", "relay_noise_seed_tensor", "relay_corrupt_seed_list",
                "relay_step_heun_given", "relay_step_second_given")
 
@@ -272,11 +322,11 @@ def check_gradients(name, target, shape, seed=3, layout="contiguous"):
 
 @pytest.mark.parametrize("shape", [(2, 3, 8, 12, 4), (1, 1, 16, 16, 8)], ids=_shape_id)
 @pytest.mark.parametrize("name", GRAD_CASES)
-def test_gradients(target, name, shape):
-    """Every backend's gradients w.r.t. images, given noise and the per-sample parameters the
-    op is differentiable in (tau of patch_blur, sigma and tau of relay_corrupt) equal the
+def test_gradients(kernel_target, name, shape):
+    """Every kernel backend's gradients w.r.t. images, given noise and the per-sample parameters
+    the op is differentiable in (tau of patch_blur, sigma and tau of relay_corrupt) equal the
     reference's autograd."""
-    check_gradients(name, target, shape)
+    check_gradients(name, kernel_target, shape)
 
 
 @pytest.mark.parametrize("name", GRAD_CASES)
