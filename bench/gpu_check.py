@@ -35,6 +35,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from provenance import record  # the commit and whether the tree was clean
+
 ROOT = Path(__file__).resolve().parent.parent
 STEPS = ("build", "tests", "bench", "torchrun", "pipeline")
 
@@ -208,7 +210,7 @@ def main(argv=None):
     name = re.sub(r"[^A-Za-z0-9]+", "-", info["device"]).strip("-").lower()
     out = Path(args.out) if args.out else ROOT / "bench" / "results" / f"gpu-{name}.json"
     report = {"info": info, "command": "python bench/gpu_check.py " + " ".join(argv or sys.argv[1:]),
-              "date": time.strftime("%Y-%m-%d"), "steps": {}}
+              "date": time.strftime("%Y-%m-%d"), **record(), "steps": {}}
     print(json.dumps(info), flush=True)
     for step in args.steps:
         start = time.perf_counter()

@@ -16,6 +16,8 @@ import json
 import sys
 from collections import defaultdict
 
+from provenance import describe
+
 
 def load(paths, stat="median", kind="op"):
     """The benchmarks' extra_info with the chosen statistic as "median"; kind: "op" (the op
@@ -43,10 +45,9 @@ def machine_line(path) -> str:
         commit = data.get("commit_info", {})
         m = {"cpu_model": cpu.get("brand_raw", "?"), "avx512f": "avx512f" in cpu.get("flags", []), "torch": "?",
              "commit": commit.get("id"), "dirty": commit.get("dirty")}
-    commit = (m.get("commit") or "?")[:10] + (" (uncommitted changes)" if m.get("dirty") else "")
     gpu = f", GPU {m['gpu']}" if m.get("gpu") else ""
     return (f"{path}: CPU {m['cpu_model']} ({'with' if m['avx512f'] else 'without'} AVX-512F){gpu}, "
-            f"torch {m['torch']}, commit {commit}")
+            f"torch {m['torch']}, {describe(m)}")
 
 
 def ms(seconds):

@@ -33,6 +33,16 @@ def _git(*args: str) -> str | None:
     return out.stdout.strip()
 
 
+def source_state() -> dict:
+    """The git commit of the source tree, whether tracked files differ from it (``dirty``) and
+    which (``changed``, at most 50); None values outside a git checkout."""
+    commit = _git("rev-parse", "HEAD")
+    if commit is None:
+        return {"commit": None, "dirty": None, "changed": None}
+    changed = (_git("diff", "--name-only", "HEAD") or "").splitlines()
+    return {"commit": commit, "dirty": bool(changed), "changed": changed[:50]}
+
+
 def machine_info() -> dict:
     """CPU model and flags (as ``lscpu`` shows them), whether it has AVX-512F, cores, torch and
     relayops versions, threads, GPU, and the git commit (and whether the tree had changes)."""
@@ -40,10 +50,9 @@ def machine_info() -> dict:
 
     cpu = _cpuinfo()
     flags = (cpu.get("flags") or cpu.get("Features") or "").split()
-    commit = _git("rev-parse", "HEAD")
-    dirty = None if commit is None else bool(_git("status", "--porcelain", "--untracked-files=no"))
+    source = source_state()
     return {"cpu_model": cpu.get("model name") or platform.processor() or platform.machine(),
             "cpu_flags": flags, "avx512f": "avx512f" in flags, "cpu_count": os.cpu_count(),
             "torch": torch.__version__, "relayops": relayops.__version__, "threads": torch.get_num_threads(),
             "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
-            "commit": commit, "dirty": dirty}
+            "commit": source["commit"], "dirty": source["dirty"], "changed": source["changed"]}
