@@ -493,6 +493,9 @@ def _build_convert(sub) -> None:
     p.add_argument("--module", default="ema", help="which network of the file (default ema; RDM's .pt also has net)")
     p.add_argument("--stage", choices=["base", "relay"], default=None,
                    help="record the stage (default: from the file's loss when it has one, else either)")
+    p.add_argument("--max-bytes", type=_positive_int, default=None,
+                   help="the most bytes the file's storages (and, separately, its tensors) may take "
+                        "(default: twice the file size plus 1 MiB)")
     p.set_defaults(func=_cmd_convert)
 
 
@@ -500,7 +503,7 @@ def _cmd_convert(args) -> int:
     from .models import convert
     from .training import read_record
 
-    path = convert(args.src, args.dest, module=args.module, stage=args.stage)
+    path = convert(args.src, args.dest, module=args.module, stage=args.stage, max_bytes=args.max_bytes)
     rec = read_record(path)
     kw = rec["network"]["kwargs"]
     print(f"converted {args.src} ({args.module}: EDMPrecond {kw.get('model_type', 'DhariwalUNet')} "

@@ -20,6 +20,7 @@ import pytest
 import torch
 
 from edm_pickle import PERSISTENCE, PersistentRecord, _fake_persistence
+from relayops.cli import main
 from relayops.models import UnsafeCheckpointError, convert, read_checkpoint
 from relayops.models import safe_pickle as sp
 from relayops.models.safe_pickle import read_file
@@ -361,9 +362,19 @@ def test_network_sizes_from_a_file_are_bounded(tmp_path, change):
     assert "limit" in str(err)
 
 
-def test_nothing_is_written_for_a_refused_file(tmp_path):
+def test_nothing_is_written_for_a_refused_file(tmp_path, capsys):
     path = tmp_path / "views.pt"
     path.write_bytes(_torch_bytes({"ema": torch.zeros(1).expand(1000, 1000)}))
     with pytest.raises(UnsafeCheckpointError):
         convert(path, tmp_path / "out")
     assert not (tmp_path / "out").exists()
+    # the command line: one line, status 2, nothing written; --max-bytes raises the tensor budget
+    big = torch.zeros(MiB // 4)
+    path.write_bytes(_torch_bytes({f"v{i}": big[:] for i in range(4)}))  # 4 MiB of views, a 1 MiB file
+    for extra, message in (([], "tensors need more than the limit of"), (["--max-bytes", str(5 * MiB)],
+                                                                        "has no 'ema' network")):
+        with pytest.raises(SystemExit) as e:
+            main(["convert", str(path), str(tmp_path / "out"), *extra])
+        err = capsys.readouterr().err
+        assert e.value.code == 2 and message in err and "Traceback" not in err, err
+        assert not (tmp_path / "out").exists()
