@@ -2,7 +2,7 @@
 
 Each check raises a ``ValueError`` or ``TypeError`` that names the argument and says what is
 allowed. Nothing is silently cropped, broadcast or cast. The same functions serve the public
-ops (also while torch.compile traces them), the custom ops' real implementations (a direct
+ops (also while torch.compile traces them), the ops' real implementations (a direct
 ``torch.ops.relayops.*`` call with bad input fails here, before any kernel sees a pointer) and
 their fake implementations (with symbolic shapes a check becomes a guard). The message is
 formatted only when a check fails.
