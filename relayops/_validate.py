@@ -2,7 +2,7 @@
 
 Each check raises a ``ValueError`` or ``TypeError`` that names the argument and says what is
 allowed. Nothing is silently cropped, broadcast or cast. The same functions serve the public
-ops (also while torch.compile traces them), the custom ops' real implementations (a direct
+ops (also while torch.compile traces them), the ops' real implementations (a direct
 ``torch.ops.relayops.*`` call with bad input fails here, before any kernel sees a pointer) and
 their fake implementations (with symbolic shapes a check becomes a guard). The message is
 formatted only when a check fails.
@@ -50,7 +50,7 @@ def _not_multiple(name, h, w, s) -> str:
 
 
 def check_patch_size(s) -> int:
-    if isinstance(s, bool) or not isinstance(s, numbers.Integral):
+    if type(s) is not int and (isinstance(s, bool) or not isinstance(s, numbers.Integral)):
         raise TypeError(f"s (patch size) must be an int >= 1, got {s!r}")
     if s < 1:
         raise ValueError(f"s (patch size) must be an int >= 1, got {s}")
@@ -72,7 +72,8 @@ def check_same(name: str, t, ref_name: str, ref: torch.Tensor) -> torch.Tensor:
 def check_real(name: str, value, *, low: float | None = None, high: float | None = None,
                low_open: bool = False, high_open: bool = False) -> float:
     """A Python real number in a range."""
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+    # type() first: the abstract-class check costs more than the rest of the function
+    if type(value) is not float and (isinstance(value, bool) or not isinstance(value, numbers.Real)):
         raise TypeError(f"{name} must be a real number, got {value!r}")
     v = float(value)
     if v != v:
@@ -85,7 +86,7 @@ def check_real(name: str, value, *, low: float | None = None, high: float | None
 
 
 def check_seed(name: str, value) -> int:
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+    if type(value) is not int and (isinstance(value, bool) or not isinstance(value, numbers.Integral)):
         raise TypeError(f"{name} must be an int in [0, 2**64), got {value!r}")
     if not 0 <= int(value) < U64:
         raise ValueError(f"{name} must be an int in [0, 2**64), got {value}")
@@ -147,7 +148,7 @@ def per_sample(name: str, value, ref: torch.Tensor, *, positive: bool = False) -
                     raise ValueError(f"{name} must be {bound} everywhere, got {value.tolist()}")
             else:
                 torch._assert_async(ok, f"{name} must be {bound} everywhere")
-        return value.to(dtype)
+        return value.to(dtype).contiguous()  # as the kernels take it: no conversion after this
     v = check_real(name, value, low=0.0, low_open=positive)
     return torch.full((b,), v, dtype=dtype, device=ref.device)
 

@@ -35,8 +35,9 @@ from .multires import mdm_alpha_sigma
 from ._validate import check_image, check_real, seed_args
 from .ops import linear_relay_step, relay_noise, relay_step
 
-__all__ = ["edm_sample", "relay_sample", "linear_relay_sample", "mdm_sample", "nearest_upsample", "BaseStage",
-           "RelayStage", "RelayPipeline", "PipelinePreset", "PIPELINE_PRESETS", "get_pipeline_preset"]
+__all__ = ["edm_sample", "relay_sample", "relay_sampler_step", "linear_relay_sample", "mdm_sample",
+           "nearest_upsample", "BaseStage", "RelayStage", "RelayPipeline", "PipelinePreset", "PIPELINE_PRESETS",
+           "get_pipeline_preset"]
 
 Denoiser = Callable[..., torch.Tensor]
 
@@ -78,9 +79,11 @@ def _white_noise(like: torch.Tensor, seeds, offset: int, backend) -> torch.Tenso
     return relay_noise(like, 1, alpha=0.0, backend=backend, **_noise_args(seeds, like, offset))
 
 
-def _denoise(denoiser: Denoiser, x: torch.Tensor, sigma: float, class_labels, cfg) -> torch.Tensor:
-    """x0_hat at noise level ``sigma`` (a Python float), with optional classifier-free guidance."""
-    sig = torch.full((x.shape[0],), sigma, dtype=x.dtype, device=x.device)
+def _denoise(denoiser: Denoiser, x: torch.Tensor, sigma, class_labels, cfg) -> torch.Tensor:
+    """x0_hat at noise level ``sigma`` (a Python float or a ``[B]`` tensor on x's device), with
+    optional classifier-free guidance."""
+    sig = (sigma.to(x.dtype) if isinstance(sigma, torch.Tensor)
+           else torch.full((x.shape[0],), sigma, dtype=x.dtype, device=x.device))
     if cfg is not None:
         cond = denoiser(x, sig, class_labels)
         uncond = denoiser(x, sig, None)
@@ -244,26 +247,46 @@ def relay_sample(denoiser: Denoiser, x_lr: torch.Tensor | None = None, s: int = 
                                    class_labels=class_labels, cfg=cfg, progress=progress, backend=backend,
                                    offset=offset)
     heun = solver == "rdm-heun"
-
-    def step(x, x0_hat, i, off, **heun_args):
-        noise = _noise_args(seeds, x, off) if eta > 0 else {"seed": 0}
-        return relay_step(x, x0_hat, grid[i], grid[i + 1], taus[i], taus[i + 1], eta=eta, s=s, alpha=alpha,
-                          normalize=normalize, d_min=d_min, backend=backend, **noise, **heun_args)
-
     with progress_bar(progress, total=len(grid) - 1, desc="relay", leave=False) as bar:
         for i in range(len(grid) - 1):
-            x0_hat = _denoise(denoiser, x, grid[i], class_labels, cfg)
             if grid[i + 1] == 0.0:  # the last step returns x0_hat
-                x = x0_hat
+                x = _denoise(denoiser, x, grid[i], class_labels, cfg)
             else:
-                x_prop = step(x, x0_hat, i, offset + 2 * i + 1)
-                if heun:
-                    x0_hat_prop = _denoise(denoiser, x_prop, grid[i + 1], class_labels, cfg)
-                    x = step(x, x0_hat, i, offset + 2 * i + 2, x_prop=x_prop, x0_hat_prop=x0_hat_prop)
-                else:
-                    x = x_prop
+                x = relay_sampler_step(denoiser, x, grid[i], grid[i + 1], taus[i], taus[i + 1], seeds=seeds,
+                                       offset=offset + 2 * i + 1, heun=heun, eta=eta, s=s, alpha=alpha,
+                                       normalize=normalize, d_min=d_min, class_labels=class_labels, cfg=cfg,
+                                       backend=backend)
             bar.update(1)
     return x
+
+
+def relay_sampler_step(denoiser: Denoiser, x: torch.Tensor, sigma, sigma_next, tau, tau_next, *, seeds=0,
+                       offset: int = 1, heun: bool = True, eta: float = 0.2, s: int = 4, alpha: float = 0.15,
+                       normalize: bool = True, d_min: float = 0.001, class_labels=None, cfg=None,
+                       backend: str | None = None) -> torch.Tensor:
+    """One step of :func:`relay_sample` from level ``sigma`` to ``sigma_next`` > 0 (SPEC 8):
+    x0_hat from the denoiser at (x, sigma), the fused Euler :func:`relayops.relay_step` with
+    noise at ``offset``; with ``heun``, the denoiser at the proposal and the Heun-corrected step
+    with noise at ``offset + 1``. sigma, sigma_next, tau, tau_next: floats or ``[B]`` tensors on
+    x's device. ``seeds``: an int, an int64 ``[B]`` tensor on x's device (per-sample seeds) or a
+    ``torch.Generator``.
+
+    Capturable in a CUDA graph (``torch.cuda.graph``, or ``torch.compile(mode="reduce-overhead")``
+    with ``[B]`` tensor levels): with int or device-tensor seeds it makes no host round trip, no
+    tensor on another device and no branch on tensor values. Floats and ints (levels, offset,
+    seeds) are captured as constants: replaying one graph repeats its noise, so capture a graph
+    per step (or the whole sampler) and change per-sample seeds and the start state in place.
+    """
+    x0_hat = _denoise(denoiser, x, sigma, class_labels, cfg)
+    noise = _noise_args(seeds, x, offset) if eta > 0 else {"seed": 0}
+    x_prop = relay_step(x, x0_hat, sigma, sigma_next, tau, tau_next, eta=eta, s=s, alpha=alpha, normalize=normalize,
+                        d_min=d_min, backend=backend, **noise)
+    if not heun:
+        return x_prop
+    x0_hat_prop = _denoise(denoiser, x_prop, sigma_next, class_labels, cfg)
+    noise = _noise_args(seeds, x, offset + 1) if eta > 0 else {"seed": 0}
+    return relay_step(x, x0_hat, sigma, sigma_next, tau, tau_next, eta=eta, s=s, alpha=alpha, normalize=normalize,
+                      d_min=d_min, backend=backend, x_prop=x_prop, x0_hat_prop=x0_hat_prop, **noise)
 
 
 def _relay_second_order(denoiser, x, grid, taus, solver, seeds, *, s, eta, alpha, normalize, L, sigma_b_max,

@@ -100,7 +100,8 @@ def choose_backend(backend: str | None, device, dtype=None) -> str:
     warning once per device, backends that cannot run on the device (the CUDA build lacks the
     GPU's architecture).
     """
-    device = torch.device(device)
+    if not isinstance(device, torch.device):
+        device = torch.device(device)
     device_type = device.type
     requested = backend if backend is not None else os.environ.get("RELAYOPS_BACKEND") or None
     if requested is not None and requested != "auto":
