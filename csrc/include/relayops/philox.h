@@ -69,22 +69,26 @@ RELAYOPS_HD float log_unit(float u) {
 }
 
 // sin(2 pi t) and cos(2 pi t) for t in [0, 1) (exact multiples of 2^-24, as the uniforms of
-// SPEC 4), sharing one argument reduction: r = t - round(t) in [-1/2, 1/2] (exact), a = |r|,
-// b = min(a, 1/2 - a) in [0, 1/4]; cos(2 pi t) = +-cos(2 pi b) (minus where a > 1/4),
-// sin(2 pi t) = sign(r) sin(2 pi b). Taylor series in x = 2 pi b in [0, pi/2], to x^12 and x^13
-// (first omitted terms below 7e-9 and 7e-10).
+// SPEC 4), sharing one argument reduction, every step exact: r = t - round(t) in [-1/2, 1/2],
+// a = |r|, b = min(a, 1/2 - a) in [0, 1/4], d = min(b, 1/4 - b) in [0, 1/8]; then
+// cos(2 pi b), sin(2 pi b) = cos(2 pi d), sin(2 pi d), swapped where b > 1/8;
+// cos(2 pi t) = -cos(2 pi b) where a > 1/4, sin(2 pi t) = sign(r) sin(2 pi b). Taylor series in
+// x = 2 pi d in [0, pi/4], cosine to x^10, sine to x^9 (first omitted terms below 2e-10 and 2e-9).
+// Selects, no branches (compare-and-select on the GPU, blends in vectorised CPU loops).
 RELAYOPS_HD void sincos_2pi(float t, float& s, float& c) {
   const float r = t - float(int32_t(t + 0.5f));
   const float a = fabsf(r);
-  const float flip = float(a > 0.25f);
-  const float b = a + flip * (0.5f - 2.0f * a);  // a, or 1/2 - a
-  const float x = 6.28318530717958647f * b, y = x * x;
-  const float cb = 1.0f + y * (-1.0f / 2 + y * (1.0f / 24 + y * (-1.0f / 720 + y * (1.0f / 40320 +
-                   y * (-1.0f / 3628800 + y * (1.0f / 479001600))))));
-  const float sb = x * (1.0f + y * (-1.0f / 6 + y * (1.0f / 120 + y * (-1.0f / 5040 + y * (1.0f / 362880 +
-                   y * (-1.0f / 39916800 + y * (1.0f / 6227020800.0f)))))));
-  c = cb * (1.0f - 2.0f * flip);
-  s = sb * (1.0f - 2.0f * float(r < 0.0f));
+  const bool fold = a > 0.25f;
+  const float b = fold ? 0.5f - a : a;
+  const bool swapped = b > 0.125f;
+  const float d = swapped ? 0.25f - b : b;
+  const float x = 6.28318530717958647f * d, y = x * x;
+  const float cd = 1.0f + y * (-1.0f / 2 + y * (1.0f / 24 + y * (-1.0f / 720 + y * (1.0f / 40320 +
+                   y * (-1.0f / 3628800)))));
+  const float sd = x * (1.0f + y * (-1.0f / 6 + y * (1.0f / 120 + y * (-1.0f / 5040 + y * (1.0f / 362880)))));
+  const float cb = swapped ? sd : cd, sb = swapped ? cd : sd;
+  c = fold ? -cb : cb;
+  s = r < 0.0f ? -sb : sb;
 }
 
 RELAYOPS_HD float cos_2pi(float t) {
