@@ -78,7 +78,6 @@ def philox_normals(shape, seed, offset, seeds=None):
     pair q = e // 2 (counter (q lo, q hi, offset lo, offset hi), key = seed lo, seed hi) and takes
     the cosine normal when e is even, the sine normal when it is odd. ``seeds``: per-sample seeds
     (e then counts within the sample)."""
-    B = shape[0]
     n = int(np.prod(shape[1:])) if seeds is not None else int(np.prod(shape))
     e = np.arange(n, dtype=np.uint64)
     q = e >> np.uint64(1)
