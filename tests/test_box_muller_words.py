@@ -2,19 +2,22 @@
 
 Seeded draws almost never produce the words where Box-Muller is hardest (u1 = 2^-24, where
 -2 ln u1 is largest; u1 = 1 - 2^-24, where it is about 1.2e-7 and its square root is sensitive to
-how sqrt and log are computed; u2 near 0, 1/4, 1/2, 3/4 where cos is 1, 0 or -1), so each backend
-has a test-only entry point that takes the Philox words and runs its own Box-Muller code: the CPU
-and CUDA modules' ``normals_from_words`` and the Triton ``words_kernel``. The float64 reference
-(``relayops.reference.philox.box_muller``) is the expected value.
+how sqrt and log are computed; u2 near 0, 1/4, 1/2, 3/4 where cos and sin are 1, 0 or -1), so
+each backend has a test-only entry point that takes the Philox words of n pairs and runs its own
+Box-Muller code, giving the 2n normals of each stream (the cosine normal of pair i at 2i, the sine
+normal at 2i + 1): the CPU and CUDA modules' ``normals_from_words`` and the Triton
+``words_kernel``. The tests' own float64 NumPy formula (scipy_reference.box_muller_pair) is the
+expected value.
 """
 from __future__ import annotations
 
 import itertools
 
+import numpy as np
 import pytest
 import torch
 
-from relayops.reference import philox
+import scipy_reference
 
 CUDA = torch.cuda.is_available()
 
@@ -42,7 +45,10 @@ def as_int32(words: torch.Tensor) -> torch.Tensor:
 
 
 def expected(words: torch.Tensor):
-    return philox.box_muller(words[0], words[1]), philox.box_muller(words[2], words[3])
+    """float64 ``(eps, eps2)``, 2n each: pair i's cosine normal at 2i, its sine normal at 2i + 1."""
+    w = words.numpy()
+    return tuple(torch.from_numpy(np.stack(scipy_reference.box_muller_pair(w[i], w[i + 1]), axis=-1).reshape(-1))
+                 for i in (0, 2))
 
 
 def targets():
@@ -72,9 +78,29 @@ def test_float32_box_muller_at_extreme_words(backend, device):
         assert got.dtype == torch.float32
         err = (got.cpu().double() - want).abs()
         assert torch.isfinite(got).all()
-        assert err.max() < 1e-6, f"worst error {err.max():.3g} at words index {int(err.argmax())}"
-    # the cases themselves are what they claim: both ends of the u1 range are present
-    assert ref[:N_EXTREME].abs().max() > 5.7 and (ref[:N_EXTREME].abs() < 4e-4).any()
+        assert err.max() < 1e-6, f"worst error {err.max():.3g} at words index {int(err.argmax()) // 2}"
+    # the cases themselves are what they claim: both ends of the u1 range are present, in both
+    # the cosine and the sine normals
+    for part in (ref[0:2 * N_EXTREME:2], ref[1:2 * N_EXTREME:2]):
+        assert part.abs().max() > 5.7 and ((part.abs() < 4e-4) & (part != 0)).any()
+
+
+@pytest.mark.parametrize("backend, device", targets(), ids=lambda v: str(v))
+def test_words_of_n_pairs_give_2n_normals(backend, device):
+    """Odd pair counts and the vector tails of every path: 1, 3, 17 and 37 pairs."""
+    words = extreme_words()
+    for n in (1, 3, 17, 37):
+        w = words[:, N_EXTREME:N_EXTREME + n]
+        eps, eps2 = run(backend, as_int32(w).to(device), torch.float32)
+        want, want2 = expected(w)
+        assert eps.shape == eps2.shape == (2 * n,)
+        assert (eps.cpu().double() - want).abs().max() < 1e-6 and (eps2.cpu().double() - want2).abs().max() < 1e-6
+
+
+def test_words_must_be_four_rows():
+    from relayops.ops import _compiled
+    with pytest.raises(ValueError, match=r"shape \[4, n\]"):
+        _compiled.normals_from_words(torch.zeros(2, 3, dtype=torch.int32))
 
 
 @pytest.mark.parametrize("device", ["cpu"] + (["cuda"] if CUDA else []))

@@ -7,7 +7,7 @@
 // patch_blur / relay_corrupt use a fused AVX-512 kernel when the CPU has it (BlurRows).
 // Noise is produced row by row (struct RowNoise): each row of eps/eps2 is drawn (or read) once,
 // its horizontal wraparound box sums go into a ring of 2s rows, and the vertical sums over the
-// ring give the block noise of the current patch row, so Philox runs once per element (plus s - 1
+// ring give the block noise of the current patch row, so Philox runs once per pair of elements (plus s - 1
 // halo rows per unit). Scratch memory is O(s * W) per thread, never proportional to the input.
 // Instruction sets: the build is baseline x86-64 (or aarch64); each work unit runs a copy of the
 // row loops compiled for the instruction set cpu_isa() picks at run time (per_isa), so a cap
@@ -112,13 +112,13 @@ void philox_row(int isa, const PhiloxKey& key, uint64_t base, int64_t W, uint32_
   }
 }
 
-void box_muller_row(const uint32_t* w, int64_t W, float* eps, float* eps2) {
+void box_muller_row(const uint32_t* w, int first, int64_t W, float* eps, float* eps2) {
   switch (cpu_isa()) {
 #ifdef RELAYOPS_X86
-    case kAvx512: return avx512::box_muller_row(w, W, eps, eps2);
-    case kAvx2: return avx2::box_muller_row(w, W, eps, eps2);
+    case kAvx512: return avx512::box_muller_row(w, first, W, eps, eps2);
+    case kAvx2: return avx2::box_muller_row(w, first, W, eps, eps2);
 #endif
-    default: return portable::box_muller_row(w, W, eps, eps2);
+    default: return portable::box_muller_row(w, first, W, eps, eps2);
   }
 }
 
@@ -145,15 +145,26 @@ void per_isa(const F& f) {
   }
 }
 
-// eps, eps2 of W consecutive elements from logical index base; w: 4 W words of scratch. The
-// Philox words go through memory (one loop doing both runs out of vector registers and is slower).
+// eps, eps2 of W consecutive elements from logical index base (SPEC 4: one Philox call per pair
+// q = e >> 1; an odd base starts in the middle of a pair); w: 4 (W / 2 + 1) words of scratch (the
+// words of the row's pairs). The Philox words go through memory (one loop doing both runs out of
+// vector registers and is slower).
+int64_t draw_row_words(int64_t W) { return 4 * (W / 2 + 1); }
+
 void draw_row(const PhiloxKey& key, uint64_t base, int64_t W, float* eps, float* eps2, uint32_t* w) {
-  philox_row(cpu_isa(), key, base, W, w);
-  box_muller_row(w, W, eps, eps2);
+  const int first = int(base & 1u);
+  philox_row(cpu_isa(), key, base >> 1, (first + W + 1) / 2, w);
+  box_muller_row(w, first, W, eps, eps2);
 }
 
 void draw_row(const PhiloxKey& key, uint64_t base, int64_t W, double* eps, double* eps2, uint32_t*) {
-  for (int64_t y = 0; y < W; ++y) normal_pair<double>(key, base + uint64_t(y), eps[y], eps2[y]);
+  // y: the row position of each pair's first element (-1 for an odd base)
+  for (int64_t y = -int64_t(base & 1u); y < W; y += 2) {
+    double e0, e1, f0, f1;
+    normal_quad<double>(key, (base + uint64_t(y)) >> 1, e0, e1, f0, f1);
+    if (y >= 0) eps[y] = e0, eps2[y] = f0;
+    if (y + 1 < W) eps[y + 1] = e1, eps2[y + 1] = f1;
+  }
 }
 
 int max_threads() {
@@ -170,13 +181,13 @@ struct RowNoise {
   int n, R;
   int64_t W;
   std::vector<A> eps_ring, h_ring, e2row;
-  std::vector<uint32_t> words;  // Philox output of one row
+  std::vector<uint32_t> words;  // Philox output of one row's pairs
 
   RowNoise(const Params<A>& P_, int n_) : P(P_), n(n_), R(2 * n_), W(P_.W) {
     eps_ring.assign(size_t(R) * W, A(0));
     h_ring.assign(size_t(R) * W, A(0));
     e2row.assign(size_t(W), A(0));
-    if (P.draw) words.assign(size_t(4) * W, 0u);
+    if (P.draw) words.assign(size_t(draw_row_words(W)), 0u);
   }
 
   // Draw or read logical row r (wrapped into [0, H)) into the rings.
@@ -919,20 +930,20 @@ int num_threads() { return max_threads(); }
 
 void normals_from_words(const uint32_t* w, int64_t n, int dtype, void* eps, void* eps2) {
   if (dtype == kFloat32) {
-    box_muller_row(w, n, static_cast<float*>(eps), static_cast<float*>(eps2));  // the kernels' row code
+    box_muller_row(w, 0, 2 * n, static_cast<float*>(eps), static_cast<float*>(eps2));  // the kernels' row code
   } else if (dtype == kFloat64) {
     double *e1 = static_cast<double*>(eps), *e2 = static_cast<double*>(eps2);
-    for (int64_t i = 0; i < n; ++i) {
-      e1[i] = box_muller<double>(w[i], w[n + i]);
-      e2[i] = box_muller<double>(w[2 * n + i], w[3 * n + i]);
-    }
+    for (int64_t i = 0; i < n; ++i)
+      relayops::normals_from_words<double>(Philox4{w[i], w[n + i], w[2 * n + i], w[3 * n + i]}, e1[2 * i], e1[2 * i + 1],
+                                 e2[2 * i], e2[2 * i + 1]);
   } else {
     throw std::invalid_argument("relayops: normals_from_words takes float32 or float64");
   }
 }
 
 void vector_transcendental(int isa, int mode, const uint32_t* in, float* out, int64_t n) {
-  if (mode != 0 && mode != 1) throw std::invalid_argument("relayops: vector_transcendental mode is 0 (log) or 1 (cos)");
+  if (mode < 0 || mode > 2)
+    throw std::invalid_argument("relayops: vector_transcendental mode is 0 (log), 1 (cos) or 2 (sin)");
   if (isa > best_isa()) throw std::invalid_argument("relayops: this CPU lacks the instruction set asked for");
   switch (isa) {
 #ifdef RELAYOPS_X86

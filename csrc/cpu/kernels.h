@@ -11,16 +11,19 @@ enum Isa : int { kPortable = 0, kAvx2 = 1, kAvx512 = 2 };
 int best_isa();
 int cpu_isa();
 void set_isa_cap(int cap);
-// For the tests: the vector ln u1 (mode 0) or cos(2 pi u2) (mode 1) of isa from n Philox words (SPEC 4).
+// For the tests: the vector ln u1 (mode 0), cos(2 pi u2) (mode 1) or sin(2 pi u2) (mode 2) of isa
+// from n Philox words (SPEC 4).
 void vector_transcendental(int isa, int mode, const uint32_t* in, float* out, int64_t n);
-// For the tests: the Philox words of isa's row code for the element indices base .. base + n - 1
-// (SPEC 4 counters, wrapping at 2^64): w[k n + i] = word k of element base + i.
+// For the tests: the Philox words of isa's row code for the pair indices base .. base + n - 1
+// (SPEC 4 counters, wrapping at 2^64): w[k n + i] = word k of pair base + i.
 void philox_words(int isa, uint64_t seed, uint64_t offset, uint64_t base, int64_t n, uint32_t* w);
 // Runs one op on CPU memory. cuda_tiles: emulate the CUDA kernels' thread blocks (tile.h,
 // emulate_tiles) instead of the CPU loops; for tests.
 void launch(const CallArgs& a, bool cuda_tiles);
-// eps[i], eps2[i] from the Philox words w[i], w[n + i] and w[2n + i], w[3n + i] through the
-// kernels' own Box-Muller code; dtype float32 or float64. For tests of the extreme uniforms.
+// The four normals of each of n pairs from its Philox words through the kernels' own Box-Muller
+// code: eps[2i], eps[2i + 1] (cosine, sine) from w[i], w[n + i]; eps2[2i], eps2[2i + 1] from
+// w[2n + i], w[3n + i]; eps, eps2 hold 2n values of dtype float32 or float64. For tests of the
+// extreme uniforms.
 void normals_from_words(const uint32_t* w, int64_t n, int dtype, void* eps, void* eps2);
 // omp_get_max_threads(), or 1 without OpenMP.
 int num_threads();

@@ -39,14 +39,15 @@ PYBIND11_MODULE(_C, m) {
                                              reinterpret_cast<float*>(out), n);
       },
       py::arg("isa"), py::arg("mode"), py::arg("input"), py::arg("out"), py::arg("n"),
-      "For tests: the vector ln u1 (mode 0) or cos(2 pi u2) (mode 1) of instruction set isa from n Philox words");
+      "For tests: the vector ln u1 (mode 0), cos(2 pi u2) (mode 1) or sin(2 pi u2) (mode 2) of instruction set isa "
+      "from n Philox words");
   m.def(
       "philox_words",
       [](int isa, uint64_t seed, uint64_t offset, uint64_t base, int64_t n, int64_t out) {
         relayops::cpu::philox_words(isa, seed, offset, base, n, reinterpret_cast<uint32_t*>(out));
       },
       py::arg("isa"), py::arg("seed"), py::arg("offset"), py::arg("base"), py::arg("n"), py::arg("out"),
-      "For tests: the Philox words [4, n] (uint32) of instruction set isa for element indices base .. base + n - 1");
+      "For tests: the Philox words [4, n] (uint32) of instruction set isa for pair indices base .. base + n - 1");
   m.def(
       "run",
       [](int mode, int dtype, int s, std::array<int64_t, 4> shape, std::vector<relayops::ViewArg> views,
@@ -67,7 +68,7 @@ PYBIND11_MODULE(_C, m) {
                                           reinterpret_cast<void*>(eps), reinterpret_cast<void*>(eps2));
       },
       py::arg("words"), py::arg("n"), py::arg("dtype"), py::arg("eps"), py::arg("eps2"),
-      "Box-Muller of given Philox words [4, n] (uint32) into eps, eps2 [n]; for tests");
+      "Box-Muller of given Philox words [4, n] (uint32, n pairs) into eps, eps2 [2n]; for tests");
   m.def("num_threads", &relayops::cpu::num_threads, "OpenMP threads the kernels use (follows torch.set_num_threads when torch shares libgomp)");
   m.attr("max_s") = relayops::kMaxS;
 }

@@ -9,9 +9,11 @@
 // even and the odd lanes (x86: mul_epu32; aarch64: umull), their words blended back.
 //
 // Box-Muller (SPEC 4) per vector of lanes, straight from the Philox words: the series of
-// relayops/philox.h's log_unit / cos_2pi, with the exponent and the cosine's argument reduction
-// taken from the integers, fused multiply-adds, a hardware vector sqrt and a Cody-Waite split of
-// e ln 2. Results differ from the scalar code by rounding only (tested against float64 libm).
+// relayops/philox.h's log_unit / sincos_2pi, with the exponent and the sine's and cosine's argument
+// reduction taken from the integers, fused multiply-adds, a hardware vector sqrt and a Cody-Waite
+// split of e ln 2. One Philox call per pair of elements: lane j's words give the cosine normal of
+// element 2j and the sine normal of element 2j + 1, interleaved on the store. Results differ from
+// the scalar code by rounding only (tested against float64 libm).
 
 #if !defined(RELAYOPS_VECTOR_BYTES)
 #error "define RELAYOPS_VECTOR_BYTES (16, 32 or 64) before including vector_rows.h"
@@ -74,30 +76,46 @@ inline __attribute__((always_inline)) VF log_u1(VU a) {
   return fmadd(e, splat(0.693359375f), fmadd(e, splat(-2.12194440e-4f), series));
 }
 
-// cos(2 pi u2) for u2 = (b >> 8) 2^-24 (SPEC 4), from the word b, reduced in integers (exact):
-// r = u2 - round(u2) in [-1/2, 1/2) is (int32(b) >> 8) 2^-24 (the arithmetic shift subtracts 2^24
-// exactly where u2 >= 1/2); with a = |r|, cos(2 pi a) = -cos(2 pi (1/2 - a)) folds it into
-// b = min(a, 1/2 - a) in [0, 1/4], then the Taylor series in b^2 (terms to b^12; the first omitted
-// one is below 7e-9 at b = 1/4).
-inline __attribute__((always_inline)) VF cos_u2(VU w) {
+// sin(2 pi u2) and cos(2 pi u2) for u2 = (w >> 8) 2^-24 (SPEC 4), from the word w, reduced in
+// integers (exact): r = u2 - round(u2) in [-1/2, 1/2) is (int32(w) >> 8) 2^-24 (the arithmetic
+// shift subtracts 2^24 exactly where u2 >= 1/2); a = |r|, b = min(a, 1/2 - a) in [0, 1/4],
+// d = min(b, 1/4 - b) in [0, 1/8] (relayops/philox.h sincos_2pi: cos(2 pi b), sin(2 pi b) are
+// cos(2 pi d), sin(2 pi d), swapped where b > 1/8; cos(2 pi r) = -cos(2 pi b) where a > 1/4,
+// sin(2 pi r) = sign(r) sin(2 pi b)); then the Taylor series in d^2 (cosine to d^10, sine to d^9;
+// the first omitted terms are below 2e-10 and 2e-9 at d = 1/8).
+inline __attribute__((always_inline)) void sincos_u2(VU w, VF& s, VF& c) {
   const VI r = (VI)w >> 8;  // r 2^24 in [-2^23, 2^23)
   const VI a = r < 0 ? -r : r;
   const VI half_minus_a = 0x800000 - a;
-  const VF b = __builtin_convertvector(a < half_minus_a ? a : half_minus_a, VF) * 5.9604644775390625e-8f;
-  const VU flip = (VU)(a > 0x400000) & 0x80000000u;  // the sign bit where folded (a > 1/4)
-  const VF y = b * b;
-  constexpr double w2 = 39.47841760435743;  // (2 pi)^2
-  VF c = fmadd(splat(float(w2 * w2 * w2 * w2 * w2 * w2 / 479001600.0)), y, splat(float(-w2 * w2 * w2 * w2 * w2 / 3628800.0)));
-  c = fmadd(c, y, splat(float(w2 * w2 * w2 * w2 / 40320.0)));
-  c = fmadd(c, y, splat(float(-w2 * w2 * w2 / 720.0)));
-  c = fmadd(c, y, splat(float(w2 * w2 / 24.0)));
-  c = fmadd(c, y, splat(float(-w2 / 2.0)));
-  c = fmadd(c, y, splat(1.0f));
-  return (VF)((VU)c ^ flip);
+  const VI b = a < half_minus_a ? a : half_minus_a;  // b 2^24 in [0, 2^22]
+  const VI swapped = b > 0x200000;                   // all ones where b > 1/8
+  const VF d = __builtin_convertvector(swapped ? 0x400000 - b : b, VF) * 5.9604644775390625e-8f;
+  const VU cos_flip = (VU)(a > 0x400000) & 0x80000000u;  // the sign bit where folded (a > 1/4)
+  const VU sin_flip = (VU)r & 0x80000000u;               // the sign bit of r
+  const VF y = d * d;
+  constexpr double w1 = 6.283185307179586, w2 = w1 * w1;  // 2 pi, (2 pi)^2
+  VF cd = fmadd(splat(float(-w2 * w2 * w2 * w2 * w2 / 3628800.0)), y, splat(float(w2 * w2 * w2 * w2 / 40320.0)));
+  cd = fmadd(cd, y, splat(float(-w2 * w2 * w2 / 720.0)));
+  cd = fmadd(cd, y, splat(float(w2 * w2 / 24.0)));
+  cd = fmadd(cd, y, splat(float(-w2 / 2.0)));
+  cd = fmadd(cd, y, splat(1.0f));
+  VF sd = fmadd(splat(float(w1 * w2 * w2 * w2 * w2 / 362880.0)), y, splat(float(-w1 * w2 * w2 * w2 / 5040.0)));
+  sd = fmadd(sd, y, splat(float(w1 * w2 * w2 / 120.0)));
+  sd = fmadd(sd, y, splat(float(-w1 * w2 / 6.0)));
+  sd = fmadd(sd, y, splat(float(w1)));
+  sd = sd * d;
+  c = (VF)((VU)(swapped ? sd : cd) ^ cos_flip);
+  s = (VF)((VU)(swapped ? cd : sd) ^ sin_flip);
 }
 
-// sqrt(-2 ln u1) cos(2 pi u2) from the words (a, b).
-inline __attribute__((always_inline)) VF box_muller(VU a, VU b) { return vsqrt(-2.0f * log_u1(a)) * cos_u2(b); }
+// The two normals sqrt(-2 ln u1) (cos(2 pi u2), sin(2 pi u2)) from the words (a, b).
+inline __attribute__((always_inline)) void box_muller(VU a, VU b, VF& z_cos, VF& z_sin) {
+  const VF rho = vsqrt(-2.0f * log_u1(a));
+  VF s, c;
+  sincos_u2(b, s, c);
+  z_cos = rho * c;
+  z_sin = rho * s;
+}
 
 // ---- Philox4x32-10: the rounds of relayops/philox.h, kLanes counters per vector ----
 typedef uint64_t VU64 __attribute__((vector_size(RELAYOPS_VECTOR_BYTES)));
@@ -144,7 +162,7 @@ inline __attribute__((always_inline)) VU mulhilo(VU a, uint32_t m, VU& lo) {
 #endif
 }
 
-// The four Philox words of counters (e, off0, off1) for the element indices e = base + y + lane,
+// The four Philox words of counters (q, off0, off1) for the pair indices q = base + y + lane,
 // y = 0, kLanes, ..., (V - 1) kLanes: c[k][v] is word k of vector v. V vectors in flight: the
 // ten rounds are one dependency chain per vector, so interleaving hides the multiply latency.
 template <int V>
@@ -153,9 +171,9 @@ inline __attribute__((always_inline)) void philox_words(const relayops::PhiloxKe
   VU iota;
   for (int i = 0; i < kLanes; ++i) iota[i] = uint32_t(i);
   for (int v = 0; v < V; ++v) {
-    const uint64_t e = base + uint64_t(v * kLanes);
-    c[0][v] = uint32_t(e) + iota;
-    c[1][v] = uint32_t(e >> 32) - (VU)(c[0][v] < iota);  // carry where the low word wrapped
+    const uint64_t q = base + uint64_t(v * kLanes);
+    c[0][v] = uint32_t(q) + iota;
+    c[1][v] = uint32_t(q >> 32) - (VU)(c[0][v] < iota);  // carry where the low word wrapped
     c[2][v] = VU{} + key.off0;
     c[3][v] = VU{} + key.off1;
   }
@@ -187,20 +205,61 @@ inline __attribute__((always_inline)) void store_lanes(E* p, V v, int64_t n) {
   std::memcpy(p, &v, size_t(n) * sizeof(E));
 }
 
-// eps[y] = box_muller(w[y], w[W + y]), eps2[y] = box_muller(w[2W + y], w[3W + y]) for y < W.
-inline void box_muller_row(const uint32_t* w, int64_t W, float* eps, float* eps2) {
-  const auto lanes = [&](int64_t y, int64_t n) __attribute__((always_inline)) {
-    const VU a = load_lanes<VU>(w + y, n), b = load_lanes<VU>(w + W + y, n);
-    const VU c = load_lanes<VU>(w + 2 * W + y, n), d = load_lanes<VU>(w + 3 * W + y, n);
-    store_lanes(eps + y, box_muller(a, b), n);
-    store_lanes(eps2 + y, box_muller(c, d), n);
-  };
-  int64_t y = 0;
-  for (; y + kLanes <= W; y += kLanes) lanes(y, kLanes);  // constant size: plain vector loads
-  if (y < W) lanes(y, W - y);
+// Lanes 0, k, 1, k + 1, ... of (a, b) (k = kLanes): the first half of a and b interleaved (half = 0)
+// or the second (half = 1).
+template <int half, int... i>
+inline __attribute__((always_inline)) VF zip(VF a, VF b, std::integer_sequence<int, i...>) {
+#if defined(__clang__)
+  return __builtin_shufflevector(a, b, (half * kLanes / 2 + i / 2 + (i % 2) * kLanes)...);
+#else
+  return __builtin_shuffle(a, b, VI{(half * kLanes / 2 + i / 2 + (i % 2) * kLanes)...});
+#endif
 }
 
-// The words of V vectors of elements base + y, ... stored at w[k W + y + ...]; the last vector
+// out[start + i] = v[i] for the i with 0 <= start + i < W.
+inline __attribute__((always_inline)) void store_clipped(float* out, int64_t W, int64_t start, VF v) {
+  const int64_t i0 = start < 0 ? -start : 0, i1 = W - start < kLanes ? W - start : kLanes;
+  if (i1 <= i0) return;
+  float lanes[kLanes];
+  std::memcpy(lanes, &v, sizeof(v));
+  std::memcpy(out + start + i0, lanes + i0, size_t(i1 - i0) * sizeof(float));
+}
+
+// The normals of W elements from the words of their pairs (SPEC 4): the row starts at the second
+// element of its first pair when first = 1 (an odd width), so the P = (first + W + 1) / 2 pairs
+// hold elements -first .. 2P - first - 1. Pair j's words are w[j], w[P + j], w[2P + j], w[3P + j];
+// eps[2j - first] and eps[2j + 1 - first] = box_muller(w[j], w[P + j]) (cosine, sine),
+// eps2[...] likewise from (w[2P + j], w[3P + j]), each stored where it lies in [0, W).
+inline void box_muller_row(const uint32_t* w, int first, int64_t W, float* eps, float* eps2) {
+  const int64_t P = (first + W + 1) / 2;
+  constexpr auto lane_ids = std::make_integer_sequence<int, kLanes>{};
+  const auto lanes = [&](int64_t j, int64_t n) __attribute__((always_inline)) {
+    const VU a = load_lanes<VU>(w + j, n), b = load_lanes<VU>(w + P + j, n);
+    const VU c = load_lanes<VU>(w + 2 * P + j, n), d = load_lanes<VU>(w + 3 * P + j, n);
+    VF e_cos, e_sin, f_cos, f_sin;
+    box_muller(a, b, e_cos, e_sin);
+    box_muller(c, d, f_cos, f_sin);
+    const VF e_lo = zip<0>(e_cos, e_sin, lane_ids), e_hi = zip<1>(e_cos, e_sin, lane_ids);
+    const VF f_lo = zip<0>(f_cos, f_sin, lane_ids), f_hi = zip<1>(f_cos, f_sin, lane_ids);
+    const int64_t y = 2 * j - first;
+    if (y >= 0 && y + 2 * kLanes <= W) {  // the whole of both vectors lies in the row
+      store_lanes(eps + y, e_lo, kLanes);
+      store_lanes(eps + y + kLanes, e_hi, kLanes);
+      store_lanes(eps2 + y, f_lo, kLanes);
+      store_lanes(eps2 + y + kLanes, f_hi, kLanes);
+    } else {
+      store_clipped(eps, W, y, e_lo);
+      store_clipped(eps, W, y + kLanes, e_hi);
+      store_clipped(eps2, W, y, f_lo);
+      store_clipped(eps2, W, y + kLanes, f_hi);
+    }
+  };
+  int64_t j = 0;
+  for (; j + kLanes <= P; j += kLanes) lanes(j, kLanes);  // constant size: plain vector loads
+  if (j < P) lanes(j, P - j);
+}
+
+// The words of V vectors of pairs base + y, ... stored at w[k W + y + ...]; the last vector
 // stores n lanes.
 template <int V>
 inline __attribute__((always_inline)) void philox_store(const relayops::PhiloxKey& key, uint64_t base, int64_t y,
@@ -211,7 +270,7 @@ inline __attribute__((always_inline)) void philox_store(const relayops::PhiloxKe
     for (int k = 0; k < 4; ++k) store_lanes(w + k * W + y + v * kLanes, c[k][v], v == V - 1 ? n : kLanes);
 }
 
-// w[k W + y] = Philox word k of element base + y for y < W (SPEC 4): groups of four vectors, then
+// w[k W + y] = Philox word k of counter base + y for y < W (SPEC 4: base + y is a pair index): groups of four vectors, then
 // single ones, the last one partial.
 inline void philox_row(const relayops::PhiloxKey& key, uint64_t base, int64_t W, uint32_t* w) {
   constexpr int V = 4;
@@ -220,12 +279,15 @@ inline void philox_row(const relayops::PhiloxKey& key, uint64_t base, int64_t W,
   for (; y < W; y += kLanes) philox_store<1>(key, base, y, W, std::min<int64_t>(W - y, kLanes), w);
 }
 
-// For the tests: ln u1 (mode 0) or cos(2 pi u2) (mode 1) of the uniforms of n Philox words.
+// For the tests: ln u1 (mode 0), cos(2 pi u2) (mode 1) or sin(2 pi u2) (mode 2) of the uniforms
+// of n Philox words.
 inline void transcendental(int mode, const uint32_t* in, float* out, int64_t n) {
   for (int64_t y = 0; y < n; y += kLanes) {
     const int64_t k = n - y < kLanes ? n - y : kLanes;
     const VU w = load_lanes<VU>(in + y, k);
-    store_lanes(out + y, mode == 0 ? log_u1(w) : cos_u2(w), k);
+    VF s, c;
+    sincos_u2(w, s, c);
+    store_lanes(out + y, mode == 0 ? log_u1(w) : mode == 1 ? c : s, k);
   }
 }
 

@@ -15,12 +15,13 @@ namespace {
 
 __global__ void probe_kernel() {}
 
+// Pair i's four normals from its words (SPEC 4): eps[2i], eps[2i + 1], eps2[2i], eps2[2i + 1].
 template <class A>
 __global__ void words_kernel(const uint32_t* w, int64_t n, A* eps, A* eps2) {
   const int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
   if (i >= n) return;
-  eps[i] = box_muller<A>(w[i], w[n + i]);
-  eps2[i] = box_muller<A>(w[2 * n + i], w[3 * n + i]);
+  relayops::normals_from_words<A>(Philox4{w[i], w[n + i], w[2 * n + i], w[3 * n + i]}, eps[2 * i], eps[2 * i + 1],
+                                  eps2[2 * i], eps2[2 * i + 1]);
 }
 
 }  // namespace

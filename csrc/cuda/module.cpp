@@ -32,7 +32,7 @@ PYBIND11_MODULE(_C_cuda, m) {
                                            reinterpret_cast<void*>(eps), reinterpret_cast<void*>(eps2), stream);
       },
       py::arg("words"), py::arg("n"), py::arg("dtype"), py::arg("eps"), py::arg("eps2"), py::arg("stream"),
-      "Box-Muller of given Philox words [4, n] (uint32) into eps, eps2 [n]; for tests");
+      "Box-Muller of given Philox words [4, n] (uint32, n pairs) into eps, eps2 [2n]; for tests");
 #ifdef RELAYOPS_CUDA_ARCHS
   m.attr("archs") = RELAYOPS_CUDA_ARCHS;  // the architectures it was built for, e.g. "75,80,90"
 #endif

@@ -183,10 +183,12 @@ def _box_sum(g00, g01, g10, g11, S: tl.constexpr, SP: tl.constexpr, ADJOINT: tl.
 
 
 @triton.jit
-def _box_muller(a, b):
-    """One standard normal from two uint32 words: top 24 bits, cosine branch (SPEC 4)."""
+def _box_muller(a, b, odd):
+    """One standard normal from its pair's two uint32 words (top 24 bits, SPEC 4):
+    ``sqrt(-2 ln u1)`` times ``cos(2 pi u2)`` for the pair's first element (``odd`` = 0) or
+    ``sin(2 pi u2) = cos(2 pi (u2 - 1/4))`` for its second (``odd`` = 1)."""
     u1 = ((a >> 8) + 1).to(tl.float32) * 5.9604644775390625e-08  # 2^-24, exact
-    u2 = (b >> 8).to(tl.float32) * 5.9604644775390625e-08
+    u2 = (b >> 8).to(tl.float32) * 5.9604644775390625e-08 - 0.25 * odd  # exact, in [-1/4, 1)
     # cos has period 1 in u2: move the angle into [-pi, pi) (exactly) for an accurate cos.
     u2 = tl.where(u2 >= 0.5, u2 - 1.0, u2)
     # sqrt_rn: tl.sqrt compiles to the approximate sqrt.approx.ftz on NVIDIA GPUs
@@ -194,12 +196,12 @@ def _box_muller(a, b):
 
 
 @triton.jit
-def philox_words(e, k0, k1, off0, off1):
-    """Philox4x32-10 words (x0, x1, x2, x3) for element indices ``e`` (int64 tensor): key
-    (k0, k1) = seed words, counter (e lo, e hi, off0, off1) (SPEC 4). Triton's philox_impl
+def philox_words(q, k0, k1, off0, off1):
+    """Philox4x32-10 words (x0, x1, x2, x3) for pair indices ``q`` (int64 tensor): key
+    (k0, k1) = seed words, counter (q lo, q hi, off0, off1) (SPEC 4). Triton's philox_impl
     takes (counter, key) in exactly this order and runs the same rounds as the reference."""
-    c0 = (e & 0xFFFFFFFF).to(tl.uint32)
-    c1 = (e >> 32).to(tl.uint32)
+    c0 = (q & 0xFFFFFFFF).to(tl.uint32)
+    c1 = (q >> 32).to(tl.uint32)
     zero = c0 * 0
     c2 = zero + off0.to(tl.uint32)
     c3 = zero + off1.to(tl.uint32)
@@ -208,10 +210,12 @@ def philox_words(e, k0, k1, off0, off1):
 
 @triton.jit
 def _philox_normals(e, k0, k1, off0, off1):
-    """Streams 0 and 1 (eps, eps2) at element indices ``e`` (int64 tile), SPEC 4 layout; the key
-    words k0, k1 are scalars or broadcast against ``e`` (per-sample seeds)."""
-    x0, x1, x2, x3 = philox_words(e, k0, k1, off0, off1)
-    return _box_muller(x0, x1), _box_muller(x2, x3)
+    """eps and eps2 at element indices ``e`` (int64 tile), SPEC 4 layout: the words of pair
+    ``e >> 1``, the cosine normal for even ``e``, the sine normal for odd ``e``; the key words
+    k0, k1 are scalars or broadcast against ``e`` (per-sample seeds)."""
+    x0, x1, x2, x3 = philox_words(e >> 1, k0, k1, off0, off1)
+    odd = (e & 1).to(tl.float32)
+    return _box_muller(x0, x1, odd), _box_muller(x2, x3, odd)
 
 
 @triton.jit
@@ -247,17 +251,19 @@ def _eps2_at(eps2_ptr, e, base, mask, k0, k1, off0, off1, NOISE: tl.constexpr):
 
 @triton.jit
 def words_kernel(w_ptr, eps_ptr, eps2_ptr, n, BLOCK: tl.constexpr):
-    """eps[i], eps2[i] from Philox words w[i], w[n + i] and w[2n + i], w[3n + i] (int32 holding
-    uint32 bits) through ``_box_muller``, as the relay kernel draws them; for tests."""
+    """The four normals of pair i from its Philox words w[i], w[n + i], w[2n + i], w[3n + i]
+    (int32 holding uint32 bits) through ``_box_muller``, as the relay kernel draws them:
+    eps[2i], eps[2i + 1] from (w[i], w[n + i]), eps2[2i], eps2[2i + 1] from the others; for tests."""
     i = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     m = i < n
     w0 = tl.load(w_ptr + i, mask=m, other=0).to(tl.uint32, bitcast=True)
     w1 = tl.load(w_ptr + n + i, mask=m, other=0).to(tl.uint32, bitcast=True)
     w2 = tl.load(w_ptr + 2 * n + i, mask=m, other=0).to(tl.uint32, bitcast=True)
     w3 = tl.load(w_ptr + 3 * n + i, mask=m, other=0).to(tl.uint32, bitcast=True)
-    tl.store(eps_ptr + i, _box_muller(w0, w1), mask=m)
-    tl.store(eps2_ptr + i, _box_muller(w2, w3), mask=m)
-
+    tl.store(eps_ptr + 2 * i, _box_muller(w0, w1, 0.0), mask=m)
+    tl.store(eps_ptr + 2 * i + 1, _box_muller(w0, w1, 1.0), mask=m)
+    tl.store(eps2_ptr + 2 * i, _box_muller(w2, w3, 0.0), mask=m)
+    tl.store(eps2_ptr + 2 * i + 1, _box_muller(w2, w3, 1.0), mask=m)
 
 
 @_autotune

@@ -155,11 +155,15 @@ def relay_step(x, x0_hat, sigma, sigma_next, tau, tau_next, eta, s, d_min, alpha
 
 
 def normals_from_words(words: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(eps, eps2)`` float32 from Philox words ``[4, n]`` (int32 holding the uint32 bits) through
-    the kernels' Box-Muller code; for tests that force the extreme uniforms (SPEC 4)."""
+    """``(eps, eps2)`` float32, ``[2 n]`` each, from the Philox words ``[4, n]`` of n pairs (int32
+    holding the uint32 bits) through the kernels' Box-Muller code (SPEC 4): ``eps[2i], eps[2i + 1]``
+    (cosine, sine) from words (0, 1) of pair i, ``eps2[2i], eps2[2i + 1]`` from (2, 3). For tests
+    that force the extreme uniforms."""
+    if words.dim() != 2 or words.shape[0] != 4:
+        raise ValueError(f"normals_from_words takes Philox words of shape [4, n], got {tuple(words.shape)}")
     words = words.contiguous()
     n = words.shape[1]
-    eps, eps2 = (torch.empty(n, dtype=torch.float32, device=words.device) for _ in range(2))
+    eps, eps2 = (torch.empty(2 * n, dtype=torch.float32, device=words.device) for _ in range(2))
     if n:
         with _launching():
             kernels.words_kernel[(triton.cdiv(n, 256),)](words, eps, eps2, n, BLOCK=256)

@@ -214,7 +214,9 @@ RELAYOPS_HD void tile_load(const Params<A>& P, const TileGeom& g, const TileBloc
       sm.g[r * g.gw + q] = v.e2;
       if (inner(r, q)) sm.n[(r - off) * g.tw + (q - off)] = v.e1;
     };
-    if (P.draw) {  // bound by Philox, not by memory: one cell at a time
+    // Bound by Philox, not by memory: one cell at a time, each drawing its pair of SPEC 4 whole
+    // (normal_pair; a window cell's pair partner may lie outside the window or the row).
+    if (P.draw) {
       for_cells(tb.th + g.halo, tb.tw + g.halo, tid, nt, [&](int r, int q) {
         Noise v;
         normal_pair<A>(ns.key, ns.base + uint64_t(row(r) * P.W + col(q)), v.e1, v.e2);
