@@ -53,7 +53,7 @@ __device__ __forceinline__ void box_muller_pair(uint32_t a, uint32_t b, float& c
   s = r * sn;
 }
 
-// Scheme of main: the cosine output only.
+// Original scheme: the cosine output only.
 __device__ __forceinline__ float box_muller_cos(uint32_t a, uint32_t b) {
   return -radius(a) * __cosf(6.2831853071795865f * turn(b));
 }
@@ -93,8 +93,8 @@ extern "C" __global__ void floor_normals_revised(float4* eps, float4* eps2, uint
   }
 }
 
-// Scheme of main: eps and eps2 of 4 elements per iteration (four Philox calls, eight cosines).
-extern "C" __global__ void floor_normals_main(float4* eps, float4* eps2, uint32_t k0, uint32_t k1, uint32_t o0,
+// Original scheme: eps and eps2 of 4 elements per iteration (four Philox calls, eight cosines).
+extern "C" __global__ void floor_normals_original(float4* eps, float4* eps2, uint32_t k0, uint32_t k1, uint32_t o0,
                                               uint32_t o1, int n) {
   for (int i = blockIdx.x * blockDim.x + threadIdx.x; i < n; i += gridDim.x * blockDim.x) {
     float e[4], f[4];

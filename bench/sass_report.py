@@ -120,14 +120,15 @@ KERNELS: list[tuple[str, str, frozenset, Work]] = [
     *[("triton", rf"^{name}$", frozenset({"BLOCK_Q", "ROWS"}), Work("iteration", _triton_band, _BAND, None, _rows))
       for name in ("patch_dct_kernel", "patch_blur_kernel", "relay_noise_kernel", "relay_corrupt_kernel",
                    "relay_step_kernel")],
-    # Triton kernels of main: [TILE / SP^2, SP, SP] register tiles, one program per TILE elements.
+    # The first Triton kernels (one fused relay kernel): [TILE / SP^2, SP, SP] register tiles, one
+    # program per TILE elements.
     *[("triton", rf"^{name}$", frozenset({"TILE"}), Work("thread", _triton_tile, _TILE))
       for name in ("transform_kernel", "block_noise_kernel", "relay_kernel")],
 ]
 
 # CUDA kernels that serve several ops with run-time phases: reported whole (loops, sizes), with
 # no per-op count, because which loops run depends on the op.
-INTERPRETERS = {r"tile_kernel<": "the tile-phase interpreter of main: every op, phases chosen at run time"}
+INTERPRETERS = {r"tile_kernel<": "the tile-phase interpreter: every op, phases chosen at run time"}
 
 # ----------------------------------------------------------------------------- the op matrix
 
@@ -440,8 +441,28 @@ class Launch:
     kwargs: dict
     grid: tuple
 
+    @property
+    def programs(self) -> int:
+        n = 1
+        for g in self.grid:
+            n *= g
+        return n
 
-def capture_triton_launches(op: str, dtype: str) -> tuple[list[Launch], int]:
+    def constexprs(self, dtype: str) -> dict:
+        """The launch's constexpr arguments by name, num_warps (Triton's default 4) and dtype."""
+        bound = dict(zip([p.name for p in self.kernel.params], self.args))
+        bound.update(self.kwargs)
+        values = {p.name: bound[p.name] for p in self.kernel.params if p.is_constexpr and p.name in bound}
+        return {**values, "num_warps": self.kwargs.get("num_warps", 4), "dtype": dtype}
+
+
+# A width where a program's patch-column lanes tile the plane (8128 = 64 x 127 patch columns: every
+# lane used with or without the one-lane block-noise overlap, for up to 128 lanes): the shape at
+# which the kernel table is checked against the launch.
+CHECK_SHAPE = (1, 1, 64, 4 * 8128)
+
+
+def capture_triton_launches(op: str, dtype: str, shape=None) -> tuple[list[Launch], int]:
     """Run the Triton op on CPU tensors with kernel launches recorded instead of run; returns the
     launches and the number of output elements. Needs TRITON_INTERPRET unset."""
     from triton.runtime.jit import JITFunction
@@ -452,14 +473,13 @@ def capture_triton_launches(op: str, dtype: str) -> tuple[list[Launch], int]:
 
     def record(self, *args, grid, warmup, **kwargs):
         if callable(grid):
-            names = [p.name for p in self.params]
-            bound = dict(zip(names, args))
+            bound = dict(zip([p.name for p in self.params], args))
             bound.update(kwargs)
             grid = grid(bound)
         launches.append(Launch(self, args, dict(kwargs), tuple(grid)))
         return None
 
-    name, args = op_call(op, dtype)
+    name, args = op_call(op, dtype) if shape is None else op_call(op, dtype, shape=shape)
     original = JITFunction.run
     JITFunction.run = record
     try:
@@ -472,7 +492,7 @@ def capture_triton_launches(op: str, dtype: str) -> tuple[list[Launch], int]:
 def compile_launch(launch: Launch, arch: int):
     """Compile one recorded launch for sm_<arch> exactly as the launch would (argument types,
     16-byte alignment and divisibility specialisations, constexprs, num_warps); returns the
-    CompiledKernel and the constexpr values."""
+    CompiledKernel."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource, make_backend
@@ -486,50 +506,67 @@ def compile_launch(launch: Launch, arch: int):
     kwargs.setdefault("debug", False)
     bound, specialization, options = binder(*launch.args, **kwargs)
     options, signature, constexprs, attrs = fn._pack_args(backend, kwargs, bound, specialization, options)
-    kernel = triton.compile(ASTSource(fn, signature, constexprs, attrs), target=target, options=options.__dict__)
-    values = {fn.params[path[0]].name: v for path, v in constexprs.items() if len(path) == 1}
-    values["num_warps"] = kernel.metadata.num_warps
-    return kernel, values
+    return triton.compile(ASTSource(fn, signature, constexprs, attrs), target=target, options=options.__dict__)
 
 
-def triton_rows(ops, dtypes, archs, cuobjdump: str) -> list[dict]:
+def _launch_elements(launch: Launch, n_out: int, dtype: str) -> tuple[Optional[float], Optional[float]]:
+    """(what the kernel table claims, what the launch does): output elements per thread (per loop
+    trip for loop kernels) = output elements / (threads x trips)."""
+    params = launch.constexprs(dtype)
+    work = work_of("triton", launch.kernel.fn.__name__, params)
+    if work is None:
+        return None, None
+    trips = work.iterations(params) if work.iterations else 1
+    return work.elements(params), n_out / (launch.programs * 32 * params["num_warps"] * trips)
+
+
+def _triton_op_rows(op: str, dtype: str, archs, cuobjdump: str) -> list[dict]:
     rows = []
+    launches, _ = capture_triton_launches(op, dtype)
+    wide, n_wide = capture_triton_launches(op, dtype, CHECK_SHAPE)
     with tempfile.TemporaryDirectory() as tmp:
-        for op in ops:
-            for dtype in dtypes:
-                launches, n_out = capture_triton_launches(op, dtype)
-                for arch in archs:
-                    for i, launch in enumerate(launches):
-                        kernel, params = compile_launch(launch, arch)
-                        cubin = Path(tmp) / f"{op}-{dtype}-{arch}-{i}.cubin"
-                        cubin.write_bytes(kernel.asm["cubin"])
-                        sass = parse_sass(_run([cuobjdump, "-sass", str(cubin)]))
-                        usage = parse_res_usage(_run([cuobjdump, "-res-usage", str(cubin)]))
-                        fname = kernel.metadata.name
-                        programs = launch.grid[0] * (launch.grid[1] if len(launch.grid) > 1 else 1) * \
-                            (launch.grid[2] if len(launch.grid) > 2 else 1)
-                        row_params = {**params, "S": params.get("S", S), "dtype": dtype}
-                        row = row_for("triton", arch, fname, row_params,
-                                      analyse(sass[fname]), usage.get(fname, {}),
-                                      shared_dynamic=kernel.metadata.shared)
-                        row["op"] = op
-                        # what the launch implies: output elements / (threads x loop trips per thread)
-                        work = work_of("triton", fname, row_params)
-                        trips = work.iterations(row_params) if work and work.iterations else 1
-                        row["launch_elements"] = n_out / (programs * 32 * params["num_warps"] * trips)
-                        rows.append(row)
+        for arch in archs:
+            for i, launch in enumerate(launches):
+                kernel = compile_launch(launch, arch)
+                cubin = Path(tmp) / f"{i}.cubin"
+                cubin.write_bytes(kernel.asm["cubin"])
+                sass = parse_sass(_run([cuobjdump, "-sass", str(cubin)]))
+                usage = parse_res_usage(_run([cuobjdump, "-res-usage", str(cubin)]))
+                fname = kernel.metadata.name
+                params = launch.constexprs(dtype)
+                params.setdefault("S", S)
+                row = row_for("triton", arch, fname, params, analyse(sass[fname]), usage.get(fname, {}),
+                              shared_dynamic=kernel.metadata.shared)
+                row["op"] = op
+                row["launch_claimed"], row["launch_elements"] = (
+                    _launch_elements(wide[i], n_wide, dtype) if i < len(wide) else (None, None))
+                rows.append(row)
     return rows
 
 
-def triton_rows_subprocess(ops, dtypes, archs, cuobjdump: str) -> list[dict]:
+def triton_rows(ops, dtypes, archs, cuobjdump: str, jobs: int = 1) -> list[dict]:
+    """Rows of the Triton kernels each op launches, compiled in ``jobs`` processes."""
+    tasks = [(op, dtype) for op in ops for dtype in dtypes]
+    if jobs <= 1 or len(tasks) <= 1:
+        return [r for op, dtype in tasks for r in _triton_op_rows(op, dtype, archs, cuobjdump)]
+    import concurrent.futures
+    import multiprocessing
+    with concurrent.futures.ProcessPoolExecutor(min(jobs, len(tasks)), multiprocessing.get_context("spawn")) as pool:
+        futures = [pool.submit(_triton_op_rows, op, dtype, archs, cuobjdump) for op, dtype in tasks]
+        return [r for f in futures for r in f.result()]
+
+
+def triton_rows_subprocess(ops, dtypes, archs, cuobjdump: str, jobs: Optional[int] = None) -> list[dict]:
     """triton_rows in a child process without TRITON_INTERPRET (under the interpreter @triton.jit
-    builds nothing compilable), with this checkout first on the path."""
+    builds nothing compilable), with this checkout first on the path; ``jobs`` compile processes
+    (default: one per core)."""
+    jobs = jobs or os.cpu_count() or 1
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH", "")) if p)
     env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "rows.json"
-        cmd = [sys.executable, __file__, "--triton-rows", str(out), "--cuobjdump", cuobjdump,
+        cmd = [sys.executable, __file__, "--triton-rows", str(out), "--cuobjdump", cuobjdump, "--jobs", str(jobs),
                "--ops", ",".join(ops), "--dtypes", ",".join(dtypes), *sum((["--arch", str(a)] for a in archs), [])]
         proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
         if proc.returncode != 0:
@@ -594,7 +631,7 @@ def row_for(backend: str, arch: int, name: str, params: dict, code: Code, usage:
 FLOOR_KERNELS = {
     "floor_philox": ("Philox4x32-10 calls", 1),
     "floor_normals_revised": ("elements' eps and eps2, revised scheme", 4),
-    "floor_normals_main": ("elements' eps and eps2, scheme of main", 4),
+    "floor_normals_original": ("elements' eps and eps2, original scheme", 4),
     "floor_patch_dct": ("patch_dct elements", 16),
     "floor_copy": ("copied elements", 4),
 }
@@ -647,7 +684,8 @@ def markdown(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def collect(archs=(90, 80), ops=OPS, dtypes=DTYPES, cuda=True, triton=True, cuda_binary=None) -> list[dict]:
+def collect(archs=(90, 80), ops=OPS, dtypes=DTYPES, cuda=True, triton=True, cuda_binary=None,
+            jobs=None) -> list[dict]:
     cuobjdump = find_cuobjdump()
     if cuobjdump is None:
         raise RuntimeError("cuobjdump not found (CUDA toolkit, RELAYOPS_CUOBJDUMP, or the triton package)")
@@ -659,7 +697,7 @@ def collect(archs=(90, 80), ops=OPS, dtypes=DTYPES, cuda=True, triton=True, cuda
         for arch in archs:
             rows += cuda_rows(so, arch, cuobjdump)
     if triton:
-        rows += triton_rows_subprocess(ops, dtypes, archs, cuobjdump)
+        rows += triton_rows_subprocess(ops, dtypes, archs, cuobjdump, jobs)
     return rows
 
 
@@ -676,6 +714,7 @@ def main(argv=None) -> int:
     ap.add_argument("--floors", action="store_true", help="count the minimal sequences of bench/floor_kernels.cu")
     ap.add_argument("--triton-rows", help=argparse.SUPPRESS)  # child process: Triton rows as JSON
     ap.add_argument("--cuobjdump", help=argparse.SUPPRESS)
+    ap.add_argument("--jobs", type=int, default=0, help="Triton compile processes (default: one per core)")
     a = ap.parse_args(argv)
     archs = a.arch or [90, 80]
     ops = [o for o in a.ops.split(",") if o]
@@ -686,9 +725,10 @@ def main(argv=None) -> int:
             print(f"{f['kernel']}: loop {f['loop']} instructions, {f['per_unit']:.2f} per {f['unit']} ({mix})")
         return 0
     if a.triton_rows:
-        Path(a.triton_rows).write_text(json.dumps(triton_rows(ops, dtypes, archs, a.cuobjdump)))
+        Path(a.triton_rows).write_text(json.dumps(triton_rows(ops, dtypes, archs, a.cuobjdump, a.jobs)))
         return 0
-    rows = collect(archs, ops, dtypes, cuda=not a.no_cuda, triton=not a.no_triton, cuda_binary=a.cuda_binary)
+    rows = collect(archs, ops, dtypes, cuda=not a.no_cuda, triton=not a.no_triton, cuda_binary=a.cuda_binary,
+                   jobs=a.jobs or None)
     table = markdown(rows)
     print(table)
     if a.json:

@@ -183,18 +183,15 @@ def test_triton_kernel_meets_its_budget(cuda_rows_if_built, triton_rows, op):
 
 def test_triton_table_matches_the_launches(triton_rows):
     """The kernel table's output elements per thread (per loop trip for loop kernels) against what
-    the recorded launch implies: output elements / (threads x trips). Straight-line kernels must
-    agree exactly; a loop kernel's launch may leave some lanes idle at the plane's edge (within a
-    third), never do more than the table claims."""
+    the op's launch does at sass_report.CHECK_SHAPE, a width every program tiles: output elements
+    / (threads x trips). Idle lanes at the plane's edge may cost the launch up to 5%; it may never
+    do more than the table claims (that would understate instructions per element)."""
     assert triton_rows, "no Triton kernel compiled"
     for row in triton_rows:
-        claimed, launched = row["elements"], row["launch_elements"]
+        claimed, launched = row["launch_claimed"], row["launch_elements"]
+        assert claimed is not None, f"{row['kernel']} ({row['op']}) is not in the kernel table"
         where = f"{row['kernel']} ({row['op']}): the kernel table says {claimed}, the launch gives {launched}"
-        assert claimed is not None, where
-        if row["per"] == "thread":
-            assert claimed == pytest.approx(launched), where
-        else:
-            assert launched <= claimed * (1 + 1e-9) and launched >= claimed * 2 / 3, where
+        assert 0.95 * claimed <= launched <= claimed * (1 + 1e-9), where
 
 
 def test_every_kernel_is_read(cuda_rows):
