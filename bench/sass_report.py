@@ -486,6 +486,8 @@ def capture_triton_launches(op: str, dtype: str, shape=None) -> tuple[list[Launc
         getattr(triton_ops, name)(*args)
     finally:
         JITFunction.run = original
+    if not launches:
+        raise RuntimeError(f"the Triton {op} launched no kernel through JITFunction.run: the report cannot see it")
     return launches, output_elements(args[0].shape)
 
 

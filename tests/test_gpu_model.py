@@ -73,6 +73,19 @@ def test_kernel_names_and_template_parameters():
     assert sass_report.cuda_params(name) == {"S": 4, "dtype": "bfloat16"}
 
 
+def test_budget_check_names_each_miss():
+    """problems() on made-up rows: a kernel within every limit passes; each miss is named."""
+    good = {"per_element": 10.0, "note": "", "local_instructions": 0, "registers": 40, "per": "thread",
+            "elements": 16, "counted_loads": {128: 4, 32: 1}, "counted_stores": {128: 4}}
+    assert problems(good, "patch_dct", 16, 128) == []
+    bad = {**good, "per_element": 17.0, "local_instructions": 2, "registers": 130, "counted_loads": {"128": 3},
+           "counted_stores": {"128": 4, "32": 1}}
+    found = " | ".join(problems(bad, "patch_dct", 16, 128))
+    for words in ("17.0 instructions per element > 16", "2 local-memory", "130 registers > 128",
+                  "narrower than 128 bits: {'32': 1}", "3 128-bit loads per thread, the image inputs need 4"):
+        assert words in found, found
+
+
 def test_docs_show_the_budget_table():
     """docs/gpu-model.md holds the table gpu_budgets.markdown() prints (one source of truth)."""
     assert budgets.markdown() in (ROOT / "docs" / "gpu-model.md").read_text()
@@ -97,7 +110,9 @@ def cuda_rows_if_built():
         if shutil.which("nvcc") is None:
             return None
         pytest.fail("nvcc is installed but relayops/_C_cuda*.so is not built: python setup.py build_ext --inplace")
-    return sass_report.cuda_rows(so, budgets.ARCH, cuobjdump)
+    rows = sass_report.cuda_rows(so, budgets.ARCH, cuobjdump)
+    assert rows, f"{so.name} holds no sm_{budgets.ARCH} code (built with RELAYOPS_CUDA_ARCHS without {budgets.ARCH}?)"
+    return rows
 
 
 @pytest.fixture(scope="module")
