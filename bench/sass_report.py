@@ -291,10 +291,14 @@ class Code:
 def analyse(instrs: list[Instr]) -> Code:
     instrs = [i for i in instrs if i.op != "NOP"]
     head = lambda i: i.op.split(".")[0]  # noqa: E731
-    # Out-of-line subroutines (slow paths of division, square root...): from a CALL's target to
-    # the next RET. The closing branch to itself (after the last EXIT) is no work either.
+    # Out-of-line subroutines (slow paths of division, square root...): placed after the last
+    # EXIT, from a CALL's target to the next RET. (A CALL to the next instruction inside the body,
+    # an sm_80 reconvergence idiom, is no subroutine.) The closing branch to itself is no work.
+    last_exit = max((i.addr for i in instrs if head(i) == "EXIT"), default=-1)
     in_sub = set()
     for target in {_call_target(i) for i in instrs if head(i) == "CALL"} - {None}:
+        if target <= last_exit:
+            continue
         for ins in instrs:
             if ins.addr >= target:
                 in_sub.add(ins.addr)
@@ -631,7 +635,7 @@ def row_for(backend: str, arch: int, name: str, params: dict, code: Code, usage:
 
 # bench/floor_kernels.cu: kernel -> (what one loop iteration produces, how many of them)
 FLOOR_KERNELS = {
-    "floor_philox": ("Philox4x32-10 calls", 1),
+    "floor_philox": ("Philox4x32-10 call", 1),
     "floor_normals_revised": ("elements' eps and eps2, revised scheme", 4),
     "floor_normals_original": ("elements' eps and eps2, original scheme", 4),
     "floor_patch_dct": ("patch_dct elements", 16),

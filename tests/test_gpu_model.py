@@ -56,6 +56,21 @@ def test_parser_reads_loops_widths_and_subroutines():
     assert sass_report.hot_loop(code) is loop
 
 
+def test_a_call_inside_the_body_is_no_subroutine():
+    """sm_80 code calls the next instruction to reconverge a warp; only targets after the last
+    EXIT are out-of-line subroutines."""
+    text = """
+        Function : k
+        /*0000*/               @P1 CALL.REL.NOINC 0x10 ;
+        /*0010*/                   FADD R0, R0, R0 ;
+        /*0020*/                   EXIT ;
+        /*0030*/                   RET.REL.NODEC R2 0x0 ;
+        /*0040*/                   BRA 0x40;
+"""
+    code = sass_report.analyse(sass_report.parse_sass(text)["k"])
+    assert (code.body, code.subroutines, code.calls) == (4, 0, 1)
+
+
 def test_parser_reads_resource_usage():
     text = """
  Function _Z3fooPf:
