@@ -136,7 +136,9 @@ class BuildExt(build_ext):
         stamp = os.path.join(self.build_temp, ext.name + ".flags")
         flags = repr((ext.extra_compile_args, ext.define_macros, cxx_sources))
         os.makedirs(self.build_temp, exist_ok=True)
-        changed = not os.path.exists(stamp) or open(stamp).read() != flags
+        with open(stamp, "a+") as f:  # created empty the first time
+            f.seek(0)
+            changed = f.read() != flags
         if changed:
             for obj in self.compiler.object_filenames(cxx_sources, output_dir=self.build_temp):
                 if os.path.exists(obj):

@@ -49,7 +49,7 @@
 #define RELAYOPS_ISA portable
 #define RELAYOPS_VECTOR_BYTES 16
 #endif
-#if defined(RELAYOPS_ISA_AVX512)
+#if defined(RELAYOPS_X86)
 // GCC 12 warns about the intrinsics headers' own _mm512_undefined_* inside the masked builtins.
 #pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
 #endif
