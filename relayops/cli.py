@@ -281,8 +281,8 @@ def _add_solver_arg(p: argparse.ArgumentParser, preset_note: str = "") -> None:
     relay = [name("relay-2m", "default, "), name("relay-2s"), name("rdm-euler"), name("rdm-heun", "RDM's sampler, ")]
     p.add_argument("--solver", action="append", default=[], choices=[*EDM_SOLVERS, *SOLVERS], metavar="NAME",
                    help=f"the sampler of a stage, by name; repeat for both stages. Base stage: {', '.join(base)}. "
-                        f"Relay stages: {', '.join(relay)}. The defaults give the same images as EDM's and RDM's "
-                        f"samplers for fewer calls (docs/solvers.md){preset_note}")
+                        f"Relay stages: {', '.join(relay)}. At their default steps the defaults are as accurate as "
+                        f"EDM's and RDM's samplers at theirs, with fewer calls (docs/solvers.md){preset_note}")
 
 
 def _stage_solvers(names: list, authors: bool) -> tuple[str, str]:
