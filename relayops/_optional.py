@@ -108,12 +108,14 @@ class _LineBar(_NoBar):
 
 
 def progress_bar(show: bool, **tqdm_args):
-    """A tqdm bar (``tqdm_args`` passed on) when ``show``, which needs the [train] extra; plain
-    lines instead where the stream (``file``, default stderr) is not a terminal (``_LineBar``);
-    else a bar that does nothing, so progress off works without tqdm."""
+    """A tqdm bar (``tqdm_args`` passed on) when ``show``, which needs the [train] extra (also
+    where the stream, ``file`` or stderr, is not a terminal and plain lines are written instead,
+    ``_LineBar``: a program behaves the same in a terminal and in a log); else a bar that does
+    nothing, so progress off works without tqdm."""
     if not show:
         return _NoBar()
+    tqdm = require("tqdm.auto", "showing progress bars").tqdm
     file = tqdm_args.get("file") or sys.stderr
     if not (hasattr(file, "isatty") and file.isatty()):
         return _LineBar(**dict(tqdm_args, file=file))
-    return require("tqdm.auto", "showing progress bars").tqdm(**tqdm_args)
+    return tqdm(**tqdm_args)
