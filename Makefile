@@ -1,5 +1,6 @@
 # The two commands of the README: `make demo` (the main job) and `make test` (the tests).
-# Both create .venv and install the pinned environment and the package on first use.
+# Both create .venv and install the pinned environment and the package on first use, then build
+# the compiled modules in place (`build`): once, and after that only what changed.
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
@@ -10,13 +11,14 @@ STAMP := $(VENV)/.installed
 $(STAMP): requirements.txt pyproject.toml setup.py
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet -r requirements.txt
-	$(BIN)/pip install --quiet --no-build-isolation --no-deps -e .
+	RELAYOPS_NO_EXTENSIONS=1 $(BIN)/pip install --quiet --no-build-isolation --no-deps -e .
 	touch $(STAMP)
 
 setup: $(STAMP)
 
-# (Re)build relayops._C and, where nvcc is found, relayops._C_cuda in place; a no-op when
-# csrc/ is unchanged.
+# Build relayops._C and, where nvcc is found, relayops._C_cuda in place (the install above builds
+# nothing): the C++ sources compile in parallel, one per core; later runs compile only the
+# sources that changed (or include a header that did), and nothing when csrc/ is unchanged.
 build: setup
 	$(BIN)/python setup.py build_ext --inplace
 
@@ -63,6 +65,9 @@ SOAK_CALLS ?= 10000
 soak: build
 	$(BIN)/python tests/soak.py --calls $(SOAK_CALLS)
 
+# The CUDA module only where it can run: a GPU is visible (setup.py gpu_visible), or
+# RELAYOPS_CUDA=1 asks for it.
+demo: export RELAYOPS_CUDA ?= gpu
 demo: build
 	$(BIN)/relayops demo
 

@@ -1,33 +1,64 @@
 """Build script: the pure-Python package plus the compiled kernels.
 
-* ``relayops._C``: CPU kernels (csrc/cpu, OpenMP), always built.
+* ``relayops._C``: CPU kernels (csrc/cpu, OpenMP), always built. kernels.cpp is compiled once per
+  instruction set (itself: portable; kernels_avx512.cpp, kernels_avx2.cpp: the AVX builds), as
+  separate translation units.
 * ``relayops._C_cuda``: CUDA kernels (csrc/cuda), built when nvcc is found. ``RELAYOPS_CUDA=0``
-  skips it, ``RELAYOPS_CUDA=1`` makes a missing nvcc an error; ``RELAYOPS_CUDA_ARCHS`` picks the
-  GPU architectures (default: one per family the installed nvcc offers among 75, 80, 90, 100, 120:
+  skips it, ``RELAYOPS_CUDA=1`` makes a missing nvcc an error, ``RELAYOPS_CUDA=gpu`` builds it
+  only where an NVIDIA GPU is visible (``make demo``); ``RELAYOPS_CUDA_ARCHS`` picks the GPU
+  architectures (default: one per family the installed nvcc offers among 75, 80, 90, 100, 120:
   Turing, Ampere (86/89 run sm_80 code), Hopper, Blackwell datacenter and consumer). Machine code
   is built for each, plus PTX of the newest, which later GPUs compile at first launch.
 
 The C++ sources of an extension compile in parallel, one per core (``RELAYOPS_BUILD_JOBS=N``
-for N). ``RELAYOPS_BUILD_OPT`` replaces the optimisation flag (default ``-O3``): ``-O0`` builds in
-seconds instead of minutes (the packaging test uses it) and gives kernels several times slower.
-Neither module includes torch headers (pointers travel as integers), so the build needs only a
-C++17 compiler, pybind11 and, for CUDA, nvcc. Usage: ``python setup.py build_ext --inplace``.
+for N). A rebuild compiles only the sources whose object is older than the source or one of the
+headers it includes (the compiler's dependency files, ``-MMD``), or whose flags changed; an
+editable install (``pip install -e .``) keeps its objects in build/ too, so ``setup.py build_ext
+--inplace`` after it compiles nothing. ``RELAYOPS_BUILD_OPT`` replaces the optimisation flags
+(default ``-O3``; no debug information unless it adds ``-g``): ``-O0`` builds in seconds instead
+of minutes (the packaging test uses it) and gives kernels several times slower.
+``RELAYOPS_NO_EXTENSIONS=1`` declares no compiled modules (the Makefile installs the package that
+way and builds the modules in place itself, once). Neither module includes torch headers
+(pointers travel as integers), so the build needs only a C++17 compiler, pybind11 and, for CUDA,
+nvcc. Usage: ``python setup.py build_ext --inplace``.
 """
 import os
+import re
 import shutil
 import subprocess
+import sys
+import sysconfig
 
 import pybind11
 from pybind11.setup_helpers import ParallelCompile
 from setuptools import Extension, setup
 from setuptools.command.build_ext import build_ext
 
-# Compile an extension's C++ sources side by side, one per core (RELAYOPS_BUILD_JOBS=N sets N).
-ParallelCompile("RELAYOPS_BUILD_JOBS").install()
+
+
+def needs_recompile(obj, src):
+    """True when the object file is older than its source or than a header the compiler listed in
+    its dependency file (written beside it by -MMD), or either file is missing."""
+    try:
+        built = os.path.getmtime(obj)
+        with open(os.path.splitext(obj)[0] + ".d") as f:
+            rule = f.read()
+    except OSError:
+        return True
+    # "obj: src header ...", lines continued with a backslash, spaces in names escaped
+    deps = [d.replace("\\ ", " ") for d in re.split(r"(?<!\\)\s+", rule.replace("\\\n", " ").partition(": ")[2]) if d]
+    return any(not os.path.exists(d) or os.path.getmtime(d) > built for d in deps + [src])
+
+
+# Compile an extension's C++ sources side by side, one per core (RELAYOPS_BUILD_JOBS=N sets N),
+# each only when needs_recompile says so.
+ParallelCompile("RELAYOPS_BUILD_JOBS", needs_recompile=needs_recompile).install()
 
 # -fno-math-errno lets sqrt vectorise (the Philox + Box-Muller loops); nothing here reads errno.
-OPT = os.environ.get("RELAYOPS_BUILD_OPT", "-O3")
-CXX_FLAGS = [OPT, "-std=c++17", "-fopenmp", "-fno-math-errno", "-fvisibility=hidden"]
+# -g0 drops the debug information Python's own flags ask for (six times the code's size);
+# RELAYOPS_BUILD_OPT="-O3 -g" brings it back. -MMD: the dependency files of needs_recompile.
+OPT = os.environ.get("RELAYOPS_BUILD_OPT", "-O3").split()
+CXX_FLAGS = ["-g0", *OPT, "-std=c++17", "-fopenmp", "-fno-math-errno", "-fvisibility=hidden", "-MMD"]
 INCLUDES = ["csrc/include", pybind11.get_include()]
 
 
@@ -39,10 +70,23 @@ def cuda_home(nvcc):
     return os.path.dirname(os.path.dirname(os.path.realpath(nvcc)))
 
 
+def gpu_visible():
+    """True where an NVIDIA GPU is visible: /dev/nvidia0 exists or ``nvidia-smi -L`` lists one."""
+    if os.path.exists("/dev/nvidia0"):
+        return True
+    try:
+        return subprocess.run(["nvidia-smi", "-L"], capture_output=True, timeout=60).returncode == 0
+    except (OSError, subprocess.SubprocessError):
+        return False
+
+
 def find_nvcc():
-    """nvcc to use, or None; honours RELAYOPS_CUDA=0/1."""
+    """nvcc to use, or None; honours RELAYOPS_CUDA=0/1/gpu."""
     flag = os.environ.get("RELAYOPS_CUDA", "").strip()
-    if flag == "0":
+    if flag not in ("", "0", "1", "gpu"):
+        raise RuntimeError(f"RELAYOPS_CUDA={flag!r}: use 0 (no CUDA module), 1 (required) or gpu (only where "
+                           "a GPU is visible)")
+    if flag == "0" or (flag == "gpu" and not gpu_visible()):
         return None
     home = os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH") or "/usr/local/cuda"
     nvcc = shutil.which("nvcc") or (os.path.join(home, "bin", "nvcc")
@@ -77,15 +121,46 @@ def gencode_flags(archs):
 
 
 class BuildExt(build_ext):
-    """build_ext that compiles .cu sources with nvcc and links the objects into the extension."""
+    """build_ext that compiles .cu sources with nvcc and links the objects into the extension,
+    keeps an editable install's objects in build/ and rebuilds an extension whose flags changed."""
+
+    def finalize_options(self):
+        super().finalize_options()
+        if self.editable_mode:  # the objects where `setup.py build_ext` looks for them, not in a temporary folder
+            self.build_temp = os.path.join("build", f"temp.{sysconfig.get_platform()}-{sys.implementation.cache_tag}")
 
     def build_extension(self, ext):
+        # The C++ objects are stale, although newer than their sources, when the flags, macros or
+        # sources changed (another RELAYOPS_BUILD_OPT, say): a stamp beside them records those.
+        cxx_sources = [s for s in ext.sources if not s.endswith(".cu")]
+        stamp = os.path.join(self.build_temp, ext.name + ".flags")
+        flags = repr((ext.extra_compile_args, ext.define_macros, cxx_sources))
+        os.makedirs(self.build_temp, exist_ok=True)
+        with open(stamp, "a+") as f:  # created empty the first time
+            f.seek(0)
+            changed = f.read() != flags
+        if changed:
+            for obj in self.compiler.object_filenames(cxx_sources, output_dir=self.build_temp):
+                if os.path.exists(obj):
+                    os.remove(obj)
+        # setuptools' up-to-date check sees neither the flags nor the nvcc objects: relink then.
+        force = self.force
+        self.force = force or self._compile_cuda(ext) or changed
+        try:
+            super().build_extension(ext)
+        finally:
+            self.force = force
+        with open(stamp, "w") as f:
+            f.write(flags)
+
+    def _compile_cuda(self, ext):
+        """Compiles ext's .cu sources with nvcc where they changed and hands their objects to the
+        link; True when one was compiled."""
         cu_sources = [s for s in ext.sources if s.endswith(".cu")]
         rebuilt = False
         if cu_sources:
             nvcc = find_nvcc()
             archs = cuda_archs(nvcc)
-            os.makedirs(self.build_temp, exist_ok=True)
             objects = []
             for src in cu_sources:
                 # the architectures are in the name: changing RELAYOPS_CUDA_ARCHS rebuilds
@@ -99,13 +174,7 @@ class BuildExt(build_ext):
                 objects.append(obj)
             ext.sources = [s for s in ext.sources if not s.endswith(".cu")]
             ext.extra_objects = list(ext.extra_objects or []) + objects
-        # setuptools' up-to-date check does not look at the nvcc objects: relink when one changed.
-        force = self.force
-        self.force = force or rebuilt
-        try:
-            super().build_extension(ext)
-        finally:
-            self.force = force
+        return rebuilt
 
 
 def _newer_sources(src, obj):
@@ -123,7 +192,15 @@ def headers(*dirs):
 ext_modules = [
     Extension(
         "relayops._C",
-        sources=["csrc/cpu/kernels.cpp", "csrc/cpu/module.cpp"],
+        # kernels.cpp is the portable build; kernels_avx512.cpp and kernels_avx2.cpp compile it again
+        # for their instruction sets: separate translation units, compiled in parallel
+        sources=[
+            "csrc/cpu/kernels_avx512.cpp",
+            "csrc/cpu/kernels_avx2.cpp",
+            "csrc/cpu/kernels.cpp",
+            "csrc/cpu/dispatch.cpp",
+            "csrc/cpu/module.cpp",
+        ],
         include_dirs=INCLUDES,
         depends=headers("csrc/include", "csrc/cpu"),
         extra_compile_args=CXX_FLAGS,
@@ -146,9 +223,11 @@ if nvcc is not None:
             libraries=["cudart_static", "dl", "rt", "pthread"],
             # the architecture list, for the module's error messages (relayops._C_cuda.archs)
             define_macros=[("RELAYOPS_CUDA_ARCHS", '"' + ",".join(cuda_archs(nvcc)) + '"')],
-            extra_compile_args=[OPT, "-std=c++17", "-fvisibility=hidden"],
+            extra_compile_args=["-g0", *OPT, "-std=c++17", "-fvisibility=hidden", "-MMD"],
             language="c++",
         )
     )
 
-setup(ext_modules=ext_modules, cmdclass={"build_ext": BuildExt})
+# RELAYOPS_NO_EXTENSIONS=1: the package alone (the Makefile installs it so, then builds in place).
+no_extensions = os.environ.get("RELAYOPS_NO_EXTENSIONS", "") == "1"
+setup(ext_modules=[] if no_extensions else ext_modules, cmdclass={"build_ext": BuildExt})

@@ -9,6 +9,8 @@ with the extras of pyproject.toml; a missing one raises an ImportError that name
 from __future__ import annotations
 
 import importlib
+import sys
+import time
 
 # Top-level module of each optional package -> the extra that installs it.
 EXTRAS = {
@@ -61,9 +63,59 @@ class _NoBar:
         self.close()
 
 
+# Seconds between the lines of a progress report written to a file or a pipe.
+LINE_INTERVAL_S = 30.0
+
+
+class _LineBar(_NoBar):
+    """What ``progress_bar`` gives when its stream is not a terminal (a log file, a pipe): a plain
+    line every ``LINE_INTERVAL_S`` seconds and one at the end, instead of a bar redrawn with
+    carriage returns, which in a file runs every redraw of every bar (two training processes side
+    by side, say) into one line. Bars with ``leave=False`` (the samplers' inner loops) write no
+    final line, as they vanish from a terminal."""
+
+    def __init__(self, file, total=None, initial: int = 0, desc: str = "", leave: bool = True, **terminal_only):
+        # terminal_only: tqdm's layout options (position, dynamic_ncols, ...), which lines do not need
+        self.file, self.total, self.n, self.first, self.desc, self.leave = file, total, initial, initial, desc, leave
+        self.postfix = ""
+        self.started = self.last = time.monotonic()
+        self.closed = False
+
+    def update(self, n: int = 1) -> None:
+        self.n += n
+        now = time.monotonic()
+        if now - self.last >= LINE_INTERVAL_S:
+            self.last = now
+            self._write(now)
+
+    def set_postfix(self, **values) -> None:
+        self.postfix = ", ".join(f"{k}={v}" for k, v in values.items())
+
+    def close(self) -> None:
+        if not self.closed:
+            self.closed = True
+            if self.leave:
+                self._write(time.monotonic())
+
+    def _write(self, now: float) -> None:
+        """One line, in one write, so that the lines of processes sharing the stream stay whole."""
+        elapsed = now - self.started
+        done = f"{self.n}/{self.total} ({100 * self.n / self.total:.0f}%)" if self.total else f"{self.n}"
+        rate = f", {(self.n - self.first) / elapsed:.2f}/s" if elapsed > 0 else ""
+        post = f", {self.postfix}" if self.postfix else ""
+        self.file.write(f"{self.desc}: {done}, {elapsed:.0f} s{rate}{post}\n")
+        self.file.flush()
+
+
 def progress_bar(show: bool, **tqdm_args):
-    """A tqdm bar (``tqdm_args`` passed on) when ``show``, which needs the [train] extra; else a bar
-    that does nothing, so progress off works without tqdm."""
+    """A tqdm bar (``tqdm_args`` passed on) when ``show``, which needs the [train] extra (also
+    where the stream, ``file`` or stderr, is not a terminal and plain lines are written instead,
+    ``_LineBar``: a program behaves the same in a terminal and in a log); else a bar that does
+    nothing, so progress off works without tqdm."""
     if not show:
         return _NoBar()
-    return require("tqdm.auto", "showing progress bars").tqdm(**tqdm_args)
+    tqdm = require("tqdm.auto", "showing progress bars").tqdm
+    file = tqdm_args.get("file") or sys.stderr
+    if not (hasattr(file, "isatty") and file.isatty()):
+        return _LineBar(**dict(tqdm_args, file=file))
+    return tqdm(**tqdm_args)

@@ -268,8 +268,41 @@ def _cmd_distill(args) -> int:
     return 0
 
 
+def _add_solver_arg(p: argparse.ArgumentParser, preset_note: str = "") -> None:
+    """--solver NAME (repeatable): the sampler of the base stage or of the relay stages, the stage
+    told by the name; the choices and their network calls per step in the help."""
+    from .solvers import CALLS_PER_STEP, EDM_SOLVERS, SOLVERS
+
+    def name(n, note=""):
+        calls = CALLS_PER_STEP[n]
+        return f"{n} ({note}{calls} network call{'s' if calls > 1 else ''} per step)"
+
+    base = [name("edm-2m", "default, "), name("edm-heun", "EDM's sampler, ")]
+    relay = [name("relay-2m", "default, "), name("relay-2s"), name("rdm-euler"), name("rdm-heun", "RDM's sampler, ")]
+    p.add_argument("--solver", action="append", default=[], choices=[*EDM_SOLVERS, *SOLVERS], metavar="NAME",
+                   help=f"the sampler of a stage, by name; repeat for both stages. Base stage: {', '.join(base)}. "
+                        f"Relay stages: {', '.join(relay)}. At their default steps the defaults are as accurate as "
+                        f"EDM's and RDM's samplers at theirs, with fewer calls (docs/solvers.md){preset_note}")
+
+
+def _stage_solvers(names: list, authors: bool) -> tuple[str, str]:
+    """(base solver, relay solver) from the --solver names, at most one per stage. Defaults:
+    edm-2m and relay-2m, or the authors' edm-heun and rdm-heun where ``authors`` (a preset)."""
+    from .solvers import EDM_SOLVERS, SOLVERS
+
+    picked = []
+    for stage, valid, default in (("base", EDM_SOLVERS, "edm-heun" if authors else "edm-2m"),
+                                  ("relay", SOLVERS, "rdm-heun" if authors else "relay-2m")):
+        given = sorted({n for n in names if n in valid})
+        if len(given) > 1:
+            raise ValueError(f"--solver: one solver per stage; the {stage} stage got {' and '.join(given)}")
+        picked.append(given[0] if given else default)
+    return picked[0], picked[1]
+
+
 def _build_sample(sub) -> None:
     from .sampling import PIPELINE_PRESETS
+    from .solvers import CLI_STEPS
 
     p = sub.add_parser("sample", help="generate images with a base stage and relay stages",
                        description="Run the multi-stage pipeline: the base checkpoint's EDM sampler, then "
@@ -291,11 +324,15 @@ def _build_sample(sub) -> None:
     p.add_argument("--num", type=_positive_int, default=16, help="number of images (default 16)")
     p.add_argument("--out", default="runs/samples", help="output folder (default runs/samples)")
     p.add_argument("--seed", type=_nonneg_int, default=0, help="image b uses seed + b")
+    _add_solver_arg(p, "; with --preset: edm-heun and rdm-heun, the authors' settings")
     p.add_argument("--base-steps", type=_positive_int, default=None,
-                   help="EDM sampler steps (default: the preset's, else 18)")
+                   help=f"EDM sampler steps (default: the preset's, else {CLI_STEPS['edm-2m']} with edm-2m, "
+                        f"{CLI_STEPS['edm-heun']} with edm-heun)")
     p.add_argument("--relay-steps", type=_positive_int, default=None,
-                   help="relay Karras grid size before truncation (default: the preset's, else 60: 21 steps "
-                        "below sigma 0.9); a distilled relay student always samples on its own grid")
+                   help="relay Karras grid size before truncation (default: the preset's, else "
+                        f"{CLI_STEPS['relay-2m']} with relay-2m and relay-2s: 14 steps below sigma 0.9, "
+                        f"{CLI_STEPS['rdm-heun']} with rdm-heun and rdm-euler: 21 steps); a distilled relay student "
+                        "always samples on its own grid")
     p.add_argument("--eta", type=float, default=None, help="relay sampler stochasticity (default: the preset's, "
                    "else 0.2)")
     p.add_argument("--dtype", choices=["float32", "float64"], default=None,
@@ -330,7 +367,7 @@ def _cmd_sample_mdm(args) -> int:
 
     pipeline_only = {"--base": args.base, "--relay": args.relay, "--preset": args.preset, "--cfg": args.cfg,
                      "--base-cfg": args.base_cfg, "--base-steps": args.base_steps, "--relay-steps": args.relay_steps,
-                     "--network-dtype": args.network_dtype}
+                     "--network-dtype": args.network_dtype, "--solver": args.solver}
     given = [k for k, v in pipeline_only.items() if v]
     if given:
         raise ValueError(f"{', '.join(given)} belong to the relay pipeline; with --mdm use --mdm-steps and --eta")
@@ -401,11 +438,13 @@ def _cmd_sample(args) -> int:
     import torch
 
     from . import sampling, schedules
+    from .solvers import CLI_STEPS, SOLVERS
     from .training import load_denoiser, save_grid
     from .training.data import save_png
 
     device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device)
     preset = sampling.get_pipeline_preset(args.preset) if args.preset else None
+    base_solver, relay_solver = _stage_solvers(args.solver, authors=preset is not None)
     net_dtype = {"float32": None, "bfloat16": torch.bfloat16, "float16": torch.float16}[args.network_dtype or "float32"]
 
     def load(path, stage):
@@ -420,8 +459,9 @@ def _cmd_sample(args) -> int:
     base, base_rec = load(args.base, "base")
     resolution, channels, num_classes = _stage_geometry(base_rec)
     base_opts = dict(preset.base) if preset else {}
-    base_steps = args.base_steps or base_opts.get("num_steps", 18)
+    base_steps = args.base_steps or base_opts.get("num_steps", CLI_STEPS[base_solver])
     base_opts.pop("num_steps", None)
+    base_opts["solver"] = base_solver
     if args.base_cfg is not None:
         base_opts["cfg"] = args.base_cfg
     stages = [sampling.BaseStage(base, resolution=resolution, channels=channels, num_steps=base_steps,
@@ -435,10 +475,13 @@ def _cmd_sample(args) -> int:
         if "distill" in rec:  # a distilled student samples on its own grid, one call per step
             from .training.distill import pipeline_stage
 
+            if any(n in SOLVERS for n in args.solver):
+                raise ValueError(f"{path!r} is a distilled student, which samples with its own steps: "
+                                 "--solver does not apply to it")
             stages.append(pipeline_stage(path, relay, rec, guidance=args.cfg, relay_steps=args.relay_steps,
                                          eta=args.eta))
             continue
-        opts = {} if args.eta is None else {"eta": args.eta}
+        opts = {"solver": relay_solver} if args.eta is None else {"solver": relay_solver, "eta": args.eta}
         cfg = args.cfg if args.cfg is not None else (preset.relay_cfg if preset else None)
         if cfg is not None:
             opts["cfg"] = cfg
@@ -448,7 +491,7 @@ def _cmd_sample(args) -> int:
             opts = _clip_to_network(opts, relay, relay_preset.sigma_min, relay_preset.sigma_max)
         else:
             s, recorded = _relay_options(path, rec)
-            relay_preset, steps = None, args.relay_steps or 60
+            relay_preset, steps = None, args.relay_steps or CLI_STEPS[relay_solver]
             opts = _clip_to_network({"eta": 0.2, **recorded, **opts}, relay, 0.008, 80.0)
         stages.append(sampling.RelayStage(relay, s=s, num_steps=steps, preset=relay_preset, options=opts))
 
@@ -478,7 +521,9 @@ def _cmd_sample(args) -> int:
     save_grid(images, out / "grid.png", enhance=enhance)
     for b in range(images.shape[0]):
         save_png(images[b], out / f"{args.seed + b:06d}.png", enhance=enhance)
-    print(f"wrote {images.shape[0]} images of {images.shape[-1]}x{images.shape[-2]} and grid.png to {out}")
+    relay_note = f"; relay stages: {relay_solver}" if args.relay else ""
+    print(f"wrote {images.shape[0]} images of {images.shape[-1]}x{images.shape[-2]} and grid.png to {out} "
+          f"(base stage: {base_solver}, {base_steps} steps{relay_note})")
     return 0
 
 
@@ -513,6 +558,7 @@ def _cmd_convert(args) -> int:
 
 
 def _build_demo(sub) -> None:
+    from .solvers import CLI_STEPS
     from .training.demo import DemoConfig
 
     d = DemoConfig()
@@ -537,21 +583,30 @@ def _build_demo(sub) -> None:
                    help="relay start levels (truncation) of the super-resolution sweep, comma-separated "
                         f"(default {','.join(f'{v:g}' for v in d.sweep_levels)}); sr_compare.png shows the lowest "
                         "and the highest")
-    p.add_argument("--base-sample-steps", type=_positive_int, default=d.base_sample_steps)
-    p.add_argument("--relay-sample-steps", type=_positive_int, default=d.relay_sample_steps)
+    _add_solver_arg(p)
+    p.add_argument("--base-sample-steps", type=_positive_int, default=None,
+                   help=f"EDM sampler steps of the base stage (default {CLI_STEPS['edm-2m']} with edm-2m, "
+                        f"{CLI_STEPS['edm-heun']} with edm-heun)")
+    p.add_argument("--relay-sample-steps", type=_positive_int, default=None,
+                   help=f"relay Karras grid size before truncation (default {CLI_STEPS['relay-2m']} with relay-2m "
+                        f"and relay-2s, {CLI_STEPS['rdm-heun']} with rdm-heun and rdm-euler)")
     p.add_argument("--device", default="auto")
     p.add_argument("--no-progress", dest="progress", action="store_false")
     p.set_defaults(func=_cmd_demo)
 
 
 def _cmd_demo(args) -> int:
+    from .solvers import CLI_STEPS
     from .training.demo import DemoConfig, format_metrics, run_demo
 
+    base_solver, relay_solver = _stage_solvers(args.solver, authors=False)
     cfg = DemoConfig(out=args.out, data=args.data, retrain=args.retrain, seed=args.seed,
                      train_seconds=args.train_seconds, base_steps=args.base_steps, relay_steps=args.relay_steps,
-                     num_samples=args.num_samples,
-                     num_eval=args.num_eval, sweep_levels=args.sweep_levels, base_sample_steps=args.base_sample_steps,
-                     relay_sample_steps=args.relay_sample_steps, progress=args.progress, device=args.device)
+                     num_samples=args.num_samples, num_eval=args.num_eval, sweep_levels=args.sweep_levels,
+                     base_solver=base_solver, base_sample_steps=args.base_sample_steps or CLI_STEPS[base_solver],
+                     relay_solver=relay_solver,
+                     relay_sample_steps=args.relay_sample_steps or CLI_STEPS[relay_solver],
+                     progress=args.progress, device=args.device)
     metrics = run_demo(cfg, command="relayops " + " ".join(shlex.quote(a) for a in args.argv))
     out = Path(cfg.out)
     print(format_metrics(metrics))

@@ -41,6 +41,17 @@ SECOND_ORDER = ("relay-2s", "relay-2m")
 EDM_SOLVERS = ("edm-heun", "edm-2m")  # edm_sample: EDM's Heun (SPEC 9), or multistep (section 9.1)
 LINEAR_SOLVERS = ("linear-euler", "linear-2m")  # linear_relay_sample: SPEC 10's step, or multistep (10.1)
 
+# Network calls per step of each solver (the last step, to level 0, is always one call).
+CALLS_PER_STEP = {"rdm-heun": 2, "rdm-euler": 1, "relay-2s": 2, "relay-2m": 1, "edm-heun": 2, "edm-2m": 1,
+                  "linear-euler": 1, "linear-2m": 1}
+
+# The command line's step counts (``relayops sample``, ``relayops demo``): EDM steps of the base
+# stage (Karras 0.002 .. 80), and levels of the relay stage's Karras grid (0.008 .. 80, the steps
+# below the start level 0.9 are taken). edm-2m at 24 and relay-2m at 40 have a smaller transport
+# error than the authors' edm-heun at 18 and rdm-heun at 60 with 24 calls instead of 35 and 14
+# instead of 41 (docs/solvers.md, "On the command line").
+CLI_STEPS = {"edm-2m": 24, "edm-heun": 18, "relay-2m": 40, "relay-2s": 40, "rdm-heun": 60, "rdm-euler": 60}
+
 # Gauss-Legendre nodes per step: the integrand is analytic in log sigma, and a step of a useful
 # grid spans at most a few units of log sigma, where 32 nodes are exact to rounding.
 QUAD_NODES = 32

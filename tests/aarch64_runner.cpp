@@ -1,4 +1,4 @@
-// One call of the CPU kernels (csrc/cpu/kernels.cpp, relayops::cpu::launch) from a file, for
+// One call of the CPU kernels (csrc/cpu, relayops::cpu::launch) from a file, for
 // tests/test_cpu_isa.py: built with the aarch64 cross compiler and run under qemu-aarch64, so the
 // portable path's NEON code runs on the same op cases as the x86-64 build.
 //

@@ -63,6 +63,86 @@ def test_sample_pipeline_writes_pngs(trained, capsys):
     assert Image.open(out / "000001.png").size == (32, 32)
 
 
+class CountingDenoiser:
+    """A denoiser that counts its calls (the network calls a solver makes), attributes passed on."""
+
+    def __init__(self, denoiser):
+        self.denoiser, self.calls = denoiser, 0
+
+    def __call__(self, *args, **kwargs):
+        self.calls += 1
+        return self.denoiser(*args, **kwargs)
+
+    def __getattr__(self, name):
+        return getattr(self.denoiser, name)
+
+
+def relay_steps(levels: int) -> int:
+    """Steps of a relay grid of `levels` Karras levels (0.008 .. 80, rho 7) below the start level
+    0.9, ending at 0."""
+    sigma = [0.008 ** (1 / 7) + i / (levels - 1) * (80 ** (1 / 7) - 0.008 ** (1 / 7)) for i in range(levels)]
+    return sum(1 for v in sigma if v ** 7 <= 0.9 + 1e-9)
+
+
+# Network calls of n steps: two per step for the Heun-type solvers, but one for the last step.
+CALLS = {"edm-heun": lambda n: 2 * n - 1, "edm-2m": lambda n: n, "rdm-heun": lambda n: 2 * n - 1,
+         "relay-2s": lambda n: 2 * n - 1, "rdm-euler": lambda n: n, "relay-2m": lambda n: n}
+
+
+@pytest.mark.parametrize("solvers", [[], ["edm-heun"], ["edm-2m"], ["rdm-heun"], ["rdm-euler"], ["relay-2s"],
+                                     ["relay-2m"], ["edm-heun", "rdm-heun"]], ids=lambda v: "+".join(v) or "defaults")
+def test_sample_solver_sets_each_stages_sampler(trained, capsys, monkeypatch, solvers):
+    """--solver NAME picks the sampler of the stage NAME belongs to, seen in the network calls each
+    stage makes; without it the base stage runs edm-2m and the relay stage relay-2m."""
+    import relayops.training
+
+    counted = {}
+
+    def load(path, stage, **kw):
+        denoiser, rec = load_denoiser(path, stage, **kw)
+        counted[stage] = CountingDenoiser(denoiser)
+        return counted[stage], rec
+
+    load_denoiser = relayops.training.load_denoiser
+    monkeypatch.setattr(relayops.training, "load_denoiser", load)
+    out = trained / "solvers"
+    argv = ["sample", "--base", str(trained / "base"), "--relay", str(trained / "relay"), "--num", "2",
+            "--out", str(out), "--base-steps", "3", "--relay-steps", "12", "--no-progress"]
+    assert main(argv + [a for name in solvers for a in ("--solver", name)]) == 0
+    base = next((n for n in solvers if n.startswith("edm")), "edm-2m")
+    relay = next((n for n in solvers if not n.startswith("edm")), "relay-2m")
+    assert counted["base"].calls == CALLS[base](3)
+    assert counted["relay"].calls == CALLS[relay](relay_steps(12))
+    assert f"(base stage: {base}, 3 steps; relay stages: {relay})" in capsys.readouterr().out
+    assert Image.open(out / "000001.png").size == (32, 32)
+
+
+def test_sample_solver_defaults_and_errors(capsys):
+    from relayops.cli import _stage_solvers
+    from relayops.solvers import CLI_STEPS
+
+    assert _stage_solvers([], authors=False) == ("edm-2m", "relay-2m")
+    assert _stage_solvers([], authors=True) == ("edm-heun", "rdm-heun")         # --preset: the authors' samplers
+    assert _stage_solvers(["relay-2m"], authors=True) == ("edm-heun", "relay-2m")
+    assert CLI_STEPS["edm-2m"] < 2 * CLI_STEPS["edm-heun"] - 1                   # fewer calls than the authors'
+    err = run_error(capsys, ["sample", "--base", "b", "--solver", "relay-2m", "--solver", "rdm-heun"])
+    assert "one solver per stage" in err and "rdm-heun and relay-2m" in err
+    assert "invalid choice" in run_error(capsys, ["sample", "--base", "b", "--solver", "linear-2m"])
+    assert "--solver" in run_error(capsys, ["sample", "--mdm", "m", "--solver", "relay-2m"])
+
+
+def test_sample_and_demo_help_list_the_solvers_and_their_calls(capsys):
+    for command in ("sample", "demo"):
+        with pytest.raises(SystemExit):
+            main([command, "--help"])
+        text = " ".join(capsys.readouterr().out.split())
+        for phrase in ("edm-2m (default, 1 network call per step)",
+                       "edm-heun (EDM's sampler, 2 network calls per step)",
+                       "relay-2m (default, 1 network call per step)", "relay-2s (2 network calls per step)",
+                       "rdm-euler (1 network call per step)", "rdm-heun (RDM's sampler, 2 network calls per step)"):
+            assert phrase in text, (command, phrase)
+
+
 def test_sample_rejects_a_checkpoint_of_the_other_stage(trained, capsys):
     err = run_error(capsys, ["sample", "--base", str(trained / "relay"), "--out", str(trained / "x")])
     assert "'relay' stage model; a 'base' stage checkpoint is needed" in err
@@ -133,29 +213,32 @@ def test_demo_tiny_then_reuse(tmp_path, capsys):
         assert list(e["relay"]) == ["0.2", "0.9"]
         for m in (e["nearest"], e["bicubic"], *e["relay"].values()):
             assert np.isfinite(m["psnr_db"]) and len(m["log_spectral_distance_db"]) == 3
-        assert e["target"]["best_level"] in e["relay"] and isinstance(e["target"]["met"], bool)
+        assert e["best_start"]["best_level"] in e["relay"]
+    assert metrics["base_sampler"] == {"solver": "edm-2m", "steps": 3}
+    assert metrics["relay_sampler"]["solver"] == "relay-2m"
     printed = capsys.readouterr().out
     assert "best start level" in printed and "heldout (4 crops)" in printed
+    assert "target" not in printed and "not met" not in printed    # results, not the project's targets
     ckpt = demo / "relay" / "checkpoint.safetensors"
     stamp = ckpt.stat().st_mtime_ns
     assert main(argv) == 0          # second run: the checkpoints are reused, not retrained
     assert ckpt.stat().st_mtime_ns == stamp
 
 
-def test_demo_target_picks_the_best_level_that_keeps_the_spectrum():
-    from relayops.training.demo import tradeoff_target
+def test_demo_best_start_level_keeps_the_spectrum():
+    from relayops.training.demo import best_start_level
 
     def m(psnr, high):
         return {"psnr_db": psnr, "log_spectral_distance_db": {"0.00-0.25": 1.0, "0.50-1.00": high}}
 
     result = {"bicubic": m(28.0, 20.0), "relay": {"0.1": m(27.9, 12.0), "0.2": m(27.0, 9.0), "0.9": m(20.0, 3.0)}}
     # 0.1 has the best PSNR but not half of bicubic's high-band distance: 0.2 is the best level.
-    assert tradeoff_target(result) == {"best_level": "0.2", "psnr_below_bicubic_db": 1.0,
-                                       "high_band_lsd_over_bicubic": 0.45, "met": True}
+    assert best_start_level(result) == {"best_level": "0.2", "psnr_below_bicubic_db": 1.0,
+                                        "high_band_lsd_over_bicubic": 0.45}
     result["relay"]["0.2"] = m(26.0, 9.0)
-    assert tradeoff_target(result)["met"] is False                      # 2 dB below bicubic
+    assert best_start_level(result)["psnr_below_bicubic_db"] == 2.0
     result["relay"] = {"0.1": m(27.9, 12.0)}
-    assert tradeoff_target(result)["best_level"] == "0.1"                # none keeps the spectrum: best PSNR
+    assert best_start_level(result)["best_level"] == "0.1"                # none keeps the spectrum: best PSNR
 
 
 def test_help_and_module_entry_point():

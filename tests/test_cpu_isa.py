@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import ctypes
 import os
+import platform
 import re
 import shutil
 import struct
@@ -191,6 +192,10 @@ def test_environment_variable_caps_at_import():
 
 
 CROSS = "aarch64-linux-gnu-g++"
+# The CPU module's C++ sources but its pybind11 module: kernels.cpp (the portable build), its
+# instruction-set builds kernels_avx512.cpp and kernels_avx2.cpp (empty but for GCC on x86-64) and
+# dispatch.cpp.
+CPU_SOURCES = sorted(p for p in (ROOT / "csrc/cpu").glob("*.cpp") if p.name != "module.cpp")
 _NEEDS_CROSS = pytest.mark.skipif(shutil.which(CROSS) is None,
                                   reason=f"no aarch64 cross compiler ({CROSS}; Debian: g++-aarch64-linux-gnu)")
 
@@ -257,9 +262,9 @@ _ELEMENT_BYTES = {int(code): torch.empty(0, dtype=dtype).element_size() for dtyp
 
 @pytest.fixture(scope="module")
 def aarch64_runner(tmp_path_factory):
-    """tests/aarch64_runner.cpp and csrc/cpu/kernels.cpp built for aarch64 (static, OpenMP)."""
+    """tests/aarch64_runner.cpp and the CPU kernels (CPU_SOURCES) built for aarch64 (static, OpenMP)."""
     exe = tmp_path_factory.mktemp("aarch64") / "runner"
-    sources = (ROOT / "csrc/cpu/kernels.cpp", ROOT / "tests/aarch64_runner.cpp")
+    sources = (*CPU_SOURCES, ROOT / "tests/aarch64_runner.cpp")
     subprocess.run([CROSS, "-std=c++17", "-O1", "-fopenmp", "-fno-math-errno", "-static", f"-I{ROOT / 'csrc/include'}",
                     f"-I{ROOT / 'csrc/cpu'}", *map(str, sources), "-o", str(exe)], check=True, capture_output=True,
                    text=True)
@@ -316,12 +321,12 @@ def test_op_matrix_on_aarch64(aarch64_runner, tmp_path, monkeypatch, dtype):
 
 @pytest.mark.skipif(shutil.which("clang++") is None, reason="no clang++ (Debian: clang)")
 def test_cpu_kernels_compile_with_clang(tmp_path):
-    """csrc/cpu/kernels.cpp compiles with clang++ as well as GCC (its vector-extension rows use
-    each compiler's shuffle builtin; OpenMP is left out: clang's runtime headers are a separate
-    package)."""
+    """The CPU kernels compile with clang++ as well as GCC (their vector-extension rows use each
+    compiler's shuffle builtin; OpenMP is left out: clang's runtime headers are a separate
+    package). With clang only the portable build is made (the AVX files compile to nothing)."""
     done = subprocess.run(["clang++", "-std=c++17", "-O1", "-c", f"-I{ROOT / 'csrc/include'}",
-                           f"-I{ROOT / 'csrc/cpu'}", str(ROOT / "csrc/cpu/kernels.cpp"),
-                           "-o", str(tmp_path / "kernels.o")], capture_output=True, text=True)
+                           f"-I{ROOT / 'csrc/cpu'}", *map(str, CPU_SOURCES)], capture_output=True, text=True,
+                          cwd=tmp_path)
     assert done.returncode == 0, done.stderr[-4000:]
 
 
@@ -343,8 +348,35 @@ def test_cpu_kernels_compile_with_clang_for_aarch64(tmp_path):
 
 @_NEEDS_CROSS
 def test_cpu_kernels_compile_for_aarch64(tmp_path):
-    """csrc/cpu/kernels.cpp (no torch or pybind11 headers) compiles for aarch64 with OpenMP."""
+    """The CPU kernels (no torch or pybind11 headers) compile for aarch64 with OpenMP."""
     done = subprocess.run([CROSS, "-std=c++17", "-O0", "-fopenmp", "-fno-math-errno", "-c",
-                           f"-I{ROOT / 'csrc/include'}", str(ROOT / "csrc/cpu/kernels.cpp"),
-                           "-o", str(tmp_path / "kernels.o")], capture_output=True, text=True)
+                           f"-I{ROOT / 'csrc/include'}", *map(str, CPU_SOURCES)], capture_output=True, text=True,
+                          cwd=tmp_path)
     assert done.returncode == 0, done.stderr[-4000:]
+
+
+@pytest.mark.skipif(sys.platform != "linux" or platform.machine() != "x86_64" or shutil.which("g++") is None
+                    or shutil.which("objdump") is None or shutil.which("nm") is None,
+                    reason="needs g++, nm and objdump on x86-64 Linux")
+def test_avx512_build_shares_only_baseline_code(tmp_path):
+    """The AVX-512 build of kernels.cpp defines the inline functions and template instances of the
+    shared headers too (as weak symbols); the linker keeps one copy of each for all three builds,
+    so those must be baseline code, or an AVX2 or older CPU would run AVX-512 instructions. Every
+    function the object exports or shares has no VEX/EVEX instruction (AVX's v-prefixed forms);
+    its own row code (internal symbols) does. -O0 keeps the header functions out of line."""
+    obj = tmp_path / "kernels_avx512.o"
+    subprocess.run(["g++", "-std=c++17", "-O0", "-fopenmp", "-fno-math-errno", "-c", f"-I{ROOT / 'csrc/include'}",
+                    str(ROOT / "csrc/cpu/kernels_avx512.cpp"), "-o", str(obj)], check=True, capture_output=True)
+    shared = {line.split()[-1] for line in subprocess.run(["nm", str(obj)], capture_output=True, text=True,
+                                                          check=True).stdout.splitlines()
+              if len(line.split()) == 3 and line.split()[1] in "TWV"}
+    vex, name = {}, None
+    for line in subprocess.run(["objdump", "-d", "--no-show-raw-insn", str(obj)], capture_output=True, text=True,
+                               check=True).stdout.splitlines():
+        head = re.match(r"[0-9a-f]+ <(.+)>:$", line)
+        if head:
+            name = head.group(1)
+        elif name and re.match(r"\s+[0-9a-f]+:\s+v[a-z0-9]+\s", line):
+            vex[name] = vex.get(name, 0) + 1
+    assert len(shared) > 100 and sum(1 for n in vex if "avx512" in n) > 10    # both kinds are there
+    assert not shared & set(vex), sorted(shared & set(vex))[:5]

@@ -9,11 +9,14 @@
 // its horizontal wraparound box sums go into a ring of 2s rows, and the vertical sums over the
 // ring give the block noise of the current patch row, so Philox runs once per pair of elements (plus s - 1
 // halo rows per unit). Scratch memory is O(s * W) per thread, never proportional to the input.
-// Instruction sets: the build is baseline x86-64 (or aarch64); each work unit runs a copy of the
-// row loops compiled for the instruction set cpu_isa() picks at run time (per_isa), so a cap
-// (set_isa_cap) forces every path, written with vector extensions (vector_rows.h: Philox,
-// Box-Muller, fused blur), with intrinsics (the AVX-512 fused blur) or left to the compiler's
-// vectoriser alike, on any CPU that has it.
+// Instruction sets: this file is compiled once per instruction set, as separate translation units
+// that build in parallel: by itself it is the portable build (baseline x86-64 or aarch64);
+// kernels_avx512.cpp and kernels_avx2.cpp include it with RELAYOPS_ISA_AVX512 / RELAYOPS_ISA_AVX2
+// defined (GCC on x86-64). Each build lives in its own namespace (avx512, avx2, portable) and
+// exports its entry points as one IsaKernels table (kernels.h); dispatch.cpp calls the table of
+// the instruction set cpu_isa() picks at run time, so a cap (set_isa_cap) forces every path,
+// written with vector extensions (vector_rows.h: Philox, Box-Muller, fused blur), with intrinsics
+// (the AVX-512 fused blur) or left to the compiler's vectoriser alike, on any CPU that has it.
 #include "kernels.h"
 
 #include "relayops/tile.h"
@@ -28,122 +31,50 @@
 #elif defined(__aarch64__)
 #include <arm_neon.h>
 #endif
-#include <atomic>
 #include <stdexcept>
 #include <vector>
-#ifdef _OPENMP
-#include <omp.h>
-#endif
 
-namespace relayops {
-namespace cpu {
-
-// The best instruction set of this CPU (AVX-512 also needs AVX2 and FMA; AVX2 needs FMA).
-int best_isa() {
-#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
-  static const int best = [] {
-    __builtin_cpu_init();
-    const bool avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
-    return avx2 && __builtin_cpu_supports("avx512f") ? kAvx512 : avx2 ? kAvx2 : kPortable;
-  }();
-  return best;
+// This build's instruction set: its namespace, the vector width of vector_rows.h and the target of
+// everything below (the headers above keep the baseline target, so the inline functions and
+// template instances that the three builds share are the same baseline code in each).
+#if defined(RELAYOPS_ISA_AVX512)
+#define RELAYOPS_ISA avx512
+#define RELAYOPS_VECTOR_BYTES 64
+#pragma GCC target("avx512f,avx2,fma")
+#elif defined(RELAYOPS_ISA_AVX2)
+#define RELAYOPS_ISA avx2
+#define RELAYOPS_VECTOR_BYTES 32
+#pragma GCC target("avx2,fma")
 #else
-  return kPortable;
+#define RELAYOPS_ISA portable
+#define RELAYOPS_VECTOR_BYTES 16
 #endif
-}
-
-namespace {
-std::atomic<int> isa_cap{kAvx512};  // read at every kernel call: set_isa_cap takes effect at once
-}  // namespace
-
-int cpu_isa() { return std::min(best_isa(), isa_cap.load(std::memory_order_relaxed)); }
-
-void set_isa_cap(int cap) {
-  if (cap < kPortable || cap > kAvx512) throw std::invalid_argument("relayops: unknown instruction set code");
-  isa_cap.store(cap, std::memory_order_relaxed);
-}
-
-namespace {
-
-// The vector row loops (vector_rows.h: Philox, Box-Muller, the fused blur) are compiled once per
-// instruction set; the build itself stays portable x86-64 (or aarch64): which instruction set runs
-// is decided at run time (cpu_isa), capped by set_isa_cap.
-#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
-#define RELAYOPS_X86 1
-#define RELAYOPS_TARGET_AVX2 __attribute__((target("avx2,fma")))
-#define RELAYOPS_TARGET_AVX512 __attribute__((target("avx512f,avx2,fma")))
+#if defined(RELAYOPS_X86)
 // GCC 12 warns about the intrinsics headers' own _mm512_undefined_* inside the masked builtins.
 #pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
 #endif
 
-// The vector row loops, once per instruction set.
-#ifdef RELAYOPS_X86
-#pragma GCC push_options
-#pragma GCC target("avx512f,avx2,fma")
-namespace avx512 {
-#define RELAYOPS_VECTOR_BYTES 64
+namespace relayops {
+namespace cpu {
+namespace RELAYOPS_ISA {
+namespace {
+
+// The vector row loops (Philox, Box-Muller, the fused blur) of this instruction set.
 #include "vector_rows.h"
-#undef RELAYOPS_VECTOR_BYTES
-}  // namespace avx512
-#pragma GCC pop_options
-#pragma GCC push_options
-#pragma GCC target("avx2,fma")
-namespace avx2 {
-#define RELAYOPS_VECTOR_BYTES 32
-#include "vector_rows.h"
-#undef RELAYOPS_VECTOR_BYTES
-}  // namespace avx2
-#pragma GCC pop_options
-#endif
-namespace portable {
-#define RELAYOPS_VECTOR_BYTES 16
-#include "vector_rows.h"
-#undef RELAYOPS_VECTOR_BYTES
-}  // namespace portable
 
-// The Philox words (vector_rows.h philox_row) of instruction set isa.
-void philox_row(int isa, const PhiloxKey& key, uint64_t base, int64_t W, uint32_t* w) {
-  switch (isa) {
-#ifdef RELAYOPS_X86
-    case kAvx512: return avx512::philox_row(key, base, W, w);
-    case kAvx2: return avx2::philox_row(key, base, W, w);
+#if defined(RELAYOPS_ISA_AVX512)
+constexpr int kIsa = kAvx512;
+#elif defined(RELAYOPS_ISA_AVX2)
+constexpr int kIsa = kAvx2;
+#else
+constexpr int kIsa = kPortable;
 #endif
-    default: return portable::philox_row(key, base, W, w);
-  }
-}
 
-void box_muller_row(const uint32_t* w, int first, int64_t W, float* eps, float* eps2) {
-  switch (cpu_isa()) {
-#ifdef RELAYOPS_X86
-    case kAvx512: return avx512::box_muller_row(w, first, W, eps, eps2);
-    case kAvx2: return avx2::box_muller_row(w, first, W, eps, eps2);
-#endif
-    default: return portable::box_muller_row(w, first, W, eps, eps2);
-  }
-}
-
-// Runs f() compiled for the instruction set cpu_isa() picks: f's body, and everything it calls
-// that can be inlined (the compiler-vectorised loops of Strip and RowNoise), is inlined into one
-// copy per instruction set (flatten). Called once per work unit.
-#ifdef RELAYOPS_X86
+// Runs f() with its body, and everything it calls that can be inlined (the compiler-vectorised
+// loops of Strip and RowNoise), inlined into one function compiled for this instruction set
+// (flatten). Called once per work unit.
 template <class F>
-RELAYOPS_TARGET_AVX512 __attribute__((flatten)) void run_avx512(const F& f) { f(); }
-template <class F>
-RELAYOPS_TARGET_AVX2 __attribute__((flatten)) void run_avx2(const F& f) { f(); }
-#endif
-template <class F>
-__attribute__((flatten)) void run_portable(const F& f) { f(); }
-
-template <class F>
-void per_isa(const F& f) {
-  switch (cpu_isa()) {
-#ifdef RELAYOPS_X86
-    case kAvx512: return run_avx512(f);
-    case kAvx2: return run_avx2(f);
-#endif
-    default: return run_portable(f);
-  }
-}
+__attribute__((flatten)) void per_isa(const F& f) { f(); }
 
 // eps, eps2 of W consecutive elements from logical index base (SPEC 4: one Philox call per pair
 // q = e >> 1; an odd base starts in the middle of a pair); w: 4 (W / 2 + 1) words of scratch (the
@@ -153,7 +84,7 @@ int64_t draw_row_words(int64_t W) { return 4 * (W / 2 + 1); }
 
 void draw_row(const PhiloxKey& key, uint64_t base, int64_t W, float* eps, float* eps2, uint32_t* w) {
   const int first = int(base & 1u);
-  philox_row(cpu_isa(), key, base >> 1, (first + W + 1) / 2, w);
+  philox_row(key, base >> 1, (first + W + 1) / 2, w);
   box_muller_row(w, first, W, eps, eps2);
 }
 
@@ -165,14 +96,6 @@ void draw_row(const PhiloxKey& key, uint64_t base, int64_t W, double* eps, doubl
     if (y >= 0) eps[y] = e0, eps2[y] = f0;
     if (y + 1 < W) eps[y + 1] = e1, eps2[y + 1] = f1;
   }
-}
-
-int max_threads() {
-#ifdef _OPENMP
-  return omp_get_max_threads();
-#else
-  return 1;
-#endif
 }
 
 template <int S, class T, class A>
@@ -266,7 +189,7 @@ struct RowNoise {
 // AVX2 (8 lanes) and the portable path (4 lanes, s = 2, 4): float math only, written with vector
 // extensions (vector_rows.h, blur_rows). Otherwise (float64 below AVX-512, s = 8 on the portable
 // path) the compiler-vectorised two-pass code of Strip runs.
-#ifdef RELAYOPS_X86
+#if defined(RELAYOPS_ISA_AVX512)
 #define RELAYOPS_AVX512 __attribute__((target("avx512f")))
 
 struct F32x16 {
@@ -707,30 +630,21 @@ struct Strip {
   }
 
   // Blur (+ noise) of the patch row at image row h0 with a fused kernel: the AVX-512 one, or for
-  // float math the vector-extension rows of the instruction set in use (AVX2; the portable path's
-  // 4 lanes, NEON on aarch64, for s = 2, 4). False when none applies: Strip's two passes run.
+  // float math the vector-extension rows of this instruction set (AVX2; the portable build's 4
+  // lanes, NEON on aarch64, for s = 2, 4). False when none applies: Strip's two passes run.
   // Contiguous rows (any dtype on AVX-512) are read and written in place.
   bool blur_fused(int64_t b, int64_t c, int64_t h0, const A* nz, A scale) {
     [[maybe_unused]] const int64_t next_rows = h0 + S < P.H ? S * P.x.sh : 0;  // to the next patch row's input
-    [[maybe_unused]] const int isa = cpu_isa();
-    if constexpr (std::is_same_v<A, float>) {
-#ifdef RELAYOPS_X86
-      if (isa == kAvx2) {  // 8 float lanes
-        blur_float_rows(avx2::blur_rows<S>, b, c, h0, nz, scale, next_rows);
-        return true;
-      }
-#endif
-      if constexpr (portable::kLanes % S == 0) {
-        if (isa == kPortable) {
-          blur_float_rows(portable::blur_rows<S>, b, c, h0, nz, scale, next_rows);
-          return true;
-        }
-      }
+#if !defined(RELAYOPS_ISA_AVX512)
+    if constexpr (std::is_same_v<A, float> && kLanes % S == 0) {
+      blur_float_rows(blur_rows<S>, b, c, h0, nz, scale, next_rows);
+      return true;
     }
-#ifdef RELAYOPS_X86
+    return false;
+#else
     // float64 with s = 8 holds one patch per vector: the row pass would be a shuffle per element,
     // slower than Strip's two passes.
-    if (isa != kAvx512 || (std::is_same_v<A, double> && S == 8)) return false;
+    if (std::is_same_v<A, double> && S == 8) return false;
     using VT = typename Simd512<A>::type;
     const bool direct_in = P.x.sw == 1, direct_out = P.out.sw == 1;
     const T* in[S];
@@ -753,8 +667,6 @@ struct Strip {
     blur_rows_avx512<S, VT, A>(in_s, out_s, W, Ab, keep, floor, nz, scale, 0);
     store_rows(b, c, h0, Vb.data());
     return true;
-#else
-    return false;
 #endif
   }
 
@@ -858,7 +770,7 @@ void run(const Params<A>& P) {
   const bool noise_in_place = std::is_same_v<T, A> && P.mode == kNoise && P.out.sw == 1;
   int64_t chunk = 1;
   if (rows) {  // long runs of patch rows amortise the s - 1 halo rows each unit redraws
-    const int64_t want = (planes * nstrips + 8 * max_threads() - 1) / (8 * max_threads());
+    const int64_t want = (planes * nstrips + 8 * num_threads() - 1) / (8 * num_threads());
     chunk = std::min<int64_t>(nstrips, std::max<int64_t>(4, want));
   }
   const int64_t nchunks = (nstrips + chunk - 1) / chunk, units = planes * nchunks;
@@ -915,48 +827,16 @@ void run(const Params<A>& P) {
 
 template <class T, class A>
 void run_sizes(const Params<A>& P, bool cuda_tiles) {
-  if (cuda_tiles) return with_tile_size(P.s, [&](auto S) { emulate_tiles<decltype(S)::value, T, A>(P); });
+  if (cuda_tiles) {  // the CUDA kernels' tiles, emulated for the tests: built once, in the portable build
+    if constexpr (kIsa != kPortable) throw std::logic_error("relayops: the tile emulation is in the portable build");
+    else return with_tile_size(P.s, [&](auto S) { emulate_tiles<decltype(S)::value, T, A>(P); });
+  }
   switch (P.s) {
     case 2: return run<2, T, A>(P);
     case 4: return run<4, T, A>(P);
     case 8: return run<8, T, A>(P);
     default: return run<0, T, A>(P);
   }
-}
-
-}  // namespace
-
-int num_threads() { return max_threads(); }
-
-void normals_from_words(const uint32_t* w, int64_t n, int dtype, void* eps, void* eps2) {
-  if (dtype == kFloat32) {
-    box_muller_row(w, 0, 2 * n, static_cast<float*>(eps), static_cast<float*>(eps2));  // the kernels' row code
-  } else if (dtype == kFloat64) {
-    double *e1 = static_cast<double*>(eps), *e2 = static_cast<double*>(eps2);
-    for (int64_t i = 0; i < n; ++i)
-      relayops::normals_from_words<double>(Philox4{w[i], w[n + i], w[2 * n + i], w[3 * n + i]}, e1[2 * i], e1[2 * i + 1],
-                                 e2[2 * i], e2[2 * i + 1]);
-  } else {
-    throw std::invalid_argument("relayops: normals_from_words takes float32 or float64");
-  }
-}
-
-void vector_transcendental(int isa, int mode, const uint32_t* in, float* out, int64_t n) {
-  if (mode < 0 || mode > 2)
-    throw std::invalid_argument("relayops: vector_transcendental mode is 0 (log), 1 (cos) or 2 (sin)");
-  if (isa > best_isa()) throw std::invalid_argument("relayops: this CPU lacks the instruction set asked for");
-  switch (isa) {
-#ifdef RELAYOPS_X86
-    case kAvx512: return avx512::transcendental(mode, in, out, n);
-    case kAvx2: return avx2::transcendental(mode, in, out, n);
-#endif
-    default: return portable::transcendental(mode, in, out, n);
-  }
-}
-
-void philox_words(int isa, uint64_t seed, uint64_t offset, uint64_t base, int64_t n, uint32_t* w) {
-  if (isa > best_isa()) throw std::invalid_argument("relayops: this CPU lacks the instruction set asked for");
-  philox_row(isa, make_key(seed, offset), base, n, w);
 }
 
 void launch(const CallArgs& a, bool cuda_tiles) {
@@ -969,5 +849,10 @@ void launch(const CallArgs& a, bool cuda_tiles) {
   }
 }
 
+}  // namespace
+
+extern const IsaKernels kernels = {launch, philox_row, box_muller_row, transcendental};
+
+}  // namespace RELAYOPS_ISA
 }  // namespace cpu
 }  // namespace relayops

@@ -1,6 +1,12 @@
 #pragma once
 #include "relayops/args.h"
 
+// The AVX-512 and AVX2 builds of kernels.cpp exist with GCC on x86-64 (best_isa's CPU detection
+// and the target pragmas); elsewhere the portable build is the only one.
+#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
+#define RELAYOPS_X86 1
+#endif
+
 namespace relayops {
 namespace cpu {
 // Instruction sets of the CPU code paths, in increasing order. kPortable: the build's baseline
@@ -27,5 +33,27 @@ void launch(const CallArgs& a, bool cuda_tiles);
 void normals_from_words(const uint32_t* w, int64_t n, int dtype, void* eps, void* eps2);
 // omp_get_max_threads(), or 1 without OpenMP.
 int num_threads();
+
+// The entry points of one instruction set's build of kernels.cpp (dispatch.cpp picks the table).
+struct IsaKernels {
+  // Runs one op; cuda_tiles (the portable build's table only) as in launch above.
+  void (*launch)(const CallArgs& a, bool cuda_tiles);
+  // The Philox words of pairs base .. base + n - 1, laid out as in philox_words above.
+  void (*philox_row)(const PhiloxKey& key, uint64_t base, int64_t n, uint32_t* w);
+  // eps, eps2 [W] of a row from the Philox words of its pairs (Box-Muller, float32); first = 1
+  // when the row starts with the second element of a pair (vector_rows.h box_muller_row).
+  void (*box_muller_row)(const uint32_t* w, int first, int64_t W, float* eps, float* eps2);
+  // As vector_transcendental above.
+  void (*transcendental)(int mode, const uint32_t* in, float* out, int64_t n);
+};
+namespace avx512 {
+extern const IsaKernels kernels;  // kernels_avx512.cpp (RELAYOPS_X86 only)
+}
+namespace avx2 {
+extern const IsaKernels kernels;  // kernels_avx2.cpp (RELAYOPS_X86 only)
+}
+namespace portable {
+extern const IsaKernels kernels;  // kernels.cpp
+}
 }  // namespace cpu
 }  // namespace relayops

@@ -1,8 +1,8 @@
 // Row loops written once with the compiler's vector extensions (GCC / Clang) and compiled once per
-// instruction set: kernels.cpp includes this file inside namespaces avx512 and avx2 (each in a
-// `#pragma GCC target` region, x86-64 only) and portable (the build's own target: SSE2 on x86-64,
-// NEON on aarch64). kLanes float lanes per vector: 16, 8 or 4. No include guard: included once per
-// namespace, after <algorithm>, <cstdint>, <cstring>, <utility>, relayops/philox.h and the
+// instruction set: each build of kernels.cpp includes this file inside its namespace, avx512 and
+// avx2 under their `#pragma GCC target` (x86-64 only), portable with the build's own target (SSE2
+// on x86-64, NEON on aarch64). kLanes float lanes per vector: 16, 8 or 4. No include guard: included
+// once per namespace, after <algorithm>, <cstdint>, <cstring>, <utility>, relayops/philox.h and the
 // intrinsics header (<immintrin.h> on x86-64, <arm_neon.h> on aarch64).
 //
 // Philox4x32-10 (SPEC 4) on kLanes counters per vector: the 32 x 32 -> 64-bit products of the

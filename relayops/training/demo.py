@@ -43,6 +43,7 @@ from .. import sampling
 from .data import CropDataset, area_downsample, builtin_images, load_images, save_grid
 from .._machine import machine_info
 from .._optional import require
+from ..solvers import CLI_STEPS
 from .metrics import log_spectral_distance, psnr
 from .checkpoint import WEIGHTS_NAME
 from .trainer import TrainConfig, load_denoiser, train
@@ -75,9 +76,10 @@ class DemoConfig:
     num_samples: int = 16
     num_eval: int = 24               # crops per evaluation set
     num_compare: int = 6             # rows of sr_compare.png
-    base_sample_steps: int = 18
-    relay_sample_steps: int = 40     # Karras grid size before truncation (14 levels below sigma 0.9)
+    base_solver: str = "edm-2m"      # one network call per step (docs/solvers.md)
+    base_sample_steps: int = CLI_STEPS["edm-2m"]
     relay_solver: str = "relay-2m"   # one network call per step (docs/solvers.md)
+    relay_sample_steps: int = CLI_STEPS["relay-2m"]  # Karras grid size before truncation (14 levels below sigma 0.9)
     sweep_levels: list = field(default_factory=lambda: [0.1, 0.2, 0.4, 0.9])  # relay start levels
     progress: bool = True
     device: str = "auto"
@@ -214,7 +216,8 @@ def run_demo(cfg: DemoConfig, command: str | None = None) -> dict:
     with _threads(_half_the_cores()), torch.no_grad():
         t0 = time.time()
         pipeline = sampling.RelayPipeline(
-            [sampling.BaseStage(base, resolution=cfg.base_resolution, channels=3, num_steps=cfg.base_sample_steps),
+            [sampling.BaseStage(base, resolution=cfg.base_resolution, channels=3, num_steps=cfg.base_sample_steps,
+                                options=dict(solver=cfg.base_solver)),
              sampling.RelayStage(relay, s=cfg.scale, num_steps=cfg.relay_sample_steps,
                                 options=dict(relay_opts, sigma_trunc=max(cfg.sweep_levels)))],
             device=device)
@@ -237,6 +240,7 @@ def run_demo(cfg: DemoConfig, command: str | None = None) -> dict:
                  "the 16x16 input resolves only the first band (below 0.25)",
         "train_steps": {"base": base_record["step"], "relay": relay_record["step"]},
         "train_seconds_per_stage": cfg.train_seconds if None in (cfg.base_steps, cfg.relay_steps) else None,
+        "base_sampler": {"solver": cfg.base_solver, "steps": cfg.base_sample_steps},
         "relay_sampler": {"solver": cfg.relay_solver, "grid": f"Karras, {cfg.relay_sample_steps} levels, "
                           "truncated below the start level", "eta": sampling.RELAY_DEFAULTS["eta"]},
         "eval_sets": {name: {k: v for k, v in e.items() if k != "images"} for name, e in evaluations.items()},
@@ -296,16 +300,16 @@ def evaluate_set(relay, truth: torch.Tensor, description: str, cfg: DemoConfig, 
                                    progress=cfg.progress, **relay_opts).cpu().clamp(-1, 1)
         images[f"relay {level:g}"] = sr
         result["relay"][f"{level:g}"] = _measures(sr, truth, cfg.scale)
-    result["target"] = tradeoff_target(result)
+    result["best_start"] = best_start_level(result)
     result["images"] = images
     return result
 
 
-def tradeoff_target(result: dict) -> dict:
-    """The demo's target for one evaluation set: at the best start level, relay PSNR within
-    1.5 dB of bicubic and a high-band (0.5-1 of Nyquist) log-spectral distance at most half of
-    bicubic's. Best: the highest PSNR among the levels that meet the spectral half, else the
-    highest PSNR of all."""
+def best_start_level(result: dict) -> dict:
+    """The relay sampler's best start level for one evaluation set, against bicubic: the highest
+    PSNR among the levels whose high-band (0.5-1 of Nyquist) log-spectral distance is at most half
+    of bicubic's (a spectrum clearly sharper than bicubic's), else the highest PSNR of all; its
+    PSNR below bicubic's and its high-band distance as a multiple of bicubic's."""
     band = f"{HIGH_BAND[0]:.2f}-{HIGH_BAND[1]:.2f}"
     bicubic = result["bicubic"]
     spectral = {lv: m for lv, m in result["relay"].items()
@@ -314,8 +318,7 @@ def tradeoff_target(result: dict) -> dict:
     m = result["relay"][best]
     gap = round(bicubic["psnr_db"] - m["psnr_db"], 3)
     ratio = round(m["log_spectral_distance_db"][band] / bicubic["log_spectral_distance_db"][band], 3)
-    return {"best_level": best, "psnr_below_bicubic_db": gap, "high_band_lsd_over_bicubic": ratio,
-            "met": gap <= 1.5 and ratio <= 0.5}
+    return {"best_level": best, "psnr_below_bicubic_db": gap, "high_band_lsd_over_bicubic": ratio}
 
 
 def save_compare(evaluations: dict, cfg: DemoConfig, path: Path) -> None:
@@ -377,8 +380,7 @@ def format_metrics(m: dict) -> str:
             lines.append(f"  {label:<12} {r['psnr_db']:>8.2f}  " +
                          "  ".join(f"{r['log_spectral_distance_db'][b]:>13.2f}" for b in bands) +
                          (f"  {r['input_psnr_db']:>10.2f}" if r["input_psnr_db"] is not None else "       exact"))
-        t = e["target"]
-        lines.append(f"  best start level {t['best_level']}: {t['psnr_below_bicubic_db']:.2f} dB below bicubic, "
-                     f"high-band LSD {t['high_band_lsd_over_bicubic']:.2f}x bicubic's "
-                     f"(target: <= 1.5 dB and <= 0.5x: {'met' if t['met'] else 'not met'})")
+        t = e["best_start"]
+        lines.append(f"  best start level {t['best_level']}: PSNR {t['psnr_below_bicubic_db']:.2f} dB below bicubic, "
+                     f"high-band LSD {t['high_band_lsd_over_bicubic']:.2f}x bicubic's")
     return "\n".join(lines)
