@@ -373,11 +373,14 @@ def _psd_eigenvalues_floor(w: np.ndarray) -> np.ndarray:
 
 def _factor(sigma: np.ndarray, features) -> np.ndarray:
     """``R`` (``[d, r]``) with ``R R^T = sigma``: the centred ``features`` over ``sqrt(N - 1)`` when
-    there are fewer than d of them (sigma is their covariance), else from sigma's eigenvectors
-    (eigenvalues at rounding level dropped)."""
+    there are fewer than d of them and sigma is their covariance (its trace is checked: a file's
+    stored statistics need not come from the features computed here), else from sigma's
+    eigenvectors (eigenvalues at rounding level dropped)."""
     if features is not None and features.shape[0] - 1 < sigma.shape[0]:
         x = np.asarray(features, np.float64)
-        return (x - x.mean(0)).T / math.sqrt(x.shape[0] - 1)
+        r = (x - x.mean(0)).T / math.sqrt(x.shape[0] - 1)
+        if abs(np.sum(r * r) - np.trace(sigma)) <= 1e-9 * max(np.trace(sigma), 1e-300):
+            return r
     w, v = np.linalg.eigh(sigma)
     keep = _psd_eigenvalues_floor(w) > 0
     return v[:, keep] * np.sqrt(w[keep])

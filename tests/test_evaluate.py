@@ -55,7 +55,7 @@ def test_frechet_distance_of_few_vectors_matches_scipy_sqrtm():
     mu1, s1, mu2, s2 = a.mean(0), np.cov(a, rowvar=False), b.mean(0), np.cov(b, rowvar=False)
     covmean = scipy.linalg.sqrtm(s1 @ s2)
     expected = np.sum((mu1 - mu2) ** 2) + np.trace(s1) + np.trace(s2) - 2 * np.trace(covmean).real
-    for f1, f2 in ((None, None), (a, None), (None, b), (a, b)):
+    for f1, f2 in ((None, None), (a, None), (None, b), (a, b), (a * 1.01, None)):  # last: not S1's vectors
         assert ev.frechet_distance(mu1, s1, mu2, s2, f1, f2) == pytest.approx(expected, rel=1e-7), (f1, f2)
 
 
