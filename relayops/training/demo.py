@@ -269,6 +269,8 @@ class CountingDenoiser:
         return self.denoiser(*args, **kwargs)
 
     def __getattr__(self, name):  # the wrapped network's attributes (sigma range, ...)
+        if name == "denoiser":  # not set yet (a copy being made): no recursion
+            raise AttributeError(name)
         return getattr(self.denoiser, name)
 
 
@@ -278,7 +280,7 @@ def sample_quality(samples: torch.Tensor, reference: torch.Tensor, reference_nam
     Inception features (relayops.evaluate).
 
     With the demo's few images FID is mostly the bias of estimating 2048-dimensional covariances
-    from a handful of vectors (it is large even between two sets of the same images); KID is
+    from a few dozen vectors (it is large even between two sets of crops of the same photographs); KID is
     unbiased and its standard error says how far to trust it. ``{"skipped": why}`` without the
     ``[eval]`` extra."""
     from .. import evaluate
@@ -291,7 +293,7 @@ def sample_quality(samples: torch.Tensor, reference: torch.Tensor, reference_nam
     stderr = None if r["kid_stderr"] is None or r["kid_stderr"] != r["kid_stderr"] else r["kid_stderr"]  # NaN: too few
     return {"reference": reference_name, "num_samples": r["num_samples"], "num_reference": r["num_reference"],
             "kid": r["kid"], "kid_stderr": stderr, "fid": r["fid"],
-            "note": "KID: unbiased, with the delete-one jackknife standard error; FID of this few images is "
+            "note": "KID: unbiased, with the delete-one jackknife standard error; FID of so few images is "
                     "dominated by its bias (for the record only)"}
 
 
@@ -306,10 +308,10 @@ def format_samples(m: dict) -> list[str]:
     if "skipped" in q:
         lines.append(f"  quality not measured: {q['skipped']}")
         return lines
-    stderr = f" +- {q['kid_stderr']:.4f}" if q["kid_stderr"] is not None else ""
-    lines.append(f"  against the {q['num_reference']} crops of evaluation set '{q['reference']}'")
-    lines.append(f"  KID {q['kid']:.4f}{stderr} (standard error)   FID {q['fid']:.1f} (biased at this size; "
-                 "for the record)")
+    stderr = (f" +- {q['kid_stderr']:.4f} (standard error)" if q["kid_stderr"] is not None
+              else " (no standard error: fewer than 3 images)")
+    lines.append(f"  against the {q['num_reference']} crops of evaluation set '{q['reference']}': "
+                 f"KID {q['kid']:.4f}{stderr}, FID {q['fid']:.1f} (biased at this size; for the record)")
     return lines
 
 
