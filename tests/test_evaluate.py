@@ -405,10 +405,11 @@ def test_features_are_the_networks_own_pool_and_mixed_6_conv(two_images_and_feat
             h = layer(h)
             if name == "mixed_6":
                 break
-    np.testing.assert_allclose(f.pool, pool.numpy(), rtol=1e-5, atol=1e-6)
+    # features computed channels-last, the reference in the default layout: rounding differences only
+    np.testing.assert_allclose(f.pool, pool.numpy(), rtol=1e-5, atol=2e-5)
     # mixed_6 concatenates its branches, mixed_6/conv first: its first 7 channels, as (h, w, c)
     spatial = h[:, :7].permute(0, 2, 3, 1).reshape(2, -1).numpy()
-    np.testing.assert_allclose(f.spatial, spatial, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(f.spatial, spatial, rtol=1e-5, atol=2e-5)
     assert not np.allclose(f.pool[0], f.pool[1], rtol=0.1)  # two different images: the test sees a difference
 
 
