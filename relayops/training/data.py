@@ -57,24 +57,37 @@ def read_image(path) -> torch.Tensor:
     """One PNG or JPEG file as a uint8 ``[3, H, W]`` tensor.
 
     Raises ``FileNotFoundError`` for a missing file and ``ValueError`` (naming the file) for
-    anything else: another format, a truncated or corrupt file (PNG: every chunk checksum and
-    the end chunk are checked), more than ``MAX_IMAGE_BYTES`` bytes or more than
-    ``MAX_IMAGE_PIXELS`` pixels (from the header, before decoding). Only the PNG and JPEG
-    decoders are allowed: some PIL formats (EPS) would start external programs.
+    anything else: not a file, more than ``MAX_IMAGE_BYTES`` bytes, or what :func:`decode_image`
+    refuses.
     """
-    Image = require("PIL.Image", "reading images")
-
+    require("PIL.Image", "reading images")  # the missing extra first, whatever the path
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"image {str(path)!r} does not exist")
+    if not path.is_file():
+        raise ValueError(f"cannot read image {str(path)!r}: not a file")
+    size = path.stat().st_size
+    if size > MAX_IMAGE_BYTES:
+        raise ValueError(f"cannot read image {str(path)!r}: {size} bytes is more than the limit of "
+                         f"{MAX_IMAGE_BYTES} (relayops.training.data.MAX_IMAGE_BYTES)")
+    return decode_image(path.read_bytes(), str(path))
+
+
+def decode_image(data: bytes, name: str) -> torch.Tensor:
+    """The bytes of one PNG or JPEG file as a uint8 ``[3, H, W]`` tensor; ``name`` (a path, a zip
+    member) is only for messages.
+
+    Raises ``ValueError`` (naming it) for another format, a truncated or corrupt file (PNG: every
+    chunk checksum and the end chunk are checked), more than ``MAX_IMAGE_BYTES`` bytes or more than
+    ``MAX_IMAGE_PIXELS`` pixels (from the header, before decoding). Only the PNG and JPEG decoders
+    are allowed: some PIL formats (EPS) would start external programs.
+    """
+    Image = require("PIL.Image", "reading images")
+
     try:
-        if not path.is_file():
-            raise ValueError("not a file")
-        size = path.stat().st_size
-        if size > MAX_IMAGE_BYTES:
-            raise ValueError(f"{size} bytes is more than the limit of {MAX_IMAGE_BYTES} "
+        if len(data) > MAX_IMAGE_BYTES:
+            raise ValueError(f"{len(data)} bytes is more than the limit of {MAX_IMAGE_BYTES} "
                              f"(relayops.training.data.MAX_IMAGE_BYTES)")
-        data = path.read_bytes()
         with Image.open(io.BytesIO(data), formats=IMAGE_FORMATS) as im:
             w, h = im.size
             if w * h > MAX_IMAGE_PIXELS:
@@ -87,7 +100,7 @@ def read_image(path) -> torch.Tensor:
         with Image.open(io.BytesIO(data), formats=IMAGE_FORMATS) as im:
             return _to_chw_uint8(np.asarray(im.convert("RGB")))
     except Exception as e:  # PIL raises several types (OSError, SyntaxError, ...) for broken files
-        raise ValueError(f"cannot read image {str(path)!r}: {e}") from None
+        raise ValueError(f"cannot read image {name!r}: {e}") from None
 
 
 @functools.cache
@@ -243,6 +256,12 @@ def save_grid(images: torch.Tensor, path, nrow: int | None = None, pad: int = 2,
     save_png(grid, path, enhance)
 
 
+def to_uint8(images: torch.Tensor) -> torch.Tensor:
+    """Images in [-1, 1] (any float dtype, any shape) as uint8 0..255: ``round((x + 1) * 127.5)``
+    after clamping. The one conversion of generated images to 8 bits (PNG files, evaluation)."""
+    return ((images.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+
+
 def save_png(image: torch.Tensor, path, enhance=()) -> None:
     """Write one ``[3, H, W]`` image in [-1, 1] to a PNG (temporary file, then rename).
 
@@ -252,8 +271,7 @@ def save_png(image: torch.Tensor, path, enhance=()) -> None:
     Image = require("PIL.Image", "writing images")
     ImageEnhance = require("PIL.ImageEnhance", "writing images")
 
-    arr = ((image.detach().float().cpu().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
-    arr = arr.permute(1, 2, 0).numpy()
+    arr = to_uint8(image.detach().cpu()).permute(1, 2, 0).numpy()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")

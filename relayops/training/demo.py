@@ -11,8 +11,9 @@ writes to ``out`` (default ``runs/demo``):
   levels, its PSNR, high-band log-spectral distance and agreement with the input against the
   start level, bicubic and nearest as reference lines;
 - ``metrics.json``: all of these numbers for two evaluation sets (unseen crops of the training
-  photographs, and two photographs unlike them), the training steps reached, the timings and
-  the machine.
+  photographs, and two photographs unlike them), the quality of the samples (KID with its
+  standard error, and FID, against the unseen crops, where the ``[eval]`` extra is installed) and
+  the network calls they took, the training steps reached, the timings and the machine.
 
 Training length: each stage trains for ``train_seconds`` (the two side by side), so the job
 takes about the same time on a slow machine as on a fast one, which trains more steps; exact
@@ -209,6 +210,7 @@ def run_demo(cfg: DemoConfig, command: str | None = None) -> dict:
                           else ("cpu" if cfg.device == "auto" else cfg.device))
     base, base_record = load_denoiser(base_cfg.out, "base", device=device)
     relay, relay_record = load_denoiser(relay_cfg.out, "relay", device=device)
+    base, relay = CountingDenoiser(base), CountingDenoiser(relay)
 
     relay_opts = dict(alpha=relay_cfg.alpha, L=relay_cfg.L, sigma_b_max=relay_cfg.sigma_b_max,
                       normalize=relay_cfg.normalize, solver=cfg.relay_solver)
@@ -222,6 +224,7 @@ def run_demo(cfg: DemoConfig, command: str | None = None) -> dict:
                                 options=dict(relay_opts, sigma_trunc=max(cfg.sweep_levels)))],
             device=device)
         stages = pipeline(cfg.num_samples, seed=cfg.seed, progress=cfg.progress)
+        network_calls = {"base": base.calls, "relay": relay.calls, "total": base.calls + relay.calls}
         samples = stages[-1].cpu().clamp(-1, 1)
         save_grid(_zoom(samples, 2), out / "samples.png")
         save_grid(_zoom(stages[0].cpu().clamp(-1, 1), 2 * cfg.scale), out / "samples_base16.png")
@@ -232,6 +235,10 @@ def run_demo(cfg: DemoConfig, command: str | None = None) -> dict:
                        for name, (truth, description) in eval_sets(cfg).items()}
         timings["super_resolve_s"] = round(time.time() - t0, 1)
     save_compare(evaluations, cfg, out / "sr_compare.png")
+    t0 = time.time()
+    reference = next(iter(evaluations))  # the unseen crops of the training photographs (or the data folder's)
+    quality = sample_quality(samples, evaluations[reference]["images"]["truth"], reference, device)
+    timings["sample_quality_s"] = round(time.time() - t0, 1)
     metrics = {
         "command": command or "relayops demo",
         "machine": machine_info(),
@@ -246,12 +253,70 @@ def run_demo(cfg: DemoConfig, command: str | None = None) -> dict:
         "eval_sets": {name: {k: v for k, v in e.items() if k != "images"} for name, e in evaluations.items()},
         "seconds": {**timings},
     }
+    metrics["samples"] = {"num_images": cfg.num_samples, "network_calls": network_calls, "quality": quality}
     save_tradeoff(metrics["eval_sets"], out / "sr_tradeoff.png")
     metrics["seconds"]["total_s"] = round(time.time() - start, 1)
     tmp = out / "metrics.json.tmp"
     tmp.write_text(json.dumps(metrics, indent=2) + "\n")
     tmp.replace(out / "metrics.json")
     return metrics
+
+
+class CountingDenoiser:
+    """A denoiser that counts its calls (each one evaluates the network on a whole batch)."""
+
+    def __init__(self, denoiser):
+        self.denoiser, self.calls = denoiser, 0
+
+    def __call__(self, *args, **kwargs):
+        self.calls += 1
+        return self.denoiser(*args, **kwargs)
+
+    def __getattr__(self, name):  # the wrapped network's attributes (sigma range, ...)
+        if name == "denoiser":  # not set yet (a copy being made): no recursion
+            raise AttributeError(name)
+        return getattr(self.denoiser, name)
+
+
+def sample_quality(samples: torch.Tensor, reference: torch.Tensor, reference_name: str, device) -> dict:
+    """KID (with its standard error) and FID of ``samples`` against ``reference``, the crops of the
+    evaluation set ``reference_name`` (images in [-1, 1], rounded to 8 bits as PNG files are), on
+    Inception features (relayops.evaluate).
+
+    With the demo's few images FID is mostly the bias of estimating 2048-dimensional covariances
+    from a few dozen vectors (it is large even between two sets of crops of the same photographs); KID is
+    unbiased and its standard error says how far to trust it. ``{"skipped": why}`` without the
+    ``[eval]`` extra."""
+    from .. import evaluate
+
+    try:
+        evaluate.inception_file()
+    except ImportError as e:
+        return {"skipped": str(e)}
+    r = evaluate.evaluate(samples, reference, metrics=("kid", "fid"), device=device)
+    stderr = None if r["kid_stderr"] is None or r["kid_stderr"] != r["kid_stderr"] else r["kid_stderr"]  # NaN: too few
+    return {"reference": reference_name, "num_samples": r["num_samples"], "num_reference": r["num_reference"],
+            "kid": r["kid"], "kid_stderr": stderr, "fid": r["fid"],
+            "note": "KID: unbiased, with the delete-one jackknife standard error; FID of so few images is "
+                    "dominated by its bias (for the record only)"}
+
+
+def format_samples(m: dict) -> list[str]:
+    """The lines of the printed table about samples.png: network calls and quality."""
+    s = m.get("samples")
+    if s is None:
+        return []
+    calls, q = s["network_calls"], s["quality"]
+    lines = [f"samples ({s['num_images']} images): {calls['total']} network calls for the batch "
+             f"(base {calls['base']}, relay {calls['relay']})"]
+    if "skipped" in q:
+        lines.append(f"  quality not measured: {q['skipped']}")
+        return lines
+    stderr = (f" +- {q['kid_stderr']:.4f} (standard error)" if q["kid_stderr"] is not None
+              else " (no standard error: fewer than 3 images)")
+    lines.append(f"  against the {q['num_reference']} crops of evaluation set '{q['reference']}': "
+                 f"KID {q['kid']:.4f}{stderr}, FID {q['fid']:.1f} (biased at this size; for the record)")
+    return lines
 
 
 def eval_sets(cfg: DemoConfig) -> dict:
@@ -367,8 +432,8 @@ def save_tradeoff(eval_sets: dict, path: Path) -> None:
 
 
 def format_metrics(m: dict) -> str:
-    """A short table of metrics.json for the terminal: every evaluation set, every method."""
-    lines = []
+    """A short table of metrics.json for the terminal: the samples, every evaluation set, every method."""
+    lines = format_samples(m)
     for name, e in m["eval_sets"].items():
         bands = list(e["bicubic"]["log_spectral_distance_db"])
         lines.append(f"{name} ({e['num_crops']} crops): {e['description']}")
