@@ -123,7 +123,7 @@ def headers(*dirs):
 ext_modules = [
     Extension(
         "relayops._C",
-        sources=["csrc/cpu/kernels.cpp", "csrc/cpu/module.cpp"],
+        sources=["csrc/cpu/kernels.cpp", "csrc/cpu/module.cpp", "csrc/cpu/cuda_emulation.cpp"],
         include_dirs=INCLUDES,
         depends=headers("csrc/include", "csrc/cpu"),
         extra_compile_args=CXX_FLAGS,
