@@ -387,16 +387,18 @@ RELAYOPS_HD void block_noise_warp(const BoxArgs<T, A>& a, Warp& w) {
   using Lane = BoxLane<S, V, T, A>;
   using Vt = Vec<T, V>;
   const int band = w.band(), plane = w.plane();
-  if (band >= a.nbands || w.strip(0) - w.lane(0) >= a.nstrips) return;  // the whole warp is idle
-  const int r0 = band * a.band_rows;
-  const int rows = a.H - r0 < a.band_rows ? a.H - r0 : a.band_rows;
+  // No early exit, so that ptxas sees every lane reach every shuffle: a warp past the last band or
+  // strip walks no rows (and loads nothing in the prologue).
+  const bool idle = band >= a.nbands || w.strip(0) - w.lane(0) >= a.nstrips;
+  const int r0 = idle ? 0 : band * a.band_rows;
+  const int rows = idle ? 0 : a.H - r0 < a.band_rows ? a.H - r0 : a.band_rows;
   const int b = plane / a.C, c = plane - b * a.C;
   const T* src = a.g + (int64_t(b) * a.g_sn + int64_t(c) * a.g_sc);
   T* dst = a.out + (int64_t(b) * a.o_sn + int64_t(c) * a.o_sc);
   Lane t[L];
   for (int l = 0; l < L; ++l) {
     t[l].q = w.strip(l);
-    t[l].active = t[l].q < a.nstrips;
+    t[l].active = !idle && t[l].q < a.nstrips;
     RELAYOPS_UNROLL
     for (int d = 1; d <= Lane::D; ++d) {
       int qn = Adjoint ? t[l].q + d : t[l].q - d;
@@ -423,11 +425,13 @@ RELAYOPS_HD void block_noise_warp(const BoxArgs<T, A>& a, Warp& w) {
     // that strip's vector themselves, wrapping around the image.
     static_for<1, Lane::D + 1>([&](auto dc) {
       constexpr int d = decltype(dc)::value;
-      Vt nb[L];
+      A nb[L][V];  // the loaded strip, converted at once (no 16-bit values live across the shuffles)
       w.sync();
       for (int l = 0; l < L; ++l) {
-        nb[l] = Vt{};
-        if (t[l].active && t[l].edge[d - 1]) nb[l] = w.mem(l).load(reinterpret_cast<const Vt*>(row + t[l].ncol[d - 1]));
+        Vt v{};
+        if (t[l].active && t[l].edge[d - 1]) v = w.mem(l).load(reinterpret_cast<const Vt*>(row + t[l].ncol[d - 1]));
+        RELAYOPS_UNROLL
+        for (int e = 0; e < V; ++e) nb[l][e] = to_acc<A>(v.v[e]);
       }
       static_for<(d - 1) * V, (d * V < S - 1 ? d * V : S - 1)>([&](auto jc) {
         constexpr int j = decltype(jc)::value, e = Adjoint ? j % V : V - 1 - j % V;
@@ -435,7 +439,7 @@ RELAYOPS_HD void block_noise_warp(const BoxArgs<T, A>& a, Warp& w) {
         for (int l = 0; l < L; ++l) vals[l] = t[l].cur[e];
         for (int l = 0; l < L; ++l) {
           const A v = Adjoint ? w.shfl_down(vals, l, d) : w.shfl_up(vals, l, d);
-          t[l].halo[j] = t[l].edge[d - 1] ? to_acc<A>(nb[l].v[e]) : v;
+          t[l].halo[j] = t[l].edge[d - 1] ? nb[l][e] : v;
         }
       });
     });
