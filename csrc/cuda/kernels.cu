@@ -64,27 +64,29 @@ void run_tiles(const Params<A>& P, cudaStream_t stream) {
 }
 
 // ---- The specialised kernels: thin wrappers of the per-thread bodies of patch_kernels.h ----
+// The explicit minimum of one block per SM keeps the register limit at 255 but changes ptxas's
+// heuristics: without it, some block-noise instantiations spill a few values at 32-72 registers.
 
 template <int S, class T>
-__global__ void __launch_bounds__(kFastThreads) patch_dct_kernel(const PatchArgs<T, acc_t<T>> a) {
+__global__ void __launch_bounds__(kFastThreads, 1) patch_dct_kernel(const PatchArgs<T, acc_t<T>> a) {
   patch_thread<PatchOp::kDct, S>(GlobalMemory{}, a, int(blockIdx.x * blockDim.x + threadIdx.x),
                                  int(blockIdx.y * blockDim.y + threadIdx.y), int(blockIdx.z));
 }
 
 template <int S, class T>
-__global__ void __launch_bounds__(kFastThreads) patch_idct_kernel(const PatchArgs<T, acc_t<T>> a) {
+__global__ void __launch_bounds__(kFastThreads, 1) patch_idct_kernel(const PatchArgs<T, acc_t<T>> a) {
   patch_thread<PatchOp::kIdct, S>(GlobalMemory{}, a, int(blockIdx.x * blockDim.x + threadIdx.x),
                                   int(blockIdx.y * blockDim.y + threadIdx.y), int(blockIdx.z));
 }
 
 template <int S, class T>
-__global__ void __launch_bounds__(kFastThreads) patch_blur_kernel(const PatchArgs<T, acc_t<T>> a) {
+__global__ void __launch_bounds__(kFastThreads, 1) patch_blur_kernel(const PatchArgs<T, acc_t<T>> a) {
   patch_thread<PatchOp::kBlur, S>(GlobalMemory{}, a, int(blockIdx.x * blockDim.x + threadIdx.x),
                                   int(blockIdx.y * blockDim.y + threadIdx.y), int(blockIdx.z));
 }
 
 template <int S, class T, bool Adjoint>
-__global__ void __launch_bounds__(kFastThreads) block_noise_kernel(const BoxArgs<T, acc_t<T>> a) {
+__global__ void __launch_bounds__(kFastThreads, 1) block_noise_kernel(const BoxArgs<T, acc_t<T>> a) {
   DeviceWarp w{int(blockIdx.x * blockDim.x + threadIdx.x), int(blockIdx.y * blockDim.y + threadIdx.y),
                int(blockIdx.z)};
   block_noise_warp<S, Adjoint>(a, w);
