@@ -200,6 +200,7 @@ ext_modules = [
             "csrc/cpu/kernels.cpp",
             "csrc/cpu/dispatch.cpp",
             "csrc/cpu/module.cpp",
+            "csrc/cpu/cuda_emulation.cpp",
         ],
         include_dirs=INCLUDES,
         depends=headers("csrc/include", "csrc/cpu"),

@@ -5,6 +5,7 @@
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
+#include "cuda_emulation.h"
 #include "kernels.h"
 
 namespace py = pybind11;
@@ -61,6 +62,25 @@ PYBIND11_MODULE(_C, m) {
       py::arg("seeds"), py::arg("scalars"), py::arg("seed"), py::arg("offset"), py::arg("flags"),
       py::arg("cuda_tiles") = false,
       "Run one op on CPU tensors; cuda_tiles emulates the CUDA kernels' thread blocks (for tests).");
+  m.def(
+      "emulate_cuda",
+      [](int mode, int dtype, int s, std::array<int64_t, 4> shape, std::vector<relayops::ViewArg> views,
+         std::array<int64_t, 5> per_sample, int64_t seeds, std::array<double, 4> scalars, uint64_t seed,
+         uint64_t offset, std::array<int, 4> flags, bool record) {
+        CallArgs a{mode, dtype, s, shape, std::move(views), per_sample, seeds, scalars, seed, offset, flags};
+        std::vector<relayops::cpu::Access> accesses;
+        int path;
+        {
+          py::gil_scoped_release release;
+          path = relayops::cpu::emulate_cuda(a, record ? &accesses : nullptr);
+        }
+        return py::make_tuple(path, accesses);
+      },
+      py::arg("mode"), py::arg("dtype"), py::arg("s"), py::arg("shape"), py::arg("views"), py::arg("per_sample"),
+      py::arg("seeds"), py::arg("scalars"), py::arg("seed"), py::arg("offset"), py::arg("flags"), py::arg("record"),
+      "For tests: run one op on CPU tensors as relayops._C_cuda would on a GPU (its choice of kernel, "
+      "every thread of its grid); returns (path: 0 tiles, 1 patch kernels, 2 block-noise kernel, accesses: "
+      "(warp, step, k, lane, address, bytes, store) of the specialised kernels' global accesses when record)");
   m.def(
       "normals_from_words",
       [](int64_t words, int64_t n, int dtype, int64_t eps, int64_t eps2) {

@@ -1,7 +1,11 @@
-// CUDA kernels: one thread block per tile of whole patches of one (b, c) plane, running the phases
+// CUDA kernels. The transform ops (patch_dct, patch_idct, patch_blur, block_noise) take one
+// specialised kernel each (relayops/patch_kernels.h: a thread per patch, or per column strip for
+// block noise, in registers, vector loads and stores) where choose_cuda_path allows; everything else
+// (the noise ops, strided layouts, misaligned data, s = 1 and s > 8, very large inputs) runs the
+// tile kernel: one thread block per tile of whole patches of one (b, c) plane, running the phases
 // of relayops/tile.h (coalesced loads into shared memory, separable box sums and transforms there,
-// coalesced stores) with a barrier between phases. The CPU module emulates the same phases for the
-// tests. No torch headers: pointers come as integers.
+// coalesced stores) with a barrier between phases. The CPU module emulates both for the tests
+// (csrc/cpu/cuda_emulation.cpp). No torch headers: pointers come as integers.
 #include <cuda_runtime.h>
 
 #include <algorithm>
@@ -9,6 +13,7 @@
 #include <string>
 
 #include "kernels.h"
+#include "relayops/patch_kernels.h"
 #include "relayops/tile.h"
 
 namespace relayops {
@@ -58,9 +63,73 @@ void run_tiles(const Params<A>& P, cudaStream_t stream) {
   check(cudaGetLastError(), "kernel launch");
 }
 
+// ---- The specialised kernels: thin wrappers of the per-thread bodies of patch_kernels.h ----
+// The explicit minimum of one block per SM keeps the register limit at 255 but changes ptxas's
+// heuristics: without it, some block-noise instantiations spill a few values at 32-72 registers.
+
+template <int S, class T>
+__global__ void __launch_bounds__(kFastThreads, 1) patch_dct_kernel(const PatchArgs<T, acc_t<T>> a) {
+  patch_thread<PatchOp::kDct, S>(GlobalMemory{}, a, int(blockIdx.x * blockDim.x + threadIdx.x),
+                                 int(blockIdx.y * blockDim.y + threadIdx.y), int(blockIdx.z));
+}
+
+template <int S, class T>
+__global__ void __launch_bounds__(kFastThreads, 1) patch_idct_kernel(const PatchArgs<T, acc_t<T>> a) {
+  patch_thread<PatchOp::kIdct, S>(GlobalMemory{}, a, int(blockIdx.x * blockDim.x + threadIdx.x),
+                                  int(blockIdx.y * blockDim.y + threadIdx.y), int(blockIdx.z));
+}
+
+template <int S, class T>
+__global__ void __launch_bounds__(kFastThreads, 1) patch_blur_kernel(const PatchArgs<T, acc_t<T>> a) {
+  patch_thread<PatchOp::kBlur, S>(GlobalMemory{}, a, int(blockIdx.x * blockDim.x + threadIdx.x),
+                                  int(blockIdx.y * blockDim.y + threadIdx.y), int(blockIdx.z));
+}
+
+template <int S, class T, bool Adjoint>
+__global__ void __launch_bounds__(kFastThreads, 1) block_noise_kernel(const BoxArgs<T, acc_t<T>> a) {
+  DeviceWarp w{int(blockIdx.x * blockDim.x + threadIdx.x), int(blockIdx.y * blockDim.y + threadIdx.y),
+               int(blockIdx.z)};
+  block_noise_warp<S, Adjoint>(a, w);
+}
+
+template <class Args>
+void launch_fast(void (*kernel)(Args), const LaunchShape& ls, const Args& a, cudaStream_t stream) {
+  if (ls.grid.x == 0 || ls.grid.y == 0 || ls.grid.z == 0) return;
+  kernel<<<dim3(unsigned(ls.grid.x), unsigned(ls.grid.y), unsigned(ls.grid.z)),
+           dim3(unsigned(ls.block.x), unsigned(ls.block.y)), 0, stream>>>(a);
+  check(cudaGetLastError(), "kernel launch");
+}
+
+template <int S, class T, class A>
+void run_patch(const Params<A>& P, cudaStream_t stream) {
+  const PatchArgs<T, A> a = make_patch_args<T>(P);
+  const LaunchShape ls = patch_launch_shape(a.npc, a.npr, P.B * P.C);
+  switch (P.mode) {
+    case kDct: return launch_fast(patch_dct_kernel<S, T>, ls, a, stream);
+    case kIdct: return launch_fast(patch_idct_kernel<S, T>, ls, a, stream);
+    default: return launch_fast(patch_blur_kernel<S, T>, ls, a, stream);
+  }
+}
+
+template <int S, class T, class A>
+void run_box(const Params<A>& P, cudaStream_t stream) {
+  if constexpr (box_kernel_exists<A>(S)) {  // else choose_cuda_path never picks this path
+    const BoxArgs<T, A> a = make_box_args<T>(P);
+    const LaunchShape ls = box_launch_shape(a, P.B * P.C);
+    if (P.shift)
+      launch_fast(block_noise_kernel<S, T, true>, ls, a, stream);
+    else
+      launch_fast(block_noise_kernel<S, T, false>, ls, a, stream);
+  }
+}
+
 template <class T, class A>
 void run(const Params<A>& P, cudaStream_t stream) {
-  with_tile_size(P.s, [&](auto S) { run_tiles<decltype(S)::value, T, A>(P, stream); });
+  switch (choose_cuda_path<T>(P)) {
+    case kPathPatch: return with_fast_size(P.s, [&](auto S) { run_patch<decltype(S)::value, T>(P, stream); });
+    case kPathBox: return with_fast_size(P.s, [&](auto S) { run_box<decltype(S)::value, T>(P, stream); });
+    default: return with_tile_size(P.s, [&](auto S) { run_tiles<decltype(S)::value, T, A>(P, stream); });
+  }
 }
 
 }  // namespace

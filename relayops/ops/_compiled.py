@@ -79,6 +79,14 @@ if os.environ.get("RELAYOPS_CPU_ISA"):
 # (csrc/include/relayops/tile.h): the CUDA tile, halo and wraparound indexing, checked on a CPU.
 CPU_EMULATE_CUDA_TILES = False
 
+# Tests set this to run CPU tensors through an emulation of relayops._C_cuda's whole launch: its
+# choice between the specialised kernels (csrc/include/relayops/patch_kernels.h) and the tile
+# kernel, and every thread of the chosen grid ("record": also every global access).
+# LAST_EMULATION then holds (path, accesses) of the last call: path 0 tiles, 1 patch kernels,
+# 2 block-noise kernel; accesses (warp, step, k, lane, address, bytes, store) when recorded.
+CPU_EMULATE_CUDA: bool | str = False
+LAST_EMULATION = None
+
 
 def _view(t: Optional[Tensor]):
     return (0, 0, 0, 0, 0) if t is None else (t.data_ptr(), *t.stride())
@@ -106,6 +114,9 @@ def _launch(mode, like: Tensor, s: int, *, x=None, x0=None, xp=None, x0p=None, x
             raise RuntimeError("relayops._C_cuda is not built; rebuild with nvcc available (RELAYOPS_CUDA=1)")
         with torch.cuda.device(out.device):
             _C_cuda.run(*args, torch.cuda.current_stream(out.device).cuda_stream)
+    elif CPU_EMULATE_CUDA:
+        global LAST_EMULATION
+        LAST_EMULATION = _C.emulate_cuda(*args, CPU_EMULATE_CUDA == "record")
     else:
         _C.run(*args, CPU_EMULATE_CUDA_TILES)
     return out
