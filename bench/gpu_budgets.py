@@ -60,7 +60,6 @@ IMAGE_INPUTS = {
 # on this branch yet (main's kernels exceed them). When a new kernel merges, remove its
 # (backend, op) pairs here; from then on the test fails whenever the kernel misses its budget.
 PENDING = {
-    ("cuda", "patch_dct"), ("cuda", "patch_idct"), ("cuda", "patch_blur"), ("cuda", "block_noise"),
     ("cuda", "relay_noise"), ("cuda", "relay_corrupt"), ("cuda", "relay_step_euler"),
     ("cuda", "relay_step_heun"), ("cuda", "relay_step_second"),
     ("triton", "patch_dct"), ("triton", "patch_idct"), ("triton", "patch_blur"), ("triton", "block_noise"),
