@@ -41,16 +41,18 @@ INV_2_24 = tl.constexpr(5.9604644775390625e-08)  # 2^-24, exact
 LN2 = tl.constexpr(0.6931471805599453)
 
 
-def launch_shape(wp: int, hp: int, halo: bool):
-    """``(BLOCK_Q, ROWS, num_warps)`` for a plane of ``hp x wp`` patches: lanes for the patch
-    columns (up to 128, one warp per 32), and a band of rows long enough that the patch row a
-    block-noise band reads above itself is a small extra; the interpreter runs few, large
-    programs."""
+def launch_shape(wp: int, hp: int, planes: int, halo: bool):
+    """``(BLOCK_Q, PLANES, ROWS, num_warps)`` for ``planes`` planes of ``hp x wp`` patches:
+    lanes for the patch columns (up to 128), as many planes side by side as fill 128 lanes, and
+    a band of rows long enough that the patch row a block-noise band reads above itself is a
+    small extra. The interpreter runs one large program (its cost is per operation, not per
+    lane)."""
     block_q = min(128, max(2, triton.next_power_of_2(wp + halo)))
+    per_program = min(max(1, 128 // block_q), triton.next_power_of_2(planes))
     rows = min(hp, 8) if halo else min(hp, 2)
     if INTERPRET:
-        rows = hp
-    return block_q, max(rows, 1), max(1, min(4, block_q // 32))
+        per_program, rows = triton.next_power_of_2(planes), hp
+    return block_q, per_program, max(rows, 1), max(1, min(4, block_q * per_program // 32))
 
 
 # ----------------------------------------------------------------------------- compile-time constants
@@ -130,7 +132,7 @@ def _load_row(ptr, off, mask, S: tl.constexpr):
     """The S values at ``ptr + off + j`` of each lane, float32, as a tuple."""
     if (S & (S - 1)) == 0:
         j = tl.arange(0, S)
-        v = tl.load(ptr + off[:, None] + j[None, :], mask=mask[:, None], other=0.0)
+        v = tl.load((ptr + off)[:, None] + j[None, :], mask=mask[:, None], other=0.0)
         return _unpack(v.to(tl.float32), S)
     else:
         out = ()
@@ -157,7 +159,7 @@ def _rounded(ptr, value):
 def _store_row(ptr, off, row, mask, S: tl.constexpr):
     if (S & (S - 1)) == 0:
         j = tl.arange(0, S)
-        tl.store(ptr + off[:, None] + j[None, :], _rounded(ptr, _pack(row, S)), mask=mask[:, None])
+        tl.store((ptr + off)[:, None] + j[None, :], _rounded(ptr, _pack(row, S)), mask=mask[:, None])
     else:
         for j in tl.static_range(S):
             tl.store(ptr + off + j, _rounded(ptr, row[j]), mask=mask)
@@ -460,48 +462,53 @@ def _box_rows(g, source, ADJOINT: tl.constexpr, S: tl.constexpr):
 
 
 @triton.jit
-def _program(C, Hp, Wp, n_qblocks, plane_start, S: tl.constexpr, BLOCK_Q: tl.constexpr, ROWS: tl.constexpr,
-             HALO: tl.constexpr, ADJOINT: tl.constexpr):
-    """This program's plane, sample b, channel c, first patch row and row count, and per lane:
-    patch column q (wrapped into the plane), whether it exists, whether it is written, and the
-    lane it takes block-noise tails from. HALO: the programs overlap by one patch column (the
-    first lane, or the last for the adjoint, only supplies tails)."""
+def _program(n_planes, C, Hp, Wp, n_qblocks, plane_start, S: tl.constexpr, BLOCK_Q: tl.constexpr,
+             PLANES: tl.constexpr, ROWS: tl.constexpr, HALO: tl.constexpr, ADJOINT: tl.constexpr):
+    """This program's first patch row and row count, and per lane (``PLANES`` groups of
+    ``BLOCK_Q``): plane, sample b, channel c, patch column q (wrapped into the plane), whether
+    it exists, whether it is written, and the lane it takes block-noise tails from. HALO: the
+    column blocks overlap by one patch column (the first lane of a group, or the last for the
+    adjoint, only supplies tails)."""
     pid = tl.program_id(0)
-    band = pid // n_qblocks  # one scalar division per program
+    band = pid // n_qblocks  # scalar divisions, once per program
     qb = pid - band * n_qblocks
-    plane = plane_start + tl.program_id(1)
-    b = plane // C
-    c = plane - b * C
     p0 = band * ROWS
     n_rows = tl.minimum(ROWS, Hp - p0)
-    lane = tl.arange(0, BLOCK_Q)
+    lane = tl.arange(0, PLANES * BLOCK_Q)
+    ql = lane % BLOCK_Q  # powers of two: a mask and a shift
+    plane = plane_start + tl.program_id(1) * PLANES + lane // BLOCK_Q
+    has_plane = plane < n_planes
+    plane = tl.where(has_plane, plane, 0)
+    b = plane // C  # int32, once per program
+    c = plane - b * C
     if HALO:
         if ADJOINT:
-            q = qb * (BLOCK_Q - 1) + lane
-            written = (lane < BLOCK_Q - 1) & (q < Wp)
-            source = (lane + 1) & (BLOCK_Q - 1)
+            q = qb * (BLOCK_Q - 1) + ql
+            written = (ql < BLOCK_Q - 1) & (q < Wp)
+            source = (lane + 1) % (PLANES * BLOCK_Q)
         else:
-            q = qb * (BLOCK_Q - 1) - 1 + lane
-            written = (lane > 0) & (q < Wp)
-            source = (lane + BLOCK_Q - 1) & (BLOCK_Q - 1)
+            q = qb * (BLOCK_Q - 1) - 1 + ql
+            written = (ql > 0) & (q < Wp)
+            source = (lane + PLANES * BLOCK_Q - 1) % (PLANES * BLOCK_Q)
         q = tl.where(q < 0, q + Wp, tl.where(q >= Wp, q - Wp, q))
     else:
-        q = qb * BLOCK_Q + lane
+        q = qb * BLOCK_Q + ql
         written = q < Wp
         source = lane
-    exists = q < Wp
+    exists = (q < Wp) & has_plane
+    written = written & has_plane
     return plane, b, c, p0, n_rows, q, exists, written, source
 
 
 @triton.jit
 def _plane(ptr, plane, HW):
-    """Pointer to the first element of ``plane`` (the only 64-bit offset)."""
+    """Pointer to the first element of each lane's ``plane`` (the only 64-bit offsets)."""
     return ptr + plane.to(tl.int64) * HW
 
 
 @triton.jit
 def _per_sample_patch(ptr, b, S: tl.constexpr):
-    """The ``[s, s]`` per-sample factor of sample b, as scalars."""
+    """The ``[s, s]`` per-sample factor of each lane's sample b."""
     out = ()
     for i in tl.static_range(S):
         row = ()
@@ -544,11 +551,11 @@ def words_kernel(w_ptr, eps_ptr, eps2_ptr, n, BLOCK: tl.constexpr):
 
 
 @triton.jit
-def patch_dct_kernel(src_ptr, dst_ptr, C, Hp, Wp, n_qblocks, plane_start,
-                     S: tl.constexpr, INVERSE: tl.constexpr, BLOCK_Q: tl.constexpr, ROWS: tl.constexpr):
+def patch_dct_kernel(src_ptr, dst_ptr, n_planes, C, Hp, Wp, n_qblocks, plane_start, S: tl.constexpr,
+                     INVERSE: tl.constexpr, BLOCK_Q: tl.constexpr, PLANES: tl.constexpr, ROWS: tl.constexpr):
     """patch_dct (``C X C^T``) or, with INVERSE, patch_idct (``C^T U C``), SPEC 1."""
-    plane, b, c, p0, n_rows, q, exists, written, source = _program(C, Hp, Wp, n_qblocks, plane_start, S, BLOCK_Q,
-                                                                   ROWS, False, False)
+    plane, b, c, p0, n_rows, q, exists, written, source = _program(n_planes, C, Hp, Wp, n_qblocks, plane_start, S,
+                                                                   BLOCK_Q, PLANES, ROWS, False, False)
     W = Wp * S
     HW = Hp * S * W
     src = _plane(src_ptr, plane, HW)
@@ -562,8 +569,8 @@ def patch_dct_kernel(src_ptr, dst_ptr, C, Hp, Wp, n_qblocks, plane_start,
 @triton.jit
 def _relay_program(x_ptr, x0_ptr, xp_ptr, x0p_ptr, x0b_ptr, eps_ptr, eps2_ptr, factor_ptr, corr_ptr, gamma_ptr,
                    coef_ptr, sigma_ptr, sigma_next_ptr, seeds_ptr, out_ptr,
-                   C, Hp, Wp, n_qblocks, plane_start, alpha, k, k0, k1, off0, off1,
-                   S: tl.constexpr, BLOCK_Q: tl.constexpr, ROWS: tl.constexpr,
+                   n_planes, C, Hp, Wp, n_qblocks, plane_start, alpha, k, k0, k1, off0, off1,
+                   S: tl.constexpr, BLOCK_Q: tl.constexpr, PLANES: tl.constexpr, ROWS: tl.constexpr,
                    HAS_X: tl.constexpr, HAS_BLUR: tl.constexpr, HEUN: tl.constexpr, SECOND: tl.constexpr,
                    NOISE: tl.constexpr, HAS_EPS: tl.constexpr, HAS_BLOCK: tl.constexpr, ADJOINT: tl.constexpr,
                    PER_SAMPLE_SEEDS: tl.constexpr):
@@ -579,8 +586,8 @@ def _relay_program(x_ptr, x0_ptr, xp_ptr, x0p_ptr, x0b_ptr, eps_ptr, eps2_ptr, f
     HAS_EPS: the eps term; HAS_BLOCK: the block-noise term (ADJOINT: its adjoint).
     """
     HALO: tl.constexpr = HAS_BLOCK
-    plane, b, c, p0, n_rows, q, exists, written, source = _program(C, Hp, Wp, n_qblocks, plane_start, S, BLOCK_Q,
-                                                                   ROWS, HALO, ADJOINT)
+    plane, b, c, p0, n_rows, q, exists, written, source = _program(n_planes, C, Hp, Wp, n_qblocks, plane_start, S,
+                                                                   BLOCK_Q, PLANES, ROWS, HALO, ADJOINT)
     W = Wp * S
     HW = Hp * S * W
     out = _plane(out_ptr, plane, HW)
@@ -676,56 +683,58 @@ def _relay_program(x_ptr, x0_ptr, xp_ptr, x0p_ptr, x0b_ptr, eps_ptr, eps2_ptr, f
 
 
 @triton.jit
-def block_noise_kernel(g_ptr, out_ptr, C, Hp, Wp, n_qblocks, plane_start,
-                       S: tl.constexpr, ADJOINT: tl.constexpr, BLOCK_Q: tl.constexpr, ROWS: tl.constexpr):
+def block_noise_kernel(g_ptr, out_ptr, n_planes, C, Hp, Wp, n_qblocks, plane_start,
+                       S: tl.constexpr, ADJOINT: tl.constexpr, BLOCK_Q: tl.constexpr, PLANES: tl.constexpr,
+                       ROWS: tl.constexpr):
     """block_noise (SPEC 3) of g, or with ADJOINT its adjoint (box toward +x, +y)."""
     _relay_program(g_ptr, g_ptr, g_ptr, g_ptr, g_ptr, g_ptr, g_ptr, g_ptr, g_ptr, g_ptr, g_ptr, g_ptr, g_ptr, g_ptr,
-                   out_ptr, C, Hp, Wp, n_qblocks, plane_start, 1.0, 1.0, 0, 0, 0, 0,
-                   S, BLOCK_Q, ROWS, False, False, False, False, 2, False, True, ADJOINT, False)
+                   out_ptr, n_planes, C, Hp, Wp, n_qblocks, plane_start, 1.0, 1.0, 0, 0, 0, 0,
+                   S, BLOCK_Q, PLANES, ROWS, False, False, False, False, 2, False, True, ADJOINT, False)
 
 
 @triton.jit
-def patch_blur_kernel(x_ptr, factor_ptr, out_ptr, C, Hp, Wp, n_qblocks, plane_start,
-                      S: tl.constexpr, BLOCK_Q: tl.constexpr, ROWS: tl.constexpr):
+def patch_blur_kernel(x_ptr, factor_ptr, out_ptr, n_planes, C, Hp, Wp, n_qblocks, plane_start,
+                      S: tl.constexpr, BLOCK_Q: tl.constexpr, PLANES: tl.constexpr, ROWS: tl.constexpr):
     """patch_blur: ``idct(F[b] * dct(x))`` with F = D(tau[b]) (SPEC 2)."""
     _relay_program(x_ptr, x_ptr, x_ptr, x_ptr, x_ptr, x_ptr, x_ptr, factor_ptr, factor_ptr, factor_ptr, factor_ptr,
-                   factor_ptr, factor_ptr, factor_ptr, out_ptr, C, Hp, Wp, n_qblocks, plane_start, 0.0, 1.0,
-                   0, 0, 0, 0, S, BLOCK_Q, ROWS, False, True, False, False, 0, False, False, False, False)
+                   factor_ptr, factor_ptr, factor_ptr, out_ptr, n_planes, C, Hp, Wp, n_qblocks, plane_start, 0.0, 1.0,
+                   0, 0, 0, 0, S, BLOCK_Q, PLANES, ROWS, False, True, False, False, 0, False, False, False, False)
 
 
 @triton.jit(do_not_specialize=["k0", "k1", "off0", "off1"])
-def relay_noise_kernel(eps_ptr, eps2_ptr, seeds_ptr, out_ptr, C, Hp, Wp, n_qblocks, plane_start, alpha, k,
-                       k0, k1, off0, off1, S: tl.constexpr, BLOCK_Q: tl.constexpr, ROWS: tl.constexpr,
-                       NOISE: tl.constexpr, HAS_BLOCK: tl.constexpr, PER_SAMPLE_SEEDS: tl.constexpr):
+def relay_noise_kernel(eps_ptr, eps2_ptr, seeds_ptr, out_ptr, n_planes, C, Hp, Wp, n_qblocks, plane_start, alpha, k,
+                       k0, k1, off0, off1, S: tl.constexpr, BLOCK_Q: tl.constexpr, PLANES: tl.constexpr,
+                       ROWS: tl.constexpr, NOISE: tl.constexpr, HAS_BLOCK: tl.constexpr,
+                       PER_SAMPLE_SEEDS: tl.constexpr):
     """relay_noise: ``k (eps + alpha block_noise(eps2))``, drawn (NOISE = 1) or given (2) (SPEC 3, 4)."""
     _relay_program(eps_ptr, eps_ptr, eps_ptr, eps_ptr, eps_ptr, eps_ptr, eps2_ptr, eps_ptr, eps_ptr, eps_ptr,
-                   eps_ptr, eps_ptr, eps_ptr, seeds_ptr, out_ptr, C, Hp, Wp, n_qblocks, plane_start, alpha, k,
-                   k0, k1, off0, off1, S, BLOCK_Q, ROWS, False, False, False, False, NOISE, True, HAS_BLOCK, False,
-                   PER_SAMPLE_SEEDS)
+                   eps_ptr, eps_ptr, eps_ptr, seeds_ptr, out_ptr, n_planes, C, Hp, Wp, n_qblocks, plane_start,
+                   alpha, k, k0, k1, off0, off1, S, BLOCK_Q, PLANES, ROWS, False, False, False, False, NOISE, True,
+                   HAS_BLOCK, False, PER_SAMPLE_SEEDS)
 
 
 @triton.jit(do_not_specialize=["k0", "k1", "off0", "off1"])
 def relay_corrupt_kernel(y_ptr, eps_ptr, eps2_ptr, factor_ptr, sigma_ptr, seeds_ptr, out_ptr,
-                         C, Hp, Wp, n_qblocks, plane_start, alpha, k, k0, k1, off0, off1,
-                         S: tl.constexpr, BLOCK_Q: tl.constexpr, ROWS: tl.constexpr, NOISE: tl.constexpr,
-                         HAS_BLOCK: tl.constexpr, PER_SAMPLE_SEEDS: tl.constexpr):
+                         n_planes, C, Hp, Wp, n_qblocks, plane_start, alpha, k, k0, k1, off0, off1,
+                         S: tl.constexpr, BLOCK_Q: tl.constexpr, PLANES: tl.constexpr, ROWS: tl.constexpr,
+                         NOISE: tl.constexpr, HAS_BLOCK: tl.constexpr, PER_SAMPLE_SEEDS: tl.constexpr):
     """relay_corrupt: ``patch_blur(y, tau[b]) + sigma[b] k (eps + alpha block_noise(eps2))`` (SPEC 6)."""
     _relay_program(y_ptr, y_ptr, y_ptr, y_ptr, y_ptr, eps_ptr, eps2_ptr, factor_ptr, factor_ptr, sigma_ptr,
-                   sigma_ptr, sigma_ptr, sigma_ptr, seeds_ptr, out_ptr, C, Hp, Wp, n_qblocks, plane_start, alpha, k,
-                   k0, k1, off0, off1, S, BLOCK_Q, ROWS, False, True, False, False, NOISE, True, HAS_BLOCK, False,
-                   PER_SAMPLE_SEEDS)
+                   sigma_ptr, sigma_ptr, sigma_ptr, seeds_ptr, out_ptr, n_planes, C, Hp, Wp, n_qblocks, plane_start,
+                   alpha, k, k0, k1, off0, off1, S, BLOCK_Q, PLANES, ROWS, False, True, False, False, NOISE, True,
+                   HAS_BLOCK, False, PER_SAMPLE_SEEDS)
 
 
 @triton.jit(do_not_specialize=["k0", "k1", "off0", "off1"])
 def relay_step_kernel(x_ptr, x0_ptr, xp_ptr, x0p_ptr, x0b_ptr, eps_ptr, eps2_ptr, factor_ptr, corr_ptr, gamma_ptr,
                       coef_ptr, sigma_ptr, sigma_next_ptr, seeds_ptr, out_ptr,
-                      C, Hp, Wp, n_qblocks, plane_start, alpha, k, k0, k1, off0, off1,
-                      S: tl.constexpr, BLOCK_Q: tl.constexpr, ROWS: tl.constexpr, HEUN: tl.constexpr,
-                      SECOND: tl.constexpr, NOISE: tl.constexpr, HAS_BLOCK: tl.constexpr,
+                      n_planes, C, Hp, Wp, n_qblocks, plane_start, alpha, k, k0, k1, off0, off1,
+                      S: tl.constexpr, BLOCK_Q: tl.constexpr, PLANES: tl.constexpr, ROWS: tl.constexpr,
+                      HEUN: tl.constexpr, SECOND: tl.constexpr, NOISE: tl.constexpr, HAS_BLOCK: tl.constexpr,
                       PER_SAMPLE_SEEDS: tl.constexpr):
     """relay_step, Euler, Heun or second order (SPEC 8, 8.1):
     ``gamma x + idct((D' - gamma D) dct(x0) [+ E dct(x0_b - x0)]) + eta sigma' k (eps + alpha block_noise(eps2))``."""
     _relay_program(x_ptr, x0_ptr, xp_ptr, x0p_ptr, x0b_ptr, eps_ptr, eps2_ptr, factor_ptr, corr_ptr, gamma_ptr,
-                   coef_ptr, sigma_ptr, sigma_next_ptr, seeds_ptr, out_ptr, C, Hp, Wp, n_qblocks, plane_start,
-                   alpha, k, k0, k1, off0, off1, S, BLOCK_Q, ROWS, True, True, HEUN, SECOND, NOISE, True, HAS_BLOCK,
-                   False, PER_SAMPLE_SEEDS)
+                   coef_ptr, sigma_ptr, sigma_next_ptr, seeds_ptr, out_ptr, n_planes, C, Hp, Wp, n_qblocks,
+                   plane_start, alpha, k, k0, k1, off0, off1, S, BLOCK_Q, PLANES, ROWS, True, True, HEUN, SECOND,
+                   NOISE, True, HAS_BLOCK, False, PER_SAMPLE_SEEDS)

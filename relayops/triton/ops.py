@@ -28,28 +28,32 @@ def _launching():
     return _INTERPRETER_LOCK if kernels.INTERPRET else contextlib.nullcontext()
 
 
-PLANES_PER_LAUNCH = 65535  # the grid's second axis
+GROUPS_PER_LAUNCH = 65535  # the grid's second axis
+# Registers per thread: the fused relay kernels fit in 96 without spilling; more would only
+# lower occupancy.
+MAX_REGISTERS = 96
 
 
-def _launch(kernel, like: torch.Tensor, s: int, halo: bool, *args, **constexprs):
+def _launch(kernel, like: torch.Tensor, s: int, halo: bool, *args, scalars=(), **constexprs):
     """Launch ``kernel`` over the patches of ``like`` ([B, C, H, W] contiguous): grid axis 0 the
-    (patch-row band, patch-column block) pairs, axis 1 the planes, in chunks of at most 65535
-    planes. ``halo``: block-noise programs overlap by one patch column."""
+    (patch-row band, patch-column block) pairs, axis 1 the groups of planes, at most 65535
+    groups a launch. ``halo``: block-noise programs overlap by one patch column. ``scalars``
+    follow the layout arguments."""
     b, c, h, w = like.shape
     if b * c == 0 or h == 0 or w == 0:
         return
     if h * w >= 2**31:
         raise ValueError(f"the triton backend takes planes of fewer than 2**31 elements, got H x W = {h} x {w}")
-    scalars = constexprs.pop("scalars", ())
-    hp, wp = h // s, w // s
-    block_q, rows, warps = kernels.launch_shape(wp, hp, halo)
+    hp, wp, n_planes = h // s, w // s, b * c
+    block_q, planes, rows, warps = kernels.launch_shape(wp, hp, n_planes, halo)
     n_qblocks = triton.cdiv(wp, block_q - 1 if halo else block_q)
     n_bands = triton.cdiv(hp, rows)
+    groups = triton.cdiv(n_planes, planes)
     with _launching():
-        for start in range(0, b * c, PLANES_PER_LAUNCH):
-            planes = min(PLANES_PER_LAUNCH, b * c - start)
-            kernel[(n_qblocks * n_bands, planes)](*args, c, hp, wp, n_qblocks, start, *scalars,
-                                                  S=s, BLOCK_Q=block_q, ROWS=rows, num_warps=warps, **constexprs)
+        for first in range(0, groups, GROUPS_PER_LAUNCH):
+            grid = (n_qblocks * n_bands, min(GROUPS_PER_LAUNCH, groups - first))
+            kernel[grid](*args, n_planes, c, hp, wp, n_qblocks, first * planes, *scalars, S=s, BLOCK_Q=block_q,
+                         PLANES=planes, ROWS=rows, num_warps=warps, maxnreg=MAX_REGISTERS, **constexprs)
 
 
 def _out(x: torch.Tensor) -> torch.Tensor:
