@@ -37,6 +37,7 @@ import triton.language as tl
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
+ROUND_BF16_BY_HAND = tl.constexpr(INTERPRET)
 INV_2_24 = tl.constexpr(5.9604644775390625e-08)  # 2^-24, exact
 LN2 = tl.constexpr(0.6931471805599453)
 
@@ -144,9 +145,9 @@ def _load_row(ptr, off, mask, S: tl.constexpr):
 @triton.jit
 def _rounded(ptr, value):
     """float32 ``value`` in the dtype ``ptr`` points to, rounded to nearest even."""
-    if ptr.dtype.element_ty == tl.bfloat16:
-        # By hand: the interpreter's float32 -> bfloat16 cast truncates (the GPU's rounds), and
-        # this way both give the same bits; NaN keeps the cast.
+    if ptr.dtype.element_ty == tl.bfloat16 and ROUND_BF16_BY_HAND:
+        # The interpreter's float32 -> bfloat16 cast truncates (the GPU's cast rounds to nearest
+        # even); NaN keeps the cast.
         bits = value.to(tl.uint32, bitcast=True)
         bits = bits + 0x7FFF + ((bits >> 16) & 1)
         half = (bits >> 16).to(tl.uint16).to(tl.bfloat16, bitcast=True)
@@ -476,9 +477,13 @@ def _program(n_planes, C, Hp, Wp, n_qblocks, plane_start, S: tl.constexpr, BLOCK
     n_rows = tl.minimum(ROWS, Hp - p0)
     lane = tl.arange(0, PLANES * BLOCK_Q)
     ql = lane % BLOCK_Q  # powers of two: a mask and a shift
-    plane = plane_start + tl.program_id(1) * PLANES + lane // BLOCK_Q
-    has_plane = plane < n_planes
-    plane = tl.where(has_plane, plane, 0)
+    if PLANES == 1:  # one plane: its sample's parameters are scalars (uniform registers)
+        plane = plane_start + tl.program_id(1)
+        has_plane = ql >= 0
+    else:
+        plane = plane_start + tl.program_id(1) * PLANES + lane // BLOCK_Q
+        has_plane = plane < n_planes
+        plane = tl.where(has_plane, plane, 0)
     b = plane // C  # int32, once per program
     c = plane - b * C
     if HALO:
