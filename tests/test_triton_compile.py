@@ -55,9 +55,9 @@ def specialisations():
         flags = dict(HEUN=False, SECOND=False) | flags
         out.append((f"relay_step {name}, drawn", k.relay_step_kernel, step,
                     dict(S=4, ROWS=8, NOISE=1, HAS_BLOCK=True, PER_SAMPLE_SEEDS=False, **flags, **layout)))
-    out.append(("relay_step heun, per-sample seeds, 2 planes of 64 lanes", k.relay_step_kernel, step,
+    out.append(("relay_step heun, per-sample seeds, 32 lanes", k.relay_step_kernel, step,
                 dict(S=4, ROWS=8, NOISE=1, HAS_BLOCK=True, PER_SAMPLE_SEEDS=True, HEUN=True, SECOND=False,
-                     BLOCK_Q=64, PLANES=2)))
+                     BLOCK_Q=32, PLANES=1)))
     return out
 
 

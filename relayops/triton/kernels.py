@@ -44,12 +44,13 @@ LN2 = tl.constexpr(0.6931471805599453)
 
 def launch_shape(wp: int, hp: int, planes: int, halo: bool):
     """``(BLOCK_Q, PLANES, ROWS, num_warps)`` for ``planes`` planes of ``hp x wp`` patches:
-    lanes for the patch columns (up to 128), as many planes side by side as fill 128 lanes, and
-    a band of rows long enough that the patch row a block-noise band reads above itself is a
-    small extra. The interpreter runs one large program (its cost is per operation, not per
-    lane)."""
+    lanes for the patch columns (up to 128), one plane a program, and a band of rows long enough
+    that the patch row a block-noise band reads above itself is a small extra. The interpreter
+    runs one program over every plane and row (its cost is per operation, not per lane). On a
+    GPU, planes side by side (per-lane sample parameters) make the fused relay_step spill at the
+    register cap, so they stay interpreter-only."""
     block_q = min(128, max(2, triton.next_power_of_2(wp + halo)))
-    per_program = min(max(1, 128 // block_q), triton.next_power_of_2(planes))
+    per_program = 1
     rows = min(hp, 8) if halo else min(hp, 2)
     if INTERPRET:
         per_program, rows = triton.next_power_of_2(planes), hp
@@ -315,7 +316,8 @@ def box_muller(w0, w1):
     u1 = ((w0 >> 8) + 1).to(tl.float32) * INV_2_24
     u2 = (w1 >> 8).to(tl.float32) * INV_2_24
     # tl.log is the accurate logarithm (near u1 = 1 an approximate one would swamp -2 ln u1);
-    # tl.sqrt is the approximate square root: relative error ~1e-7.
+    # tl.sqrt is the approximate square root (relative error about 1e-7; sqrt_rn spills the
+    # fused relay_step at the register cap).
     rho = tl.sqrt(-2.0 * tl.log(u1))
     c, s = _sincos_2pi(u2)
     return rho * c, rho * s

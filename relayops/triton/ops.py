@@ -29,9 +29,10 @@ def _launching():
 
 
 GROUPS_PER_LAUNCH = 65535  # the grid's second axis
-# Registers per thread: every kernel fits in 104 without a stack (ptxas spills one value of the
-# fused relay_corrupt at 96); unlimited, the fused relay_step takes up to 167 and lower occupancy.
-MAX_REGISTERS = 104
+# Registers per thread: every kernel fits in 112 without a stack (at 96 ptxas spills in the fused
+# relay_corrupt, at 104 in the one-warp Heun step with per-sample seeds); unlimited, the fused
+# relay_step takes up to 167.
+MAX_REGISTERS = 112
 
 
 def _launch(kernel, like: torch.Tensor, s: int, halo: bool, *args, scalars=(), **constexprs):
