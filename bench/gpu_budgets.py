@@ -62,9 +62,6 @@ IMAGE_INPUTS = {
 PENDING = {
     ("cuda", "relay_noise"), ("cuda", "relay_corrupt"), ("cuda", "relay_step_euler"),
     ("cuda", "relay_step_heun"), ("cuda", "relay_step_second"),
-    ("triton", "patch_dct"), ("triton", "patch_idct"), ("triton", "patch_blur"), ("triton", "block_noise"),
-    ("triton", "relay_noise"), ("triton", "relay_corrupt"), ("triton", "relay_step_euler"),
-    ("triton", "relay_step_heun"), ("triton", "relay_step_second"),
 }
 
 OPS = tuple(FLOORS)

@@ -11,8 +11,6 @@ from __future__ import annotations
 
 import contextlib
 import threading
-from typing import Optional
-
 import torch
 import triton
 
@@ -30,23 +28,33 @@ def _launching():
     return _INTERPRETER_LOCK if kernels.INTERPRET else contextlib.nullcontext()
 
 
-def _geometry(x: torch.Tensor, s: int):
-    """``(n_patches, C, H/s, W/s)`` of a ``[B, C, H, W]`` tensor."""
-    b, c, h, w = x.shape
-    return b * c * (h // s) * (w // s), c, h // s, w // s
+GROUPS_PER_LAUNCH = 65535  # the grid's second axis
+# Registers per thread: every kernel fits in 112 without a stack (at 96 ptxas spills in the fused
+# relay_corrupt, at 104 in the one-warp Heun step with per-sample seeds); unlimited, the fused
+# relay_step takes up to 167.
+MAX_REGISTERS = 112
 
 
-def _padded(s: int) -> int:
-    """s rounded up to a power of two (>= 2): the register tile's side."""
-    return max(2, triton.next_power_of_2(s))
-
-
-def _grid(n_patches: int, sp: int):
-    return lambda meta: (triton.cdiv(n_patches, meta["TILE"] // (sp * sp)),)
-
-
-def _contiguous(t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
-    return None if t is None else t.contiguous()
+def _launch(kernel, like: torch.Tensor, s: int, halo: bool, *args, scalars=(), **constexprs):
+    """Launch ``kernel`` over the patches of ``like`` ([B, C, H, W] contiguous): grid axis 0 the
+    (patch-row band, patch-column block) pairs, axis 1 the groups of planes, at most 65535
+    groups a launch. ``halo``: block-noise programs overlap by one patch column. ``scalars``
+    follow the layout arguments."""
+    b, c, h, w = like.shape
+    if b * c == 0 or h == 0 or w == 0:
+        return
+    if h * w >= 2**31:
+        raise ValueError(f"the triton backend takes planes of fewer than 2**31 elements, got H x W = {h} x {w}")
+    hp, wp, n_planes = h // s, w // s, b * c
+    block_q, planes, rows, warps = kernels.launch_shape(wp, hp, n_planes, halo)
+    n_qblocks = triton.cdiv(wp, block_q - 1 if halo else block_q)
+    n_bands = triton.cdiv(hp, rows)
+    groups = triton.cdiv(n_planes, planes)
+    with _launching():
+        for first in range(0, groups, GROUPS_PER_LAUNCH):
+            grid = (n_qblocks * n_bands, min(GROUPS_PER_LAUNCH, groups - first))
+            kernel[grid](*args, n_planes, c, hp, wp, n_qblocks, first * planes, *scalars, S=s, BLOCK_Q=block_q,
+                         PLANES=planes, ROWS=rows, num_warps=warps, maxnreg=MAX_REGISTERS, **constexprs)
 
 
 def _out(x: torch.Tensor) -> torch.Tensor:
@@ -57,11 +65,7 @@ def patch_transform(x: torch.Tensor, s: int, inverse: bool) -> torch.Tensor:
     """patch_dct (SPEC 1) of ``x`` ``[B, C, H, W]``, or patch_idct with ``inverse``."""
     x = x.contiguous()
     out = _out(x)
-    n, _, hp, wp = _geometry(x, s)
-    if n:
-        sp = _padded(s)
-        with _launching():
-            kernels.transform_kernel[_grid(n, sp)](x, out, n, hp, wp, S=s, SP=sp, INVERSE=inverse)
+    _launch(kernels.patch_dct_kernel, x, s, False, x, out, INVERSE=inverse)
     return out
 
 
@@ -77,39 +81,19 @@ def block_noise(g, s, adjoint):
     """Wraparound s x s box sum / s (SPEC 3); ``adjoint`` sums toward +x, +y (its gradient)."""
     g = g.contiguous()
     out = _out(g)
-    n, _, hp, wp = _geometry(g, s)
-    if n:
-        sp = _padded(s)
-        with _launching():
-            kernels.block_noise_kernel[_grid(n, sp)](g, out, n, hp, wp, S=s, SP=sp, ADJOINT=adjoint)
+    _launch(kernels.block_noise_kernel, g, s, True, g, out, ADJOINT=adjoint)
     return out
 
 
-def _launch_relay(like, s, *, x=None, x0=None, x_prop=None, x0_prop=None, x0_b=None, factor=None, correction=None,
-                  gamma=None, coef=None,
-                  sigma=None, sigma_next=None, alpha=0.0, k=1.0, seed=0, offset=0, seeds=None, noise=0,
-                  eps=None, eps2=None):
-    """Launch ``kernels.relay_kernel`` writing a new contiguous tensor like ``like``; absent
-    tensors are replaced by ``like``, which the kernel never reads in their place (constexpr
-    flags switch terms off). noise: 0 none, 1 drawn in the kernel (SPEC 4), 2 given eps/eps2."""
-    out = _out(like)
-    n, c, hp, wp = _geometry(out, s)
-    if not n:
-        return out
-    sp = _padded(s)
-    tensor = lambda t: like if t is None else t  # noqa: E731
-    with _launching():
-        kernels.relay_kernel[_grid(n, sp)](
-            tensor(_contiguous(x)), tensor(_contiguous(x0)), tensor(_contiguous(x_prop)),
-            tensor(_contiguous(x0_prop)), tensor(_contiguous(x0_b)),
-            tensor(_contiguous(eps)), tensor(_contiguous(eps2)), tensor(factor), tensor(correction), tensor(gamma),
-            tensor(coef),
-            tensor(sigma), tensor(sigma_next), tensor(seeds), out,
-            n, c, hp, wp, float(alpha), float(k), seed & MASK32, (seed >> 32) & MASK32, offset & MASK32,
-            (offset >> 32) & MASK32,
-            S=s, SP=sp, HAS_X=x is not None, HAS_BLUR=x0 is not None, HEUN=x_prop is not None, SECOND=x0_b is not None,
-            NOISE=noise, HAS_BLOCK=alpha != 0.0, PER_SAMPLE_SEEDS=seeds is not None)
-    return out
+def _seed_words(seed: int, offset: int):
+    return seed & MASK32, (seed >> 32) & MASK32, offset & MASK32, (offset >> 32) & MASK32
+
+
+def _noise_args(like, eps, eps2, seeds):
+    """Tensors of the noise term: eps, eps2 (the image where absent: never read then), seeds."""
+    eps = like if eps is None else eps.contiguous()
+    eps2 = eps if eps2 is None else eps2.contiguous()
+    return eps, eps2, like if seeds is None else seeds
 
 
 def _noise_mode(eps, present: bool = True) -> int:
@@ -125,19 +109,31 @@ def _blur_factor(tau: torch.Tensor, s: int, d_min: float) -> torch.Tensor:
 
 def patch_blur(x, tau, s, d_min):
     """``patch_idct(D(tau[b]) * patch_dct(x))`` (SPEC 2)."""
-    return _launch_relay(x, s, x0=x, factor=_blur_factor(tau, s, d_min))
+    x = x.contiguous()
+    out = _out(x)
+    _launch(kernels.patch_blur_kernel, x, s, False, x, _blur_factor(tau, s, d_min), out)
+    return out
 
 
 def relay_noise(like, s, alpha, k, seed, offset, seeds, eps, eps2):
     """``k (eps + alpha block_noise(eps2))`` (SPEC 3), drawn at (seed or seeds[b], offset) when eps is None."""
-    return _launch_relay(like, s, alpha=alpha, k=k, seed=seed, offset=offset, seeds=seeds, noise=_noise_mode(eps),
-                         eps=eps, eps2=eps2)
+    out = _out(like)
+    e, e2, sd = _noise_args(out, eps, eps2, seeds)
+    _launch(kernels.relay_noise_kernel, out, s, alpha != 0.0, e, e2, sd, out,
+            scalars=(float(alpha), float(k), *_seed_words(seed, offset)),
+            NOISE=_noise_mode(eps), HAS_BLOCK=alpha != 0.0, PER_SAMPLE_SEEDS=seeds is not None)
+    return out
 
 
 def relay_corrupt(y, sigma, tau, s, d_min, alpha, k, seed, offset, seeds, eps, eps2):
     """``patch_blur(y, tau) + sigma * relay_noise`` per sample (SPEC 6), one pass over y."""
-    return _launch_relay(y, s, x0=y, factor=_blur_factor(tau, s, d_min), coef=sigma, alpha=alpha, k=k,
-                         seed=seed, offset=offset, seeds=seeds, noise=_noise_mode(eps), eps=eps, eps2=eps2)
+    y = y.contiguous()
+    out = _out(y)
+    e, e2, sd = _noise_args(y, eps, eps2, seeds)
+    _launch(kernels.relay_corrupt_kernel, y, s, alpha != 0.0, y, e, e2, _blur_factor(tau, s, d_min),
+            sigma.contiguous(), sd, out, scalars=(float(alpha), float(k), *_seed_words(seed, offset)),
+            NOISE=_noise_mode(eps), HAS_BLOCK=alpha != 0.0, PER_SAMPLE_SEEDS=seeds is not None)
+    return out
 
 
 def relay_step(x, x0_hat, sigma, sigma_next, tau, tau_next, eta, s, d_min, alpha, k, seed, offset, seeds, eps, eps2,
@@ -145,19 +141,28 @@ def relay_step(x, x0_hat, sigma, sigma_next, tau, tau_next, eta, s, d_min, alpha
     """One DDIM-blur (Euler), Heun-corrected or second-order relay update (SPEC 8, 8.1), one pass
     over the images: ``gamma x + idct((D' - gamma D) dct(x0) [+ E dct(x0_b - x0)]) + eta sigma' n``,
     gamma = sqrt(1 - eta^2) sigma'/sigma."""
-    gamma = (1.0 - eta * eta) ** 0.5 * sigma_next / sigma
+    x = x.contiguous()
+    out = _out(x)
+    gamma = ((1.0 - eta * eta) ** 0.5 * sigma_next / sigma).contiguous()
     factor = reference.blur_response(tau_next, s, d_min) - gamma.view(-1, 1, 1) * reference.blur_response(tau, s, d_min)
-    return _launch_relay(x, s, x=x, x0=x0_hat, x_prop=x_prop, x0_prop=x0_hat_prop, x0_b=x0_hat_b, factor=factor,
-                         correction=correction,
-                         gamma=gamma, coef=eta * sigma_next, sigma=sigma,
-                         sigma_next=sigma_next, alpha=alpha, k=k, seed=seed, offset=offset, seeds=seeds,
-                         noise=_noise_mode(eps, eta != 0.0), eps=eps, eps2=eps2)
+    noise = _noise_mode(eps, eta != 0.0)
+    has_block = noise != 0 and alpha != 0.0
+    e, e2, sd = _noise_args(x, eps, eps2, seeds)
+    heun, second = x_prop is not None, x0_hat_b is not None
+    _launch(kernels.relay_step_kernel, x, s, has_block, x, x0_hat.contiguous(),
+            x_prop.contiguous() if heun else x, x0_hat_prop.contiguous() if heun else x,
+            x0_hat_b.contiguous() if second else x, e, e2, factor.contiguous(),
+            correction.to(factor.dtype).contiguous() if second else factor, gamma, (eta * sigma_next).contiguous(),
+            sigma.contiguous(), sigma_next.contiguous(), sd, out,
+            scalars=(float(alpha), float(k), *_seed_words(seed, offset)),
+            HEUN=heun, SECOND=second, NOISE=noise, HAS_BLOCK=has_block, PER_SAMPLE_SEEDS=seeds is not None)
+    return out
 
 
 def normals_from_words(words: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(eps, eps2)`` float32, ``[2 n]`` each, from the Philox words ``[4, n]`` of n pairs (int32
-    holding the uint32 bits) through the kernels' Box-Muller code (SPEC 4): ``eps[2i], eps[2i + 1]``
-    (cosine, sine) from words (0, 1) of pair i, ``eps2[2i], eps2[2i + 1]`` from (2, 3). For tests
+    """``(eps, eps2)``, ``[2 n]`` float32 each, from the Philox words ``[4, n]`` of n pairs (int32
+    holding the uint32 bits) through the kernels' Box-Muller code (SPEC 4): eps[2i], eps[2i + 1]
+    (cosine, sine) from words (0, 1) of pair i, eps2[2i], eps2[2i + 1] from (2, 3). For tests
     that force the extreme uniforms."""
     if words.dim() != 2 or words.shape[0] != 4:
         raise ValueError(f"normals_from_words takes Philox words of shape [4, n], got {tuple(words.shape)}")
