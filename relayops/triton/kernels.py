@@ -132,7 +132,7 @@ def _pack(t, S: tl.constexpr):
 @triton.jit
 def _load_row(ptr, off, mask, S: tl.constexpr):
     """The S values at ``ptr + off + j`` of each lane, float32, as a tuple."""
-    if (S & (S - 1)) == 0:
+    if S > 1 and (S & (S - 1)) == 0:  # row vectors; S = 1 and other sizes element by element
         j = tl.arange(0, S)
         v = tl.load((ptr + off)[:, None] + j[None, :], mask=mask[:, None], other=0.0)
         return _unpack(v.to(tl.float32), S)
@@ -159,7 +159,7 @@ def _rounded(ptr, value):
 
 @triton.jit
 def _store_row(ptr, off, row, mask, S: tl.constexpr):
-    if (S & (S - 1)) == 0:
+    if S > 1 and (S & (S - 1)) == 0:
         j = tl.arange(0, S)
         tl.store((ptr + off)[:, None] + j[None, :], _rounded(ptr, _pack(row, S)), mask=mask[:, None])
     else:
@@ -406,7 +406,10 @@ def _row_sums(patch, left_tails, S: tl.constexpr):
     out = ()
     for i in tl.static_range(S):
         acc = patch[i][0]
-        row = (acc + left_tails[i][0],)
+        if S > 1:
+            row = (acc + left_tails[i][0],)
+        else:  # s = 1: no neighbour enters the box
+            row = (acc,)
         for j in tl.static_range(1, S):
             acc = acc + patch[i][j]
             if j < S - 1:
