@@ -7,13 +7,14 @@ import re
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 KERNEL_BUILDS = {"csrc/cpu/kernels.cpp", "csrc/cpu/kernels_avx2.cpp", "csrc/cpu/kernels_avx512.cpp"}
-CPU_SOURCES = KERNEL_BUILDS | {"csrc/cpu/dispatch.cpp", "csrc/cpu/module.cpp"}
+CPU_SOURCES = KERNEL_BUILDS | {"csrc/cpu/dispatch.cpp", "csrc/cpu/module.cpp", "csrc/cpu/cuda_emulation.cpp"}
 
 
 def build(tree: Path) -> set:
@@ -26,9 +27,11 @@ def build(tree: Path) -> set:
 
 
 def touch(path: Path, after: Path) -> None:
-    """Gives ``path`` a modification time later than ``after``'s."""
-    t = after.stat().st_mtime + 10
+    """Gives ``path`` a modification time later than ``after``'s, but not in the future: a later
+    build's objects must come out newer than ``path`` however fast they compile."""
+    t = max(time.time(), after.stat().st_mtime + 0.01)
     os.utime(path, (t, t))
+    time.sleep(max(0.0, t - time.time()) + 0.05)
 
 
 @pytest.mark.skipif(shutil.which("g++") is None and shutil.which("c++") is None, reason="needs a C++ compiler")
