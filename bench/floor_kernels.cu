@@ -3,20 +3,15 @@
 // --floors` counts (sm_90 SASS, nvcc -O3). Not part of the library; never launched.
 #include <cstdint>
 
+#include "relayops/philox.h"
+
 namespace {
 
-struct Words { uint32_t x0, x1, x2, x3; };
+using Words = relayops::Philox4;
 
-// Philox4x32-10 (SPEC 4): key (k0, k1), counter (c0, c1, c2, c3).
+// Philox4x32-10 (SPEC 4), the library's own rounds: key (k0, k1), counter (c0, c1, c2, c3).
 __device__ __forceinline__ Words philox(uint32_t c0, uint32_t c1, uint32_t c2, uint32_t c3, uint32_t k0, uint32_t k1) {
-#pragma unroll
-  for (int r = 0; r < 10; ++r) {
-    const uint32_t hi0 = __umulhi(0xD2511F53u, c0), lo0 = 0xD2511F53u * c0;
-    const uint32_t hi1 = __umulhi(0xCD9E8D57u, c2), lo1 = 0xCD9E8D57u * c2;
-    c0 = hi1 ^ c1 ^ k0; c1 = lo1; c2 = hi0 ^ c3 ^ k1; c3 = lo0;
-    k0 += 0x9E3779B9u; k1 += 0xBB67AE85u;
-  }
-  return {c0, c1, c2, c3};
+  return relayops::philox4x32_10(c0, c1, c2, c3, k0, k1);
 }
 
 // ln(u) for u = k 2^-24, k in [1, 2^24] (never 0, never subnormal): u = 2^e (1 + m) with

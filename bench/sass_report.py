@@ -651,7 +651,8 @@ def floors(arch: int = 90) -> list[dict]:
         raise RuntimeError("--floors needs nvcc and cuobjdump")
     with tempfile.TemporaryDirectory() as tmp:
         cubin = Path(tmp) / "floor.cubin"
-        _run([nvcc, "-cubin", f"-arch=sm_{arch}", "-O3", "-o", str(cubin), str(ROOT / "bench" / "floor_kernels.cu")])
+        _run([nvcc, "-cubin", f"-arch=sm_{arch}", "-O3", f"-I{ROOT / 'csrc' / 'include'}", "-o", str(cubin),
+              str(ROOT / "bench" / "floor_kernels.cu")])
         sass = parse_sass(_run([cuobjdump, "-sass", str(cubin)]))
     out = []
     for name, (unit, per) in FLOOR_KERNELS.items():
