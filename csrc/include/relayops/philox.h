@@ -137,7 +137,8 @@ RELAYOPS_HD void box_muller<float>(uint32_t a, uint32_t b, float& z_cos, float& 
   // The hardware sine and cosine (MUFU.SIN, MUFU.COS: absolute error below 2^-21.19 on
   // [-pi, pi], about 4 instructions for both against about 28 for sincos_2pi) of the turn
   // t = u2 - 1/2 in [-1/2, 1/2), exact; cos(2 pi u2) = -cos(2 pi t), sin(2 pi u2) = -sin(2 pi t).
-  // Each normal is then within about 3e-6 of its float64 value (rho <= 5.8): inside SPEC 4's 1e-5.
+  // Each normal is then within 5e-6 of its float64 value (rho <= 5.8; docs/spec.md 13.8): inside
+  // SPEC 4's 1e-5.
   const float t = float(int32_t(b >> 8)) * 5.9604644775390625e-8f - 0.5f;
   float s, c;
   __sincosf(6.28318530717958647f * t, &s, &c);
