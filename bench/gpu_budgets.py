@@ -59,10 +59,7 @@ IMAGE_INPUTS = {
 # PENDING: budgets reported but not enforced, because the op's specialised kernel has not landed
 # on this branch yet (main's kernels exceed them). When a new kernel merges, remove its
 # (backend, op) pairs here; from then on the test fails whenever the kernel misses its budget.
-PENDING = {
-    ("cuda", "relay_noise"), ("cuda", "relay_corrupt"), ("cuda", "relay_step_euler"),
-    ("cuda", "relay_step_heun"), ("cuda", "relay_step_second"),
-}
+PENDING: set[tuple[str, str]] = set()
 
 OPS = tuple(FLOORS)
 BACKENDS = ("cuda", "triton")

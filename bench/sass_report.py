@@ -96,6 +96,13 @@ _PATCH = "one thread per s x s patch, straight-line"
 _STRIP = "a thread walks a strip of box_vec columns down a band, s output rows per loop trip"
 _TILE = "TILE elements per program over 32 num_warps threads, straight-line"
 _BAND = "a lane per patch column walks a band of ROWS patch rows, one patch per trip"
+_WALK = ("a lane per patch column walks a band of patch rows, s x s outputs per trip; lane 0 of each warp only "
+         "supplies its neighbour's halo (31 of 32 lanes write)")
+
+
+def _relay_elements(p: dict) -> float:
+    """patch_kernels.h relay_warp: s^2 outputs per loop trip on kRelayLanes = 31 of 32 lanes."""
+    return p["S"] ** 2 * 31 / 32
 
 
 def _rows(p: dict) -> float:
@@ -106,7 +113,7 @@ def _rows(p: dict) -> float:
 # match the short demangled name (``patch_dct_kernel<4, float>``), Triton patterns the kernel's
 # name; the first entry whose pattern matches and whose parameters are present wins.
 KERNELS: list[tuple[str, str, frozenset, Work]] = [
-    # CUDA, one kernel per op (patch_kernels.h); the noise ops still run the tile interpreter.
+    # CUDA, one kernel per op (patch_kernels.h).
     ("cuda", r"^patch_dct_kernel<", frozenset(), Work("thread", lambda p: p["S"] ** 2, _PATCH, "patch_dct")),
     ("cuda", r"^patch_idct_kernel<", frozenset(), Work("thread", lambda p: p["S"] ** 2, _PATCH, "patch_idct")),
     ("cuda", r"^patch_blur_kernel<", frozenset(), Work("thread", lambda p: p["S"] ** 2, _PATCH, "patch_blur")),
@@ -114,6 +121,8 @@ KERNELS: list[tuple[str, str, frozenset, Work]] = [
      Work("iteration", lambda p: p["S"] * _box_vec(p), _STRIP, "block_noise")),
     ("cuda", r"^block_noise_kernel<.*, true>$", frozenset(),
      Work("iteration", lambda p: p["S"] * _box_vec(p), _STRIP, "block_noise_adjoint")),
+    *[("cuda", rf"^{op}_kernel<", frozenset(), Work("iteration", _relay_elements, _WALK, op))
+      for op in ("relay_noise", "relay_corrupt", "relay_step_euler", "relay_step_heun", "relay_step_second")],
     # Triton, one kernel per op walking patch rows (one patch per lane and trip).
     ("triton", r"^block_noise_kernel$", frozenset({"BLOCK_Q", "ROWS"}),
      Work("iteration", lambda p: _triton_band(p, halo=True), _BAND, None, _rows)),

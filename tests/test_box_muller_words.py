@@ -51,6 +51,13 @@ def expected(words: torch.Tensor):
                  for i in (0, 2))
 
 
+# Largest error of one float32 normal against float64, per backend. The CUDA kernels use the
+# hardware sine and cosine (relayops/philox.h; docs/spec.md 13.8): their absolute error (below
+# 2^-21.19 on [-pi, pi]) plus the rounding of the angle, about 8e-7, times rho <= 5.8 bounds a
+# normal's error by 5e-6, looser than the other backends' 1e-6 and inside SPEC 4's 1e-5.
+FLOAT32_TOLERANCE = {"cpu": 1e-6, "triton": 1e-6, "cuda": 5e-6}
+
+
 def targets():
     out = [("cpu", "cpu")]
     if CUDA:
@@ -78,7 +85,8 @@ def test_float32_box_muller_at_extreme_words(backend, device):
         assert got.dtype == torch.float32
         err = (got.cpu().double() - want).abs()
         assert torch.isfinite(got).all()
-        assert err.max() < 1e-6, f"worst error {err.max():.3g} at words index {int(err.argmax()) // 2}"
+        assert err.max() < FLOAT32_TOLERANCE[backend], (
+            f"worst error {err.max():.3g} at words index {int(err.argmax()) // 2}")
     # the cases themselves are what they claim: both ends of the u1 range are present, in both
     # the cosine and the sine normals
     for part in (ref[0:2 * N_EXTREME:2], ref[1:2 * N_EXTREME:2]):
@@ -94,7 +102,8 @@ def test_words_of_n_pairs_give_2n_normals(backend, device):
         eps, eps2 = run(backend, as_int32(w).to(device), torch.float32)
         want, want2 = expected(w)
         assert eps.shape == eps2.shape == (2 * n,)
-        assert (eps.cpu().double() - want).abs().max() < 1e-6 and (eps2.cpu().double() - want2).abs().max() < 1e-6
+        tol = FLOAT32_TOLERANCE[backend]
+        assert (eps.cpu().double() - want).abs().max() < tol and (eps2.cpu().double() - want2).abs().max() < tol
 
 
 def test_words_must_be_four_rows():

@@ -1,9 +1,10 @@
-"""The specialised CUDA kernels of the transform ops (csrc/include/relayops/patch_kernels.h) run on
-the CPU, thread by thread and warp by warp, through relayops._C.emulate_cuda: the same choice of
-kernel as relayops._C_cuda, the same grid, the same per-thread bodies. Their outputs against the
-float64 reference for every op, patch size, dtype and odd and even image sizes; which inputs fall
-back to the tile kernel; and, from every warp's recorded global accesses, that float32 at s = 4
-moves whole 32-byte sectors with 128-bit accesses.
+"""The specialised CUDA kernels (csrc/include/relayops/patch_kernels.h) run on the CPU, thread by
+thread and warp by warp, through relayops._C.emulate_cuda: the same choice of kernel as
+relayops._C_cuda, the same grid, the same per-thread bodies. Their outputs against the float64
+reference for every op, patch size, dtype and odd and even image sizes (the noise ops: every case
+of tests/test_backends.py, drawn and given noise, per-sample seeds, offsets, Heun, second order);
+which inputs fall back to the tile kernel; and, from every warp's recorded global accesses, that
+float32 at s = 4 moves whole 32-byte sectors with 128-bit accesses.
 """
 from __future__ import annotations
 
@@ -17,8 +18,9 @@ import relayops
 import relayops.ops._compiled as compiled  # ImportError here means: run `python setup.py build_ext --inplace`
 
 from compare import assert_close, scale_of
+from test_backends import CASES, check_case, make_inputs
 
-TILES, PATCH, BOX = 0, 1, 2  # CudaPath codes (patch_kernels.h)
+TILES, PATCH, BOX, RELAY = 0, 1, 2, 3  # CudaPath codes (patch_kernels.h)
 SIZES = (2, 3, 4, 5, 8, 16)
 
 
@@ -209,3 +211,135 @@ def test_emulation_is_not_the_default():
     compiled.LAST_EMULATION = None
     relayops.patch_dct(torch.randn(1, 1, 8, 8), 4, backend="cpu")
     assert compiled.LAST_EMULATION is None
+
+
+# ---------------------------------------------------------------------------------------------
+# The noise ops: relay_noise, relay_corrupt, relay_step (Euler, Heun, second order).
+
+NOISE_CASES = [name for name in CASES if name.startswith(("relay_noise", "relay_corrupt", "relay_step"))]
+
+
+def relay_path(name, s, dtype):
+    """The kernel docs/design.md says a contiguous input of noise case ``name`` takes: even s up to
+    a largest s per op and accumulation type (beyond it ptxas would spill), else the tiles."""
+    double = dtype == torch.float64
+    if name.startswith("relay_noise"):
+        largest = 6 if double else 8
+    elif "heun" in name or "second" in name:
+        largest = 2 if double else 4
+    else:  # relay_corrupt, relay_step Euler
+        largest = 4 if double else 6
+    return RELAY if s % 2 == 0 and 2 <= s <= largest else TILES
+
+
+def check_noise_case(emulated, name, shape, dtype):
+    inputs, exact = make_inputs(shape, dtype, "cpu")
+    s = shape[4]
+    check_case(name, ("cpu", "cpu"), inputs, exact, s, dtype)
+    assert emulated()[0] == relay_path(name, s, dtype), f"{name} {dtype} {shape} took path {emulated()[0]}"
+
+
+@pytest.mark.parametrize("s", (2, 4, 6, 8))
+@pytest.mark.parametrize("name", NOISE_CASES)
+def test_noise_ops_against_the_reference(emulated, name, s):
+    """float32, every noise case of tests/test_backends.py: odd patch counts (3 x 5; halos wrap
+    around both edges); at s = 4 also H = W = s (every halo is the patch itself) and an image of
+    two warps of patch columns (31 each) and several bands of rows."""
+    shapes = [(2, 3, 3 * s, 5 * s, s)]
+    if s == 4:
+        shapes += [(1, 1, s, s, s), (1, 2, 40, 4 * 37, s)]
+    for shape in shapes:
+        check_noise_case(emulated, name, shape, torch.float32)
+
+
+@pytest.mark.parametrize("dtype", (torch.float64, torch.float16, torch.bfloat16), ids=str)
+@pytest.mark.parametrize("name", ("relay_noise_seed_list", "relay_corrupt_given", "relay_step_heun_given",
+                                  "relay_step_second_given"))
+def test_noise_ops_in_other_dtypes(emulated, name, dtype):
+    """float64 (at s = 2, where every op has a float64 kernel) and the 16-bit storage types (s = 4)."""
+    s = 2 if dtype == torch.float64 else 4
+    check_noise_case(emulated, name, (2, 3, 3 * s, 5 * s, s), dtype)
+
+
+@pytest.mark.parametrize("name", ("relay_noise_given", "relay_corrupt_given", "relay_step_heun_given"))
+def test_noise_ops_fallback_selection(emulated, name):
+    """Odd s, misaligned and transposed images take the tile kernel (with the reference's values);
+    an aligned image with padded rows takes the noise-op kernel."""
+    for s, layout, path in ((3, "contiguous", TILES), (5, "contiguous", TILES), (4, "misaligned", TILES),
+                            (4, "transposed", TILES), (4, "offset_aligned", RELAY)):
+        inputs, exact = make_inputs((2, 3, 2 * s, 8 * s, s), torch.float32, "cpu")
+        for key in ("x", "x0", "xp", "x0p", "eps", "eps2"):
+            inputs[key] = next(t for lay, t, _ in _layouts(inputs[key], s) if lay == layout)
+        check_case(name, ("cpu", "cpu"), inputs, exact, s, torch.float32)
+        assert emulated()[0] == path, f"{name} s={s} {layout}: path {emulated()[0]}, not {path}"
+
+
+def _record_case(name, shape, monkeypatch):
+    monkeypatch.setattr(compiled, "CPU_EMULATE_CUDA", "record")
+    inputs, _ = make_inputs(shape, torch.float32, "cpu")
+    out = CASES[name][0](inputs, shape[4], "cpu")
+    path, accesses = compiled.LAST_EMULATION
+    assert path == RELAY and accesses
+    return inputs, out, accesses
+
+
+RECORDED = ("relay_noise_seed", "relay_noise_given", "relay_corrupt_seed_list", "relay_step_euler_seed",
+            "relay_step_heun_given", "relay_step_second_given", "relay_step_eta0")
+
+
+@pytest.mark.parametrize("name", RECORDED)
+def test_noise_ops_move_whole_sectors_with_128_bit_accesses(name, monkeypatch):
+    """float32, s = 4: every warp instruction is 128 bits per lane and touches exactly the 32-byte
+    sectors its bytes need (lanes 1..31 on consecutive 16-byte vectors), except that a given
+    eps2 row, which lane 0 reads too (the column left of lane 1's: 32 vectors 16 bytes off a
+    sector boundary every other warp, or the last column of the row for the first warp), may
+    touch one sector more."""
+    _, _, accesses = _record_case(name, (1, 2, 12, 4 * 40, 4), monkeypatch)
+    for (warp, step, k), group in _instructions(accesses).items():
+        assert {a[2] for a in group} == {16}, f"{name}: warp {warp} step {step} access {k}"
+        assert len({a[3] for a in group}) == 1
+        needed = set()
+        for _, addr, nbytes, _ in group:
+            needed.update(range(addr, addr + nbytes))
+        sectors = {b // 32 for b in needed}
+        supplier = any(lane == 0 for lane, *_ in group)
+        assert not supplier or name.endswith("_given"), f"{name}: lane 0 (the supplier) accessed memory"
+        assert len(sectors) <= math.ceil(len(needed) / 32) + supplier, (
+            f"{name}: warp {warp} step {step} access {k} touches {len(sectors)} sectors for {len(needed)} bytes")
+
+
+@pytest.mark.parametrize("name", RECORDED)
+def test_noise_ops_read_and_write_every_element_once(name, monkeypatch):
+    """Each output element is stored once; each image input the op reads is loaded once per
+    element (x twice for Heun: in x0_eff and in gamma x); given eps once, given eps2 once per
+    element plus the s - 1 rows above each band and the supplier lane's column (lane 0 of each warp).
+    Bands (docs/design.md): 64 image rows, halved down to 16 while the launch has fewer than 2048
+    warps, as this small one does."""
+    s, shape = 4, (1, 1, 24, 4 * 40, 4)  # 2 warps (31 columns each), bands of 16 rows (below)
+    inputs, out, accesses = _record_case(name, shape, monkeypatch)
+    counts = defaultdict(int)
+    for *_, addr, nbytes, store in accesses:
+        for byte in range(addr, addr + nbytes, 4):
+            counts[byte, store] += 1
+
+    def per_element(t, store=0):
+        base = t.data_ptr()
+        return torch.tensor([counts.get((base + 4 * i, store), 0) for i in range(t.numel())]).reshape(t.shape)
+
+    assert (per_element(out, 1) == 1).all()
+    reads = {"relay_noise_seed": (), "relay_noise_given": ("eps",), "relay_corrupt_seed_list": ("x",),
+             "relay_step_euler_seed": ("x", "x0"), "relay_step_heun_given": ("x0", "xp", "x0p", "eps"),
+             "relay_step_second_given": ("x", "x0", "x0b", "eps"), "relay_step_eta0": ("x", "x0")}[name]
+    for key in reads:
+        assert (per_element(inputs[key]) == 1).all(), key
+    if name == "relay_step_heun_given":
+        assert (per_element(inputs["x"]) == 2).all()
+    if name.endswith("_given"):
+        rows = torch.ones(shape[2], dtype=torch.int64)
+        for h0 in range(0, shape[2], 16):  # the s - 1 rows above each band, wrapping around, are read again
+            rows[[(h0 - i) % shape[2] for i in range(1, s)]] += 1
+        cols = torch.ones(shape[3], dtype=torch.int64)
+        cols[4 * 30: 4 * 31] += 1  # warp 1's lane 0 supplies the halo of column 30
+        cols[4 * 39: 4 * 40] += 1  # warp 0's lane 0 that of the last column, wrapping around
+        want = (rows[:, None] * cols[None, :]).expand(shape[:4])
+        assert torch.equal(per_element(inputs["eps2"]), want)

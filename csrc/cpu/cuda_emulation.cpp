@@ -1,7 +1,7 @@
 // The CUDA module's launches run on the CPU (for tests; docs/design.md "Testing without a GPU"):
 // choose_cuda_path picks the kernel as csrc/cuda/kernels.cu does, then the specialised kernels'
 // per-thread bodies (relayops/patch_kernels.h) run for every thread of the same grid, warp by warp
-// (block noise: all 32 lanes of a warp in lockstep, so its shuffles read what the neighbouring
+// (block noise and the noise ops: all 32 lanes of a warp in lockstep, so their shuffles read what the neighbouring
 // lanes hold), and the tile kernel runs through emulate_tiles (relayops/tile.h). Every global
 // access can be recorded with its warp and instruction, so the tests can count the 32-byte
 // sectors each warp instruction touches.
@@ -104,6 +104,18 @@ void emulate_box(const Params<A>& P, std::vector<Access>* rec) {
   });
 }
 
+template <RelayOp Op, int S, class T, class A>
+void emulate_relay(const Params<A>& P, std::vector<Access>* rec) {
+  if constexpr (relay_kernel_exists<A>(Op, S)) {  // else choose_cuda_path never picks it
+    const RelayArgs<T, A> a = make_relay_args<T>(P);
+    const LaunchShape ls = relay_launch_shape(a, P.B * P.C);
+    for_each_warp(ls, [&](int64_t id, Dim3 blk, int tx, int ty) {
+      EmulatedWarp w{blk.x * ls.block.x + tx, blk.y * ls.block.y + ty, blk.z, id, rec};
+      relay_warp<Op, S>(a, w);
+    });
+  }
+}
+
 template <class T, class A>
 int emulate(const Params<A>& P, std::vector<Access>* rec) {
   const CudaPath path = choose_cuda_path<T>(P);
@@ -122,6 +134,18 @@ int emulate(const Params<A>& P, std::vector<Access>* rec) {
         if constexpr (box_kernel_exists<A>(s)) {
           if (P.shift) emulate_box<s, true, T>(P, rec);
           else emulate_box<s, false, T>(P, rec);
+        }
+      });
+      break;
+    case kPathRelay:
+      with_fast_size(P.s, [&](auto S) {
+        constexpr int s = decltype(S)::value;
+        switch (relay_op(P)) {
+          case RelayOp::kNoise: return emulate_relay<RelayOp::kNoise, s, T>(P, rec);
+          case RelayOp::kCorrupt: return emulate_relay<RelayOp::kCorrupt, s, T>(P, rec);
+          case RelayOp::kEuler: return emulate_relay<RelayOp::kEuler, s, T>(P, rec);
+          case RelayOp::kHeun: return emulate_relay<RelayOp::kHeun, s, T>(P, rec);
+          case RelayOp::kSecond: return emulate_relay<RelayOp::kSecond, s, T>(P, rec);
         }
       });
       break;

@@ -1,8 +1,8 @@
-// CUDA kernels. The transform ops (patch_dct, patch_idct, patch_blur, block_noise) take one
-// specialised kernel each (relayops/patch_kernels.h: a thread per patch, or per column strip for
-// block noise, in registers, vector loads and stores) where choose_cuda_path allows; everything else
-// (the noise ops, strided layouts, misaligned data, s = 1 and s > 8, very large inputs) runs the
-// tile kernel: one thread block per tile of whole patches of one (b, c) plane, running the phases
+// CUDA kernels. Every op takes one specialised kernel (relayops/patch_kernels.h: a thread per
+// patch, per column strip for block noise, or per patch column for the noise ops, in registers,
+// vector loads and stores) where choose_cuda_path allows; everything else (strided layouts,
+// misaligned data, s = 1 and s > 8, odd s for the noise ops, very large inputs) runs the tile
+// kernel: one thread block per tile of whole patches of one (b, c) plane, running the phases
 // of relayops/tile.h (coalesced loads into shared memory, separable box sums and transforms there,
 // coalesced stores) with a barrier between phases. The CPU module emulates both for the tests
 // (csrc/cpu/cuda_emulation.cpp). No torch headers: pointers come as integers.
@@ -92,6 +92,21 @@ __global__ void __launch_bounds__(kFastThreads, 1) block_noise_kernel(const BoxA
   block_noise_warp<S, Adjoint>(a, w);
 }
 
+// The noise ops: relay_warp of patch_kernels.h, one kernel per op (and relay_step variant).
+#define RELAYOPS_RELAY_KERNEL(name, op)                                                                  \
+  template <int S, class T>                                                                            \
+  __global__ void __launch_bounds__(kFastThreads, 1) name(const RelayArgs<T, acc_t<T>> a) {             \
+    DeviceWarp w{int(blockIdx.x * blockDim.x + threadIdx.x), int(blockIdx.y * blockDim.y + threadIdx.y), \
+                 int(blockIdx.z)};                                                                      \
+    relay_warp<op, S>(a, w);                                                                            \
+  }
+RELAYOPS_RELAY_KERNEL(relay_noise_kernel, RelayOp::kNoise)
+RELAYOPS_RELAY_KERNEL(relay_corrupt_kernel, RelayOp::kCorrupt)
+RELAYOPS_RELAY_KERNEL(relay_step_euler_kernel, RelayOp::kEuler)
+RELAYOPS_RELAY_KERNEL(relay_step_heun_kernel, RelayOp::kHeun)
+RELAYOPS_RELAY_KERNEL(relay_step_second_kernel, RelayOp::kSecond)
+#undef RELAYOPS_RELAY_KERNEL
+
 template <class Args>
 void launch_fast(void (*kernel)(Args), const LaunchShape& ls, const Args& a, cudaStream_t stream) {
   if (ls.grid.x == 0 || ls.grid.y == 0 || ls.grid.z == 0) return;
@@ -123,11 +138,39 @@ void run_box(const Params<A>& P, cudaStream_t stream) {
   }
 }
 
+// Only the kernels relay_kernel_exists names are built; choose_cuda_path picks no other.
+template <int S, class T, class A>
+void run_relay(const Params<A>& P, cudaStream_t stream) {
+  const RelayArgs<T, A> a = make_relay_args<T>(P);
+  const LaunchShape ls = relay_launch_shape(a, P.B * P.C);
+  switch (relay_op(P)) {
+    case RelayOp::kNoise:
+      if constexpr (relay_kernel_exists<A>(RelayOp::kNoise, S)) launch_fast(relay_noise_kernel<S, T>, ls, a, stream);
+      return;
+    case RelayOp::kCorrupt:
+      if constexpr (relay_kernel_exists<A>(RelayOp::kCorrupt, S))
+        launch_fast(relay_corrupt_kernel<S, T>, ls, a, stream);
+      return;
+    case RelayOp::kEuler:
+      if constexpr (relay_kernel_exists<A>(RelayOp::kEuler, S))
+        launch_fast(relay_step_euler_kernel<S, T>, ls, a, stream);
+      return;
+    case RelayOp::kHeun:
+      if constexpr (relay_kernel_exists<A>(RelayOp::kHeun, S)) launch_fast(relay_step_heun_kernel<S, T>, ls, a, stream);
+      return;
+    case RelayOp::kSecond:
+      if constexpr (relay_kernel_exists<A>(RelayOp::kSecond, S))
+        launch_fast(relay_step_second_kernel<S, T>, ls, a, stream);
+      return;
+  }
+}
+
 template <class T, class A>
 void run(const Params<A>& P, cudaStream_t stream) {
   switch (choose_cuda_path<T>(P)) {
     case kPathPatch: return with_fast_size(P.s, [&](auto S) { run_patch<decltype(S)::value, T>(P, stream); });
     case kPathBox: return with_fast_size(P.s, [&](auto S) { run_box<decltype(S)::value, T>(P, stream); });
+    case kPathRelay: return with_fast_size(P.s, [&](auto S) { run_relay<decltype(S)::value, T>(P, stream); });
     default: return with_tile_size(P.s, [&](auto S) { run_tiles<decltype(S)::value, T, A>(P, stream); });
   }
 }

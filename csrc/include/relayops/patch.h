@@ -17,6 +17,8 @@ enum Mode : int { kDct = 0, kIdct = 1, kBlur = 2, kNoise = 3, kCorrupt = 4, kSte
 // Everything one call needs; passed by value to CUDA kernels (under the 4 KB parameter limit).
 template <class A>
 struct Params {
+  using acc = A;  // the accumulation type (the per-sample helpers below also take the specialised
+                  // kernels' argument structs, which name the same fields)
   int mode, s;
   int64_t B, C, H, W;
   View x, x0, xp, x0p, x0b, eps, eps2, out;  // ptr == nullptr: absent (x0b: second-order relay_step)
@@ -97,8 +99,8 @@ struct SampleScalars {
   A gamma, sigma, sigma_next, noise_scale;
 };
 
-template <class A>
-RELAYOPS_HD SampleScalars<A> sample_scalars(const Params<A>& P, int64_t b) {
+template <class Args, class A = typename Args::acc>
+RELAYOPS_HD SampleScalars<A> sample_scalars(const Args& P, int64_t b) {
   SampleScalars<A> sc;
   sc.gamma = 0;
   sc.noise_scale = 1;
@@ -116,8 +118,8 @@ RELAYOPS_HD SampleScalars<A> sample_scalars(const Params<A>& P, int64_t b) {
 
 // The coefficient factor F_ij applied between the DCT and its inverse: D(tau') - gamma D(tau)
 // (relay_step, SPEC 8) or D(tau) (patch_blur, relay_corrupt).
-template <class A>
-RELAYOPS_HD A coef_factor(const Params<A>& P, const SampleScalars<A>& sc, int64_t b, int i, int j) {
+template <class Args, class A = typename Args::acc>
+RELAYOPS_HD A coef_factor(const Args& P, const SampleScalars<A>& sc, int64_t b, int i, int j) {
   if (P.mode == kStep)
     return blur_response(i, j, P.s, P.tau_next[b], P.d_min) - sc.gamma * blur_response(i, j, P.s, P.tau[b], P.d_min);
   return blur_response(i, j, P.s, P.tau[b], P.d_min);
@@ -135,8 +137,8 @@ RELAYOPS_HD bool second_order(const Params<A>& P) {
 }
 
 // Entry (i, j) of sample b's correction factor E.
-template <class A>
-RELAYOPS_HD A correction_factor(const Params<A>& P, int64_t b, int i, int j) {
+template <class Args, class A = typename Args::acc>
+RELAYOPS_HD A correction_factor(const Args& P, int64_t b, int i, int j) {
   return P.correction[(b * P.s + i) * P.s + j];
 }
 
@@ -204,8 +206,8 @@ struct NoiseStream {
   uint64_t base;
 };
 
-template <class A>
-RELAYOPS_HD NoiseStream noise_stream(const Params<A>& P, int64_t b, int64_t c) {
+template <class Args>
+RELAYOPS_HD NoiseStream noise_stream(const Args& P, int64_t b, int64_t c) {
   if (P.seeds) return {with_seed(P.key, uint64_t(P.seeds[b])), uint64_t(c * P.H * P.W)};
   return {P.key, uint64_t((b * P.C + c) * P.H * P.W)};
 }

@@ -1,11 +1,13 @@
-// The specialised CUDA kernels of the transform ops (docs/design.md, "CUDA kernels: one kernel per
-// op"): patch_dct, patch_idct, patch_blur and block_noise (and its adjoint), one kernel per op,
-// patch size S and storage type T, no run-time mode branches. Each kernel's per-thread body is a
+// The specialised CUDA kernels (docs/design.md, "CUDA kernels: one kernel per op"): patch_dct,
+// patch_idct, patch_blur, block_noise (and its adjoint), relay_noise, relay_corrupt and
+// relay_step (Euler, Heun, second order), one kernel per op, patch size S and storage type T, no
+// run-time mode branches. Each kernel's per-thread body is a
 // __host__ __device__ function of its thread coordinates and a memory-access interface, so that
 //   - csrc/cuda/kernels.cu wraps it in a thin __global__ kernel (GlobalMemory: plain loads and
 //     stores of whole vectors), and
 //   - csrc/cpu/cuda_emulation.cpp runs the same grid thread by thread (warp by warp for the
-//     shuffles of block noise) on CPU memory, recording every warp's accesses for the tests.
+//     shuffles of block noise and the noise ops) on CPU memory, recording every warp's accesses
+//     for the tests.
 //
 // Patch kernels: one thread per s x s patch, grid (patch columns, patch rows, planes). The thread
 // loads its patch row by row as vectors of kPatchVec<S, T> elements (16 bytes for float32 at
@@ -20,7 +22,9 @@
 // the image's right edge for the adjoint, load them, wrapping around the image); the horizontal
 // s-sums of the last s rows stay in a ring of registers, and their sum is the output row.
 //
-// choose_cuda_path says which inputs take these kernels; the rest keep the tile kernel (tile.h).
+// The noise ops' kernels (relay_warp, below) walk patch columns the same way, with the noise drawn
+// row by row. choose_cuda_path says which inputs take these kernels; the rest keep the tile
+// kernel (tile.h).
 #pragma once
 #include <cstdint>
 #include <type_traits>
@@ -304,24 +308,50 @@ RELAYOPS_HD void apply_blur_response(A (&X)[S][S], A tau, A d_min) {
   }
 }
 
+// The S elements of a patch row at src as A, in vectors of kPatchVec<S, T>; zeros where !active
+// (nothing is read then).
+template <int S, class T, class A, class Mem>
+RELAYOPS_HD void load_row(const Mem& mem, const T* src, bool active, A (&r)[S]) {
+  constexpr int N = kPatchVec<S, T>;
+  using V = Vec<T, N>;
+  RELAYOPS_UNROLL
+  for (int j = 0; j < S; j += N) {
+    V v{};
+    if (active) v = mem.load(reinterpret_cast<const V*>(src + j));
+    RELAYOPS_UNROLL
+    for (int e = 0; e < N; ++e) r[j + e] = to_acc<A>(v.v[e]);
+  }
+}
+
+template <int S, class T, class A, class Mem>
+RELAYOPS_HD void store_row(const Mem& mem, T* dst, const A (&r)[S]) {
+  constexpr int N = kPatchVec<S, T>;
+  using V = Vec<T, N>;
+  RELAYOPS_UNROLL
+  for (int j = 0; j < S; j += N) {
+    V v;
+    RELAYOPS_UNROLL
+    for (int e = 0; e < N; ++e) v.v[e] = from_acc<T>(r[j + e]);
+    mem.store(reinterpret_cast<V*>(dst + j), v);
+  }
+}
+
+// A patch whose top-left element is at src, rows sh elements apart.
+template <int S, class T, class A, class Mem>
+RELAYOPS_HD void load_patch_rows(const Mem& mem, const T* src, int32_t sh, bool active, A (&X)[S][S]) {
+  RELAYOPS_UNROLL
+  for (int i = 0; i < S; ++i) load_row<S>(mem, src + i * sh, active, X[i]);
+}
+
 // One thread's patch (pc, pr) of plane `plane`; threads past the patch grid return at once.
 template <PatchOp Op, int S, class T, class A, class Mem>
 RELAYOPS_HD void patch_thread(const Mem& mem, const PatchArgs<T, A>& a, int pc, int pr, int plane) {
   if (pc >= a.npc || pr >= a.npr) return;
-  constexpr int N = kPatchVec<S, T>;
-  using V = Vec<T, N>;
   const int b = plane / a.C, c = plane - b * a.C;
   const T* src = a.x + (int64_t(b) * a.x_sn + int64_t(c) * a.x_sc) + (pr * S * a.x_sh + pc * S);
   T* dst = a.out + (int64_t(b) * a.o_sn + int64_t(c) * a.o_sc) + (pr * S * a.o_sh + pc * S);
   A X[S][S];
-  RELAYOPS_UNROLL
-  for (int i = 0; i < S; ++i)
-    RELAYOPS_UNROLL
-    for (int j = 0; j < S; j += N) {
-      const V v = mem.load(reinterpret_cast<const V*>(src + i * a.x_sh + j));
-      RELAYOPS_UNROLL
-      for (int e = 0; e < N; ++e) X[i][j + e] = to_acc<A>(v.v[e]);
-    }
+  load_patch_rows<S>(mem, src, a.x_sh, true, X);
   if constexpr (Op == PatchOp::kDct) {
     transform_patch<S, false>(X);
   } else if constexpr (Op == PatchOp::kIdct) {
@@ -332,14 +362,7 @@ RELAYOPS_HD void patch_thread(const Mem& mem, const PatchArgs<T, A>& a, int pc, 
     transform_patch<S, true>(X);
   }
   RELAYOPS_UNROLL
-  for (int i = 0; i < S; ++i)
-    RELAYOPS_UNROLL
-    for (int j = 0; j < S; j += N) {
-      V v;
-      RELAYOPS_UNROLL
-      for (int e = 0; e < N; ++e) v.v[e] = from_acc<T>(X[i][j + e]);
-      mem.store(reinterpret_cast<V*>(dst + i * a.o_sh + j), v);
-    }
+  for (int i = 0; i < S; ++i) store_row<S>(mem, dst + i * a.o_sh, X[i]);
 }
 
 // ---- Block noise ----
@@ -499,9 +522,299 @@ struct DeviceWarp {
 };
 #endif
 
+// ---- The noise ops: relay_noise, relay_corrupt, relay_step ----
+//
+// One thread per patch column of a band of patch rows, walking down it; grid (warps of patch
+// columns, bands, planes). Per patch row the thread computes the transform term of its patch in
+// registers as the patch kernels do (relay_corrupt: y = patch_idct(D(tau) patch_dct(x));
+// relay_step: patch_idct(F patch_dct(x0)), F = D' - gamma D, with Heun's x0_eff or the second
+// order's E patch_dct(x0_b - x0) added to the coefficients; SPEC 6, 8, 8.1), then walks the
+// patch's s image rows: each row's eps and eps2 (drawn, s / 2 Philox calls of SPEC 4 through
+// normal_quad, or loaded), the horizontal s-sums of eps2 (this lane's columns plus the suffix
+// sums of the patch to the left, one shuffle per halo column), a ring of the last s rows'
+// horizontal sums whose sum is the box sum of block noise (SPEC 3), and the output row
+// `[gamma x] + [y] + scale k (eps + alpha / s box)`, stored at once.
+//
+// Each normal is drawn once per band, plus the s - 1 image rows above a band (the box sums'
+// halo, drawn again by the band below them) and the patch column of each warp's lane 0, which
+// only supplies the suffix sums of the column left of lane 1's (warps overlap by one patch
+// column, wrapping around the image): 31 of 32 lanes write.
+
+enum class RelayOp { kNoise, kCorrupt, kEuler, kHeun, kSecond };
+
+// Where a call's noise comes from: none (relay_step with eta = 0), drawn, or given tensors.
+enum NoiseSource : int { kNoNoise = 0, kDrawnNoise = 1, kGivenNoise = 2 };
+
+// An image operand (P: const T or T): element (b, c, h, w) at ptr[b sn + c sc + h sh + w].
+template <class P>
+struct ImageArg {
+  P* ptr;
+  int64_t sn, sc;
+  int32_t sh;
+  RELAYOPS_HD P* plane(int b, int c) const { return ptr + (int64_t(b) * sn + int64_t(c) * sc); }
+};
+
+template <class T, class A>
+struct RelayArgs {
+  using acc = A;  // the per-sample helpers of patch.h read the fields named as in Params
+  ImageArg<const T> x, x0, xp, x0p, x0b, eps, eps2;  // x: relay_corrupt's y; eps, eps2: given noise
+  ImageArg<T> out;
+  int mode, s;
+  int64_t C, H, W;
+  int32_t npc, npr;    // patches per row and per column
+  int32_t band_rows;   // patch rows per band
+  int32_t nbands;
+  const A *sigma, *sigma_next, *tau, *tau_next, *correction;
+  A eta, d_min, alpha, k;
+  PhiloxKey key;
+  const int64_t* seeds;
+  int source;     // NoiseSource
+  int has_block;  // the alpha block_noise(eps2) term is present
+};
+
+// Lanes of a warp that write: lane 0 supplies the halo of lane 1.
+constexpr int kRelayLanes = 31;
+
+// Warps a launch should have at least (about 16 per multiprocessor of an H100) before its bands
+// are made longer.
+constexpr int64_t kRelayMinWarps = 2048;
+
+// Patch rows per band: 64 image rows (s - 1 halo rows drawn again above a band: 4.7% more draws
+// at s = 4), halved down to 16 image rows while the launch (planes x bands x warps of a row) has
+// fewer than kRelayMinWarps warps, so that small images still spread over the GPU.
+inline int relay_band_rows(int s, int64_t npc, int64_t npr, int64_t planes) {
+  const int64_t row_warps = planes * ((npc + kRelayLanes - 1) / kRelayLanes);
+  int rows = 64 / s;
+  const int shortest = 16 / s > 0 ? 16 / s : 1;
+  while (rows / 2 >= shortest && row_warps * ((npr + rows - 1) / rows) < kRelayMinWarps) rows /= 2;
+  return int(rows < npr ? rows : npr);
+}
+
+// Whether op has a kernel at patch size s with accumulation type A: even s, so that a patch row is
+// s / 2 whole pairs of SPEC 4 (rows and planes start at even element indices since W is even),
+// up to the largest s whose kernel ptxas compiles without spilling (sm_90): the transform term
+// and the box-sum ring hold 2 s^2 values besides the draws, and Heun's x0_eff reads four images.
+template <class A>
+RELAYOPS_HDC bool relay_kernel_exists(RelayOp op, int s) {
+  const bool dbl = sizeof(A) == 8;
+  const int largest = op == RelayOp::kNoise ? (dbl ? 6 : 8)
+                      : op == RelayOp::kCorrupt || op == RelayOp::kEuler ? (dbl ? 4 : 6)
+                      : (dbl ? 2 : 4);
+  return s % 2 == 0 && s >= 2 && s <= largest;
+}
+
+template <int S, class A>
+struct RelayLane {
+  int q;         // patch column, wrapped into the image
+  bool reads;    // the column exists (a given eps2 is read for the halo)
+  bool writes;   // ... and the lane is not its warp's supplier: images read, output written
+  A y[S][S];     // the transform term of the current patch
+  A ring[S][S];  // horizontal s-sums of eps2 of the last s image rows, row k in slot k mod s
+  A eps[S], g[S];  // the current row's eps and eps2
+  A tail[S - 1];   // tail[j] = g[j + 1] + ... + g[S - 1]: what the lane to the right adds
+};
+
+// A whole warp's patch columns of one band (Warp as for block_noise_warp). No early exit, so that
+// ptxas sees every lane reach every shuffle: an idle warp walks no rows.
+template <RelayOp Op, int S, class T, class A, class Warp>
+RELAYOPS_HD void relay_warp(const RelayArgs<T, A>& a, Warp& w) {
+  constexpr int L = Warp::kLanes;
+  constexpr bool kStep = Op == RelayOp::kEuler || Op == RelayOp::kHeun || Op == RelayOp::kSecond;
+  using Lane = RelayLane<S, A>;
+  const int band = w.band(), plane = w.plane();
+  const int q_first = (w.strip(0) - w.lane(0)) / 32 * kRelayLanes;  // the warp's first written column
+  const bool idle = band >= a.nbands || q_first >= a.npc;
+  const int p0 = idle ? 0 : band * a.band_rows;
+  const int rows = idle ? 0 : a.npr - p0 < a.band_rows ? a.npr - p0 : a.band_rows;
+  const int b = plane / int(a.C), c = plane - b * int(a.C);
+  const int32_t W = int32_t(a.W), H = int32_t(a.H);
+
+  // Per-sample constants: the coefficient factors F (halved for Heun, whose transform input is
+  // 2 x0_eff) and E, the noise's factors, the Heun ratio sigma / sigma'.
+  const SampleScalars<A> ss = sample_scalars(a, b);
+  A F[S][S], E[S][S];
+  RELAYOPS_UNROLL
+  for (int i = 0; i < S; ++i)
+    RELAYOPS_UNROLL
+    for (int j = 0; j < S; ++j) {
+      if constexpr (Op != RelayOp::kNoise) F[i][j] = coef_factor(a, ss, b, i, j) * A(Op == RelayOp::kHeun ? 0.5 : 1.0);
+      if constexpr (Op == RelayOp::kSecond) E[i][j] = correction_factor(a, b, i, j);
+    }
+  A ratio = A(0);
+  if constexpr (Op == RelayOp::kHeun) ratio = ss.sigma / ss.sigma_next;
+  const bool noisy = a.source != kNoNoise, given = a.source == kGivenNoise;
+  const A c_eps = ss.noise_scale * a.k, c_box = a.has_block ? c_eps * (a.alpha / A(S)) : A(0);
+  const NoiseStream ns = noise_stream(a, b, c);
+  const T* pe = given ? a.eps.plane(b, c) : nullptr;
+  const T* pg = given && a.has_block ? a.eps2.plane(b, c) : pe;  // pe: a valid pointer never read
+  T* po = a.out.plane(b, c);
+
+  Lane t[L];
+  for (int l = 0; l < L; ++l) {
+    const int q = q_first - 1 + w.lane(l);
+    t[l].writes = !idle && w.lane(l) > 0 && q < a.npc;
+    t[l].reads = !idle && q < a.npc;
+    t[l].q = q < 0 ? q + a.npc : q;
+  }
+
+  // Image row h of eps2 into ring slot Slot (and its eps, for an output row).
+  const auto input_row = [&](int32_t h, auto slot, bool output_row) {
+    constexpr int Slot = decltype(slot)::value;
+    if (!given) {
+      for (int l = 0; l < L; ++l) {
+        // The row's first pair (SPEC 4): ns.base and h W + q s are even, so the row is whole pairs.
+        const uint64_t pair = (ns.base + uint64_t(uint32_t(h * W + t[l].q * S))) >> 1;
+        RELAYOPS_UNROLL
+        for (int m = 0; m < S / 2; ++m)
+          normal_quad<A>(ns.key, pair + m, t[l].eps[2 * m], t[l].eps[2 * m + 1], t[l].g[2 * m], t[l].g[2 * m + 1]);
+      }
+    } else {
+      if (output_row) {
+        w.sync();
+        for (int l = 0; l < L; ++l) load_row<S>(w.mem(l), pe + (h * a.eps.sh + t[l].q * S), t[l].writes, t[l].eps);
+      }
+      w.sync();
+      for (int l = 0; l < L; ++l)
+        load_row<S>(w.mem(l), pg + (h * a.eps2.sh + t[l].q * S), t[l].reads && a.has_block, t[l].g);
+    }
+    for (int l = 0; l < L; ++l) {
+      A acc = t[l].g[S - 1];
+      t[l].tail[S - 2] = acc;
+      RELAYOPS_UNROLL
+      for (int j = S - 3; j >= 0; --j) t[l].tail[j] = acc = acc + t[l].g[j + 1];
+    }
+    A halo[L][S - 1];  // the left lane's tails
+    RELAYOPS_UNROLL
+    for (int j = 0; j < S - 1; ++j) {
+      A vals[L];
+      for (int l = 0; l < L; ++l) vals[l] = t[l].tail[j];
+      for (int l = 0; l < L; ++l) halo[l][j] = w.shfl_up(vals, l, 1);
+    }
+    for (int l = 0; l < L; ++l) {
+      A acc = t[l].g[0];
+      RELAYOPS_UNROLL
+      for (int j = 0; j < S - 1; ++j) {
+        if (j > 0) acc += t[l].g[j];
+        t[l].ring[Slot][j] = acc + halo[l][j];
+      }
+      t[l].ring[Slot][S - 1] = acc + t[l].g[S - 1];
+    }
+  };
+
+  if (noisy && rows > 0)
+    static_for<0, S - 1>([&](auto k) {
+      const int32_t h = p0 * S - (S - 1) + decltype(k)::value;  // at most s - 1 <= H - 1 above row 0
+      input_row(h < 0 ? h + H : h, k, false);
+    });
+  for (int r = 0; r < rows; ++r) {
+    const int32_t h0 = (p0 + r) * S;
+    if constexpr (Op != RelayOp::kNoise) {
+      // The transform term y of each lane's patch.
+      A X[L][S][S];
+      const auto load = [&](const ImageArg<const T>& img, A (&dst)[L][S][S]) {
+        const T* base = img.plane(b, c) + h0 * img.sh;
+        w.sync();
+        for (int l = 0; l < L; ++l) load_patch_rows<S>(w.mem(l), base + t[l].q * S, img.sh, t[l].writes, dst[l]);
+      };
+      if constexpr (Op == RelayOp::kCorrupt) load(a.x, X);
+      else load(a.x0, X);
+      if constexpr (Op == RelayOp::kHeun) {
+        // 2 x0_eff = (x + x0) - (sigma / sigma') (x' - x0') (SPEC 8); F is halved
+        A Y[L][S][S], Z[L][S][S];
+        load(a.x, Y);
+        for (int l = 0; l < L; ++l)
+          RELAYOPS_UNROLL
+          for (int i = 0; i < S; ++i)
+            RELAYOPS_UNROLL
+            for (int j = 0; j < S; ++j) X[l][i][j] += Y[l][i][j];
+        load(a.xp, Y);
+        load(a.x0p, Z);
+        for (int l = 0; l < L; ++l)
+          RELAYOPS_UNROLL
+          for (int i = 0; i < S; ++i)
+            RELAYOPS_UNROLL
+            for (int j = 0; j < S; ++j) X[l][i][j] -= ratio * (Y[l][i][j] - Z[l][i][j]);
+      }
+      if constexpr (Op == RelayOp::kSecond) {
+        // F U + E dU, dU = patch_dct(x0_b - x0) (SPEC 8.1, patch.h second_order_coef)
+        A Z[L][S][S];
+        load(a.x0b, Z);
+        for (int l = 0; l < L; ++l) {
+          RELAYOPS_UNROLL
+          for (int i = 0; i < S; ++i)
+            RELAYOPS_UNROLL
+            for (int j = 0; j < S; ++j) Z[l][i][j] -= X[l][i][j];
+          transform_patch<S, false>(Z[l]);
+          transform_patch<S, false>(X[l]);
+          RELAYOPS_UNROLL
+          for (int i = 0; i < S; ++i)
+            RELAYOPS_UNROLL
+            for (int j = 0; j < S; ++j) X[l][i][j] = second_order_coef(F[i][j], E[i][j], X[l][i][j], Z[l][i][j]);
+          transform_patch<S, true>(X[l]);
+        }
+      } else {
+        for (int l = 0; l < L; ++l) {
+          transform_patch<S, false>(X[l]);
+          RELAYOPS_UNROLL
+          for (int i = 0; i < S; ++i)
+            RELAYOPS_UNROLL
+            for (int j = 0; j < S; ++j) X[l][i][j] *= F[i][j];
+          transform_patch<S, true>(X[l]);
+        }
+      }
+      for (int l = 0; l < L; ++l)
+        RELAYOPS_UNROLL
+        for (int i = 0; i < S; ++i)
+          RELAYOPS_UNROLL
+          for (int j = 0; j < S; ++j) t[l].y[i][j] = X[l][i][j];
+    }
+    static_for<0, S>([&](auto ic) {
+      constexpr int i = decltype(ic)::value;
+      const int32_t h = h0 + i;
+      if (noisy) input_row(h, std::integral_constant<int, (S - 1 + i) % S>{}, true);
+      [[maybe_unused]] A xr[L][S];  // relay_step: the row of x
+      if constexpr (kStep) {
+        w.sync();
+        for (int l = 0; l < L; ++l) load_row<S>(w.mem(l), a.x.plane(b, c) + (h * a.x.sh + t[l].q * S), t[l].writes, xr[l]);
+      }
+      w.sync();
+      for (int l = 0; l < L; ++l) {
+        if (!t[l].writes) continue;
+        A v[S];
+        RELAYOPS_UNROLL
+        for (int j = 0; j < S; ++j) {
+          if constexpr (Op == RelayOp::kNoise) {
+            v[j] = c_eps * t[l].eps[j];
+          } else {
+            v[j] = t[l].y[i][j];
+            if constexpr (kStep) v[j] += ss.gamma * xr[l][j];
+            if (noisy) v[j] += c_eps * t[l].eps[j];
+          }
+          if (noisy) {
+            A box = t[l].ring[0][j];
+            RELAYOPS_UNROLL
+            for (int k = 1; k < S; ++k) box += t[l].ring[k][j];
+            v[j] += c_box * box;
+          }
+        }
+        store_row<S>(w.mem(l), po + (h * a.out.sh + t[l].q * S), v);
+      }
+    });
+  }
+}
+
 // ---- Which kernel an input takes (host side) ----
 
-enum CudaPath : int { kPathTiles = 0, kPathPatch = 1, kPathBox = 2 };
+// Which relay_warp computes the op of P (relay_step: Heun with x_prop, second order with x0_hat_b).
+template <class A>
+RelayOp relay_op(const Params<A>& P) {
+  if (P.mode == kNoise) return RelayOp::kNoise;
+  if (P.mode == kCorrupt) return RelayOp::kCorrupt;
+  if (second_order(P)) return RelayOp::kSecond;
+  return P.xp.present() ? RelayOp::kHeun : RelayOp::kEuler;
+}
+
+enum CudaPath : int { kPathTiles = 0, kPathPatch = 1, kPathBox = 2, kPathRelay = 3 };
 
 // A view the specialised kernels can read or write: rows contiguous, the data pointer and the
 // row, channel and sample strides multiples of the vector width, every offset inside a plane
@@ -531,6 +844,24 @@ CudaPath choose_cuda_path(const Params<A>& P) {
     const int64_t rows = box_band_rows(s, P.H);
     if (fast_launch_shape(P.W / v, (P.H + rows - 1) / rows, 1).grid.y > 65535) return kPathTiles;
     return kPathBox;
+  }
+  // relay_noise, relay_corrupt, relay_step: every image the op reads or writes in vectors, and the
+  // logical index of SPEC 4 inside a plane below 2^31
+  if ((P.mode == kNoise && P.has_eps) || P.mode == kCorrupt || P.mode == kStep) {
+    if (!relay_kernel_exists<A>(relay_op(P), s) || P.H * P.W > 0x7fffffff) return kPathTiles;
+    const int n = vec_elems<T>(s);
+    const bool given = needs_noise(P) && !P.draw;
+    const auto fits = [&](const View& v) { return vector_view(v, P.H, P.W, n, eb); };
+    if (!fits(P.out)) return kPathTiles;
+    if (P.mode != kNoise && !fits(P.x)) return kPathTiles;
+    if (P.mode == kStep && !fits(P.x0)) return kPathTiles;
+    if (P.mode == kStep && P.xp.present() && !(fits(P.xp) && fits(P.x0p))) return kPathTiles;
+    if (second_order(P) && !fits(P.x0b)) return kPathTiles;
+    if (given && !(fits(P.eps) && (!P.has_block || fits(P.eps2)))) return kPathTiles;
+    const int64_t warps = (P.W / s + kRelayLanes - 1) / kRelayLanes, npr = P.H / s;
+    const int64_t rows = relay_band_rows(s, P.W / s, npr, P.B * P.C);
+    if (fast_launch_shape(32 * warps, (npr + rows - 1) / rows, 1).grid.y > 65535) return kPathTiles;
+    return kPathRelay;
   }
   return kPathTiles;
 }
@@ -584,6 +915,38 @@ BoxArgs<T, A> make_box_args(const Params<A>& P) {
 template <class T, class A>
 LaunchShape box_launch_shape(const BoxArgs<T, A>& a, int64_t planes) {
   return fast_launch_shape(a.nstrips, a.nbands, planes);
+}
+
+template <class T>
+ImageArg<T> image_arg(const View& v) {
+  return {static_cast<T*>(v.ptr), v.sn, v.sc, int32_t(v.sh)};
+}
+
+template <class T, class A>
+RelayArgs<T, A> make_relay_args(const Params<A>& P) {
+  RelayArgs<T, A> a{};
+  a.x = image_arg<const T>(P.x), a.x0 = image_arg<const T>(P.x0), a.xp = image_arg<const T>(P.xp);
+  a.x0p = image_arg<const T>(P.x0p), a.x0b = image_arg<const T>(P.x0b);
+  a.eps = image_arg<const T>(P.eps), a.eps2 = image_arg<const T>(P.eps2);
+  a.out = image_arg<T>(P.out);
+  a.mode = P.mode, a.s = P.s;
+  a.C = P.C, a.H = P.H, a.W = P.W;
+  a.npc = int32_t(P.W / P.s), a.npr = int32_t(P.H / P.s);
+  a.band_rows = relay_band_rows(P.s, a.npc, a.npr, P.B * P.C);
+  a.nbands = (a.npr + a.band_rows - 1) / a.band_rows;
+  a.sigma = P.sigma, a.sigma_next = P.sigma_next, a.tau = P.tau, a.tau_next = P.tau_next;
+  a.correction = P.correction;
+  a.eta = P.eta, a.d_min = P.d_min, a.alpha = P.alpha, a.k = P.k;
+  a.key = P.key;
+  a.seeds = P.seeds;
+  a.source = !needs_noise(P) ? kNoNoise : P.draw ? kDrawnNoise : kGivenNoise;
+  a.has_block = P.has_block;
+  return a;
+}
+
+template <class T, class A>
+LaunchShape relay_launch_shape(const RelayArgs<T, A>& a, int64_t planes) {
+  return fast_launch_shape(32 * ((a.npc + kRelayLanes - 1) / kRelayLanes), a.nbands, planes);
 }
 
 }  // namespace relayops
