@@ -89,6 +89,22 @@ def test_relay_scheduler_loop_equals_relay_sample(solver, eta):
     assert got.shape == (2, 3, 8, 8) and not torch.equal(got, latents)
 
 
+@pytest.mark.parametrize("solver", solvers.SOLVERS)
+def test_each_relay_scheduler_step_is_one_fused_relay_step(monkeypatch, solver):
+    calls = []
+    original = sampling.relay_step
+    monkeypatch.setattr(sampling, "relay_step", lambda *a, **k: calls.append(1) or original(*a, **k))
+    scheduler = RelayScheduler(solver=solver, num_steps=20)
+    scheduler.set_timesteps()
+    latents = scheduler.relay_start(low_res(), seed=0)
+    per_step = []
+    for t in scheduler.timesteps:
+        before = len(calls)
+        latents = scheduler.step(toy_denoiser(latents, t), t, latents).prev_sample
+        per_step.append(len(calls) - before)
+    assert per_step == [1] * (len(per_step) - 1) + [0]  # the last step returns the model's x0_hat
+
+
 def test_relay_scheduler_with_a_torch_generator_equals_relay_sample():
     x_lr = low_res()
     want = sampling.relay_sample(toy_denoiser, x_lr, 4, num_steps=20, solver="rdm-heun",
