@@ -307,6 +307,10 @@ def test_pipeline_images_equal_relayops_sample(tmp_path, released, options, caps
 def test_pipeline_call_options(tmp_path, released):
     assert main(["convert", "--to", "diffusers", str(tmp_path / "pipe"), "--base", str(released / "first.pkl"),
                  "--relay", str(released / "second.pkl"), "--base-steps", "3", "--relay-steps", "12"]) == 0
+    files = sorted(str(p.relative_to(tmp_path / "pipe")) for p in (tmp_path / "pipe").rglob("*") if p.is_file())
+    assert files == sorted(f"{prefix}{name}" for prefix in ("", "base/") for name in (
+        "denoiser/config.json", "denoiser/diffusion_pytorch_model.safetensors", "model_index.json",
+        "scheduler/scheduler_config.json"))  # safetensors and JSON only, the base stage in base/
     pipe = RelayDiffusionPipeline.from_pretrained(tmp_path / "pipe")
     pipe.set_progress_bar_config(disable=True)
     assert pipe.config.state_dtype == "float32" and pipe.base.base is None
