@@ -129,6 +129,17 @@ def test_base_scheduler_loop_equals_edm_sample(solver, options):
         assert not set(scheduler.timesteps.tolist()) <= set(scheduler.sigmas.tolist())
 
 
+def test_a_loop_from_its_own_start_state():
+    """diffusers' usual start, randn times init_noise_sigma, without relay_start/noise_start: the
+    steps take the state given (deterministic edm-2m: the solver generator from that state)."""
+    scheduler = RelayScheduler(solver="edm-2m", num_steps=5)
+    scheduler.set_timesteps()
+    start = torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(0)) * scheduler.init_noise_sigma
+    got = diffusers_loop(toy_denoiser, scheduler, start)
+    want = sampling.answer_calls(sampling.edm_calls(start, scheduler.grid, "edm-2m", 0), toy_denoiser)
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
 def test_scheduler_step_outputs_and_contract_errors():
     scheduler = RelayScheduler(solver="relay-2m", num_steps=20, eta=0.0)
     with pytest.raises(RuntimeError, match="set_timesteps"):
