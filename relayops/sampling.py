@@ -33,7 +33,7 @@ from . import schedules, solvers
 from ._optional import progress_bar
 from .multires import mdm_alpha_sigma
 from ._validate import check_image, check_real, seed_args
-from .ops import linear_relay_step, relay_noise, relay_step
+from .ops import linear_relay_step, patch_dct, patch_idct, relay_noise, relay_step
 
 __all__ = ["edm_sample", "relay_sample", "relay_sampler_step", "linear_relay_sample", "mdm_sample",
            "nearest_upsample", "BaseStage", "RelayStage", "RelayPipeline", "PipelinePreset", "PIPELINE_PRESETS",
@@ -132,11 +132,14 @@ def edm_sample(denoiser: Denoiser, shape, *, sigmas=None, num_steps: int = 18, s
     ``g = sde_scale t_next`` (Euler and Heun alike). Starts from ``sigma_0 * N(0, I)``. Returns
     ``[B, C, H, W]`` in ``dtype`` (float32 or float64) on ``device``.
 
-    ``solver``: ``"edm-heun"`` (Algorithm 2, two network calls per step but the last) or
+    ``solver``: ``"edm-heun"`` (Algorithm 2, two network calls per step but the last),
     ``"edm-2m"`` (docs/spec.md section 9.1: second-order multistep, one call per step; each
     Euler step gets ``E (x0_hat_prev - x0_hat)`` with x0_hat linear in log sigma through the
-    previous evaluation; the first and last steps are Euler steps). Churn and ``sde_scale`` work
-    with both; they are only exact to first order with "edm-2m" (as eta > 0 for relay-2m).
+    previous evaluation; the first and last steps are Euler steps) or ``"edm-3m"`` (third order,
+    one call per step: x0_hat quadratic in log sigma through the two previous evaluations, so
+    ``E_b (x0_b - x0_hat) + E_c (x0_c - x0_hat)``; its second step is edm-2m's). Churn and
+    ``sde_scale`` work with all; they are only exact to first order with the multistep solvers
+    (as eta > 0 for relay-2m).
     """
     solver = solvers.check_solver(solver, solvers.EDM_SOLVERS)
     shape = tuple(int(v) for v in shape)
@@ -149,7 +152,8 @@ def edm_sample(denoiser: Denoiser, shape, *, sigmas=None, num_steps: int = 18, s
     x_like = torch.empty(shape, dtype=dtype, device=device)
     seeds = _seeds(seed, x_like)
     x = grid[0] * _white_noise(x_like, seeds, offset, backend)
-    prev = None  # edm-2m: (noise level, x0_hat) of the previous evaluation
+    history = []  # edm-2m / edm-3m: (noise level, x0_hat) of the previous evaluations, the latest first
+    keep = solvers.MULTISTEP_HISTORY.get(solver, 0)
     bar = progress_bar(progress, total=n, desc="edm", leave=False)
     for i in range(n):
         t_cur, t_next = grid[i], grid[i + 1]
@@ -171,9 +175,12 @@ def edm_sample(denoiser: Denoiser, shape, *, sigmas=None, num_steps: int = 18, s
         if t_next > 0 and solver == "edm-heun":  # second-order correction, every step but the last
             d_next = (x_next - _denoise(denoiser, x_next, t_next, class_labels, cfg)) / t_next
             x_next = x + h * (d + d_next) / 2 + sde_noise(2)
-        elif t_next > 0 and prev is not None and prev[0] != t_hat:  # edm-2m (section 9.1)
-            x_next = x_next + solvers.edm_correction(t_hat, t_next, prev[0], eta=sde_scale) * (prev[1] - x0_hat)
-        x, prev = x_next, (t_hat, x0_hat)
+        elif t_next > 0 and keep:  # edm-2m / edm-3m (section 9.1)
+            anchors = [(t, x0) for t, x0 in history if t != t_hat]  # (churn can revisit a level)
+            factors = solvers.edm_corrections(t_hat, t_next, [t for t, _ in anchors], eta=sde_scale) if anchors else []
+            for e, (_, x0) in zip(factors, anchors):
+                x_next = x_next + e * (x0 - x0_hat)
+        x, history = x_next, [(t_hat, x0_hat), *history][:keep]
         bar.update(1)
     bar.close()
     return x
@@ -220,7 +227,8 @@ def relay_sample(denoiser: Denoiser, x_lr: torch.Tensor | None = None, s: int = 
 
     ``solver`` (see :mod:`relayops.solvers`): ``"rdm-heun"`` (default; also ``heun=True``) and
     ``"rdm-euler"`` (``heun=False``) are Algorithm 1; ``"relay-2s"`` (two denoiser calls per step)
-    and ``"relay-2m"`` (one) are second order on the blurred path (docs/spec.md section 8.1).
+    and ``"relay-2m"`` (one) are second order on the blurred path (docs/spec.md section 8.1),
+    ``"relay-3m"`` (one) third order (section 8.2).
     """
     solver = solvers.resolve_solver(solver, heun)
     opt = relay_settings(preset, num_steps=num_steps, sigma_trunc=sigma_trunc, eta=eta, alpha=alpha, L=L,
@@ -241,7 +249,7 @@ def relay_sample(denoiser: Denoiser, x_lr: torch.Tensor | None = None, s: int = 
         seeds = _seeds(seed, up)
         x = up + grid[0] * relay_noise(up, s, alpha, normalize, backend=backend, **_noise_args(seeds, up, offset))
 
-    if solver in solvers.SECOND_ORDER:
+    if solver in solvers.HIGH_ORDER:
         return _relay_second_order(denoiser, x, grid, taus, solver, seeds, s=s, eta=eta, alpha=alpha,
                                    normalize=normalize, L=opt["L"], sigma_b_max=opt["sigma_b_max"], d_min=d_min,
                                    class_labels=class_labels, cfg=cfg, progress=progress, backend=backend,
@@ -291,16 +299,17 @@ def relay_sampler_step(denoiser: Denoiser, x: torch.Tensor, sigma, sigma_next, t
 
 def _relay_second_order(denoiser, x, grid, taus, solver, seeds, *, s, eta, alpha, normalize, L, sigma_b_max,
                         d_min, class_labels, cfg, progress, backend, offset):
-    """relay-2s / relay-2m (docs/spec.md section 8.1): per step one fused :func:`relay_step`,
-    ``x' = gamma x + idct((D' - gamma D) dct(x0_a) + E dct(x0_b - x0_a)) + eta sigma' n``, with the
-    correction factors E of :func:`relayops.solvers.correction_factors` (host, once per grid).
-    relay-2s: x0_b from the denoiser at the eta = 0 DDIM-blur proposal at sigma'; noise at
+    """relay-2s / relay-2m / relay-3m (docs/spec.md sections 8.1, 8.2): per step one fused
+    :func:`relay_step`, ``x' = gamma x + idct((D' - gamma D) dct(x0_a) + E dct(x0_b - x0_a)) + eta sigma' n``,
+    with the correction factors of :func:`relayops.solvers.correction_factors` (host, once per
+    grid). relay-2s: x0_b from the denoiser at the eta = 0 DDIM-blur proposal at sigma'; noise at
     offset + 2i + 2 as SPEC 8's correction. relay-2m: x0_b is the previous step's x0_hat (the
-    first step is SPEC 8's Euler step); noise at offset + 2i + 1."""
-    factors = [None if e is None else e.to(x.device, x.dtype)
-               for e in solvers.correction_factors(grid, solver, eta=eta, L=L, sigma_b_max=sigma_b_max, s=s,
-                                                   d_min=d_min)]
-    prev = None  # relay-2m: the previous step's x0_hat
+    first step is SPEC 8's Euler step); noise at offset + 2i + 1. relay-3m: as relay-2m, plus
+    ``idct(E_c dct(x0_c - x0_a))`` with x0_c the x0_hat of two steps back (from the third step on)."""
+    factors = [tuple(e.to(x.device, x.dtype) for e in es)
+               for es in solvers.correction_factors(grid, solver, eta=eta, L=L, sigma_b_max=sigma_b_max, s=s,
+                                                    d_min=d_min)]
+    history = []  # multistep: the previous steps' x0_hat, the latest first
     with progress_bar(progress, total=len(grid) - 1, desc=f"relay ({solver})", leave=False) as bar:
         for i in range(len(grid) - 1):
             sig, sig_n = grid[i], grid[i + 1]
@@ -312,16 +321,25 @@ def _relay_second_order(denoiser, x, grid, taus, solver, seeds, *, s, eta, alpha
             if solver == "relay-2s":
                 x_prop = relay_step(x, x0_hat, sig, sig_n, taus[i], taus[i + 1], eta=0.0, s=s, d_min=d_min,
                                     seed=0, backend=backend)
-                x0_b, off = _denoise(denoiser, x_prop, sig_n, class_labels, cfg), 2
+                others, off = [_denoise(denoiser, x_prop, sig_n, class_labels, cfg)], 2
             else:
-                x0_b, off = prev, 1
+                others, off = history, 1
             noise = _noise_args(seeds, x, offset + 2 * i + off) if eta > 0 else {"seed": 0}
-            second = {} if factors[i] is None else {"x0_hat_b": x0_b, "correction": factors[i]}
+            es = factors[i]
+            second = {"x0_hat_b": others[0], "correction": es[0]} if es else {}
             x = relay_step(x, x0_hat, sig, sig_n, taus[i], taus[i + 1], eta=eta, s=s, alpha=alpha,
                            normalize=normalize, d_min=d_min, backend=backend, **noise, **second)
-            prev = x0_hat
+            if len(es) == 2:  # relay-3m's second correction, per frequency (section 8.2)
+                x = x + _per_frequency(es[1], others[1] - x0_hat, s, backend)
+            history = [x0_hat, *history][:solvers.MULTISTEP_HISTORY.get(solver, 0)]
             bar.update(1)
     return x
+
+
+def _per_frequency(factor: torch.Tensor, x: torch.Tensor, s: int, backend) -> torch.Tensor:
+    """``patch_idct(factor * patch_dct(x))`` for an ``[s, s]`` factor (one number per DCT frequency)."""
+    tiled = factor.repeat(x.shape[-2] // s, x.shape[-1] // s)
+    return patch_idct(tiled * patch_dct(x, s, backend=backend), s, backend=backend)
 
 
 # --- SPEC 10: latent linear relay (CogView3) --------------------------------------------------
