@@ -279,8 +279,9 @@ def _add_solver_arg(p: argparse.ArgumentParser, preset_note: str = "") -> None:
         calls = CALLS_PER_STEP[n]
         return f"{n} ({note}{calls} network call{'s' if calls > 1 else ''} per step)"
 
-    base = [name("edm-2m", "default, "), name("edm-heun", "EDM's sampler, ")]
-    relay = [name("relay-2m", "default, "), name("relay-2s"), name("rdm-euler"), name("rdm-heun", "RDM's sampler, ")]
+    base = [name("edm-2m", "default, "), name("edm-3m"), name("edm-heun", "EDM's sampler, ")]
+    relay = [name("relay-2m", "default, "), name("relay-3m"), name("relay-2s"), name("rdm-euler"),
+             name("rdm-heun", "RDM's sampler, ")]
     p.add_argument("--solver", action="append", default=[], choices=[*EDM_SOLVERS, *SOLVERS], metavar="NAME",
                    help=f"the sampler of a stage, by name; repeat for both stages. Base stage: {', '.join(base)}. "
                         f"Relay stages: {', '.join(relay)}. At their default steps the defaults are as accurate as "
@@ -322,10 +323,10 @@ def _add_stage_args(p: argparse.ArgumentParser, what: str) -> None:
     _add_solver_arg(p, "; with --preset: edm-heun and rdm-heun, the authors' settings")
     p.add_argument("--base-steps", type=_positive_int, default=None,
                    help=f"EDM sampler steps (default: the preset's, else {CLI_STEPS['edm-2m']} with edm-2m, "
-                        f"{CLI_STEPS['edm-heun']} with edm-heun)")
+                        f"{CLI_STEPS['edm-3m']} with edm-3m, {CLI_STEPS['edm-heun']} with edm-heun)")
     p.add_argument("--relay-steps", type=_positive_int, default=None,
                    help="relay Karras grid size before truncation (default: the preset's, else "
-                        f"{CLI_STEPS['relay-2m']} with relay-2m and relay-2s: 14 steps below sigma 0.9, "
+                        f"{CLI_STEPS['relay-2m']} with relay-2m, relay-3m and relay-2s: 14 steps below sigma 0.9, "
                         f"{CLI_STEPS['rdm-heun']} with rdm-heun and rdm-euler: 21 steps); a distilled relay student "
                         "always samples on its own grid")
     p.add_argument("--eta", type=float, default=None, help="relay sampler stochasticity (default: the preset's, "
@@ -680,10 +681,10 @@ def _build_demo(sub) -> None:
     _add_solver_arg(p)
     p.add_argument("--base-sample-steps", type=_positive_int, default=None,
                    help=f"EDM sampler steps of the base stage (default {CLI_STEPS['edm-2m']} with edm-2m, "
-                        f"{CLI_STEPS['edm-heun']} with edm-heun)")
+                        f"{CLI_STEPS['edm-3m']} with edm-3m, {CLI_STEPS['edm-heun']} with edm-heun)")
     p.add_argument("--relay-sample-steps", type=_positive_int, default=None,
-                   help=f"relay Karras grid size before truncation (default {CLI_STEPS['relay-2m']} with relay-2m "
-                        f"and relay-2s, {CLI_STEPS['rdm-heun']} with rdm-heun and rdm-euler)")
+                   help=f"relay Karras grid size before truncation (default {CLI_STEPS['relay-2m']} with relay-2m, "
+                        f"relay-3m and relay-2s, {CLI_STEPS['rdm-heun']} with rdm-heun and rdm-euler)")
     p.add_argument("--device", default="auto")
     p.add_argument("--no-progress", dest="progress", action="store_false")
     p.set_defaults(func=_cmd_demo)

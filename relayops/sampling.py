@@ -33,7 +33,7 @@ from . import schedules, solvers
 from ._optional import progress_bar
 from .multires import mdm_alpha_sigma
 from ._validate import check_image, check_real, seed_args
-from .ops import linear_relay_step, relay_noise, relay_step
+from .ops import linear_relay_step, patch_dct, patch_idct, relay_noise, relay_step
 
 __all__ = ["edm_sample", "relay_sample", "relay_sampler_step", "linear_relay_sample", "mdm_sample",
            "answer_calls", "edm_calls", "relay_calls", "denoiser_levels",
@@ -177,7 +177,8 @@ def edm_calls(x: torch.Tensor, grid: list[float], solver: str, seeds, *, S_churn
     """:func:`edm_sample`'s steps from the state ``x`` at ``grid[0]``, as a generator of denoiser
     calls (see :func:`answer_calls`); returns the final state. ``seeds``: as :func:`_seeds` gives."""
     n = len(grid) - 1
-    prev = None  # edm-2m: (noise level, x0_hat) of the previous evaluation
+    history = []  # edm-2m / edm-3m: (noise level, x0_hat) of the previous evaluations, the latest first
+    keep = solvers.MULTISTEP_HISTORY.get(solver, 0)
     for i in range(n):
         t_cur, t_next = grid[i], grid[i + 1]
         # Churn: raise the noise level to t_hat by adding fresh noise (EDM Alg. 2, lines 4-6).
@@ -198,9 +199,12 @@ def edm_calls(x: torch.Tensor, grid: list[float], solver: str, seeds, *, S_churn
             x_next, x0_hat_next = yield x_next, t_next
             d_next = (x_next - x0_hat_next) / t_next
             x_next = x + h * (d + d_next) / 2 + sde_noise(2)
-        elif t_next > 0 and prev is not None and prev[0] != t_hat:  # edm-2m (section 9.1)
-            x_next = x_next + solvers.edm_correction(t_hat, t_next, prev[0], eta=sde_scale) * (prev[1] - x0_hat)
-        x, prev = x_next, (t_hat, x0_hat)
+        elif t_next > 0 and keep:  # edm-2m / edm-3m (section 9.1)
+            anchors = [(t, x0) for t, x0 in history if t != t_hat]  # (churn can revisit a level)
+            factors = solvers.edm_corrections(t_hat, t_next, [t for t, _ in anchors], eta=sde_scale) if anchors else []
+            for e, (_, x0) in zip(factors, anchors):
+                x_next = x_next + e * (x0 - x0_hat)
+        x, history = x_next, [(t_hat, x0_hat), *history][:keep]
     return x
 
 
@@ -225,11 +229,14 @@ def edm_sample(denoiser: Denoiser, shape, *, sigmas=None, num_steps: int = 18, s
     ``g = sde_scale t_next`` (Euler and Heun alike). Starts from ``sigma_0 * N(0, I)``. Returns
     ``[B, C, H, W]`` in ``dtype`` (float32 or float64) on ``device``.
 
-    ``solver``: ``"edm-heun"`` (Algorithm 2, two network calls per step but the last) or
+    ``solver``: ``"edm-heun"`` (Algorithm 2, two network calls per step but the last),
     ``"edm-2m"`` (docs/spec.md section 9.1: second-order multistep, one call per step; each
     Euler step gets ``E (x0_hat_prev - x0_hat)`` with x0_hat linear in log sigma through the
-    previous evaluation; the first and last steps are Euler steps). Churn and ``sde_scale`` work
-    with both; they are only exact to first order with "edm-2m" (as eta > 0 for relay-2m).
+    previous evaluation; the first and last steps are Euler steps) or ``"edm-3m"`` (third order,
+    one call per step: x0_hat quadratic in log sigma through the two previous evaluations, so
+    ``E_b (x0_b - x0_hat) + E_c (x0_c - x0_hat)``; its second step is edm-2m's). Churn and
+    ``sde_scale`` work with all; they are only exact to first order with the multistep solvers
+    (as eta > 0 for relay-2m).
     """
     solver = solvers.check_solver(solver, solvers.EDM_SOLVERS)
     shape = tuple(int(v) for v in shape)
@@ -304,7 +311,8 @@ def relay_sample(denoiser: Denoiser, x_lr: torch.Tensor | None = None, s: int = 
 
     ``solver`` (see :mod:`relayops.solvers`): ``"rdm-heun"`` (default; also ``heun=True``) and
     ``"rdm-euler"`` (``heun=False``) are Algorithm 1; ``"relay-2s"`` (two denoiser calls per step)
-    and ``"relay-2m"`` (one) are second order on the blurred path (docs/spec.md section 8.1).
+    and ``"relay-2m"`` (one) are second order on the blurred path (docs/spec.md section 8.1),
+    ``"relay-3m"`` (one) third order (section 8.2).
     """
     solver = solvers.resolve_solver(solver, heun)
     opt = relay_settings(preset, num_steps=num_steps, sigma_trunc=sigma_trunc, eta=eta, alpha=alpha, L=L,
@@ -340,17 +348,19 @@ def relay_calls(x: torch.Tensor, grid: list[float], solver: str, seeds, *, s: in
     correction factors E of :func:`relayops.solvers.correction_factors` (host, once per grid).
     relay-2s: x0_b from the denoiser at the eta = 0 DDIM-blur proposal at sigma'; noise at
     offset + 2i + 2 as SPEC 8's correction. relay-2m: x0_b is the previous step's x0_hat (the
-    first step is SPEC 8's Euler step); noise at offset + 2i + 1. The last step returns x0_hat.
+    first step is SPEC 8's Euler step); noise at offset + 2i + 1. relay-3m (section 8.2): as
+    relay-2m, plus ``idct(E_c dct(x0_c - x0_a))`` with x0_c the x0_hat of two steps back (from the
+    third step on). The last step returns x0_hat.
     """
-    if solver not in ("rdm-heun", "rdm-euler", *solvers.SECOND_ORDER):
+    if solver not in ("rdm-heun", "rdm-euler", *solvers.HIGH_ORDER):
         raise ValueError(f"relay_calls has no steps for solver {solver!r}")
     # tau for every level on the host, once (the last level, 0, is never blurred to)
     taus = [schedules.tau_from_sigma(v, L, sigma_b_max) for v in grid[:-1]] + [0.0]
-    second_order = solver in solvers.SECOND_ORDER
-    factors = [None if e is None else e.to(x.device, x.dtype)
-               for e in solvers.correction_factors(grid, solver, eta=eta, L=L, sigma_b_max=sigma_b_max, s=s,
-                                                   d_min=d_min)] if second_order else []
-    prev = None  # relay-2m: the previous step's x0_hat
+    second_order = solver in solvers.HIGH_ORDER
+    factors = [tuple(e.to(x.device, x.dtype) for e in es)
+               for es in solvers.correction_factors(grid, solver, eta=eta, L=L, sigma_b_max=sigma_b_max, s=s,
+                                                    d_min=d_min)] if second_order else []
+    history = []  # relay-2m / relay-3m: the previous steps' x0_hat, the latest first
     for i in range(len(grid) - 1):
         sig, sig_n = grid[i], grid[i + 1]
         if sig_n == 0.0:  # the last step returns x0_hat
@@ -366,14 +376,17 @@ def relay_calls(x: torch.Tensor, grid: list[float], solver: str, seeds, *, s: in
             x_prop = relay_step(x, x0_hat, sig, sig_n, taus[i], taus[i + 1], eta=0.0, s=s, d_min=d_min,
                                 seed=0, backend=backend)
             _, x0_b = yield x_prop, sig_n
-            off = 2
+            others, off = [x0_b], 2
         else:
-            x0_b, off = prev, 1
+            others, off = history, 1
         noise = _noise_args(seeds, x, offset + 2 * i + off) if eta > 0 else {"seed": 0}
-        second = {} if factors[i] is None else {"x0_hat_b": x0_b, "correction": factors[i]}
+        es = factors[i]
+        second = {"x0_hat_b": others[0], "correction": es[0]} if es else {}
         x = relay_step(x, x0_hat, sig, sig_n, taus[i], taus[i + 1], eta=eta, s=s, alpha=alpha,
                        normalize=normalize, d_min=d_min, backend=backend, **noise, **second)
-        prev = x0_hat
+        if len(es) == 2:  # relay-3m's second correction, per frequency (section 8.2)
+            x = x + _per_frequency(es[1], others[1] - x0_hat, s, backend)
+        history = [x0_hat, *history][:solvers.MULTISTEP_HISTORY.get(solver, 0)]
     raise ValueError(f"the relay grid must end at level 0, got {grid}")
 
 
@@ -414,6 +427,12 @@ def relay_sampler_step(denoiser: Denoiser, x: torch.Tensor, sigma, sigma_next, t
     calls = _rdm_step_calls(x, sigma, sigma_next, tau, tau_next, seeds=seeds, offset=offset, heun=heun, eta=eta, s=s,
                             alpha=alpha, normalize=normalize, d_min=d_min, backend=backend)
     return answer_calls(calls, denoiser, class_labels, cfg)
+
+
+def _per_frequency(factor: torch.Tensor, x: torch.Tensor, s: int, backend) -> torch.Tensor:
+    """``patch_idct(factor * patch_dct(x))`` for an ``[s, s]`` factor (one number per DCT frequency)."""
+    tiled = factor.repeat(x.shape[-2] // s, x.shape[-1] // s)
+    return patch_idct(tiled * patch_dct(x, s, backend=backend), s, backend=backend)
 
 
 # --- SPEC 10: latent linear relay (CogView3) --------------------------------------------------

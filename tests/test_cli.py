@@ -86,12 +86,13 @@ def relay_steps(levels: int) -> int:
 
 
 # Network calls of n steps: two per step for the Heun-type solvers, but one for the last step.
-CALLS = {"edm-heun": lambda n: 2 * n - 1, "edm-2m": lambda n: n, "rdm-heun": lambda n: 2 * n - 1,
-         "relay-2s": lambda n: 2 * n - 1, "rdm-euler": lambda n: n, "relay-2m": lambda n: n}
+CALLS = {"edm-heun": lambda n: 2 * n - 1, "edm-2m": lambda n: n, "edm-3m": lambda n: n, "rdm-heun": lambda n: 2 * n - 1,
+         "relay-2s": lambda n: 2 * n - 1, "rdm-euler": lambda n: n, "relay-2m": lambda n: n, "relay-3m": lambda n: n}
 
 
 @pytest.mark.parametrize("solvers", [[], ["edm-heun"], ["edm-2m"], ["rdm-heun"], ["rdm-euler"], ["relay-2s"],
-                                     ["relay-2m"], ["edm-heun", "rdm-heun"]], ids=lambda v: "+".join(v) or "defaults")
+                                     ["relay-2m"], ["edm-heun", "rdm-heun"], ["edm-3m", "relay-3m"]],
+                         ids=lambda v: "+".join(v) or "defaults")
 def test_sample_solver_sets_each_stages_sampler(trained, capsys, monkeypatch, solvers):
     """--solver NAME picks the sampler of the stage NAME belongs to, seen in the network calls each
     stage makes; without it the base stage runs edm-2m and the relay stage relay-2m."""
@@ -140,6 +141,7 @@ def test_sample_and_demo_help_list_the_solvers_and_their_calls(capsys):
         for phrase in ("edm-2m (default, 1 network call per step)",
                        "edm-heun (EDM's sampler, 2 network calls per step)",
                        "relay-2m (default, 1 network call per step)", "relay-2s (2 network calls per step)",
+                       "edm-3m (1 network call per step)", "relay-3m (1 network call per step)",
                        "rdm-euler (1 network call per step)", "rdm-heun (RDM's sampler, 2 network calls per step)"):
             assert phrase in text, (command, phrase)
 

@@ -394,10 +394,10 @@ def _sampler_targets():
     return out
 
 
-@pytest.mark.parametrize("solver", solvers.SECOND_ORDER)
+@pytest.mark.parametrize("solver", solvers.HIGH_ORDER)
 @pytest.mark.parametrize("backend,tiles", _sampler_targets(), ids=lambda v: str(v))
 def test_second_order_sampler_on_every_backend(backend, tiles, solver, monkeypatch):
-    """relay-2s / relay-2m with eta 0.2 and per-sample seeds: each kernel backend (the CPU loops, the
+    """relay-2s / relay-2m / relay-3m with eta 0.2 and per-sample seeds: each kernel backend (the CPU loops, the
     CUDA tile code emulated on the CPU, Triton's interpreter) in float32 against the float64 reference
     backend, from the same start; float64 on the compiled backend within 1e-10."""
     import relayops.ops._compiled as compiled

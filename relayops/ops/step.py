@@ -26,7 +26,7 @@ def relay_step(x: torch.Tensor, x0_hat: torch.Tensor, sigma, sigma_next, tau, ta
     x0_hat is replaced by ``x - sigma (d + d')/2``; pass a fresh offset for its noise.
 
     Second order (docs/spec.md section 8.1): with ``x0_hat_b`` (a second denoiser output) and
-    ``correction`` (the factor E of :func:`relayops.solvers.step_factors`, ``[s, s]`` or
+    ``correction`` (the factor E of :func:`relayops.solvers.correction_factor`, ``[s, s]`` or
     ``[B, s, s]``), the update is
     ``gamma x + patch_idct((D' - gamma D) X + E (X_b - X)) + eta sigma' n`` with
     ``X = patch_dct(x0_hat)``, ``X_b = patch_dct(x0_hat_b)``, in the same single pass.
