@@ -3,10 +3,12 @@
 
 Each benchmark times one call of a public op on the compiled CPU backend (``torch.add`` of the
 same tensors as the floor of any op call); ``benchmark.extra_info`` holds the thread count, the
-median in microseconds, the target for the op (``target_us``, docs/backends.md) and
+median in microseconds, the target for the op (``target_us``, docs/design.md) and
 ``cpu_us``: the median of the calling thread's CPU time per call (``time.thread_time``), which a
 loaded host inflates less than wall time. Run:
 ``pytest bench/test_bench_host.py --benchmark-json=bench/results/host_cpu.json``.
+``bench/host_instructions.py`` counts the instructions per call of the same cases (no load
+changes those); the results are in docs/cpu-performance.md, "Host overhead per call".
 """
 import statistics
 import time

@@ -33,15 +33,19 @@ def acc_dtype(dtype: torch.dtype) -> torch.dtype:
 
 def check_image(name: str, x, s: int | None = None) -> torch.Tensor:
     """A floating ``[B, C, H, W]`` tensor whose H and W are multiples of ``s``."""
+    # Every op call runs this more than once: plain ifs and one read of the shape (no require
+    # calls, no lambdas) keep it cheap.
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor of shape [B, C, H, W], got {type(x).__name__}")
-    require(x.dtype in FLOAT_DTYPES, TypeError, lambda: (
-        f"{name} must have a floating dtype (float16, bfloat16, float32 or float64), got {x.dtype}"))
-    require(x.dim() == 4, ValueError, lambda: f"{name} must be 4-D [B, C, H, W], got shape {tuple(x.shape)}")
+    if x.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"{name} must have a floating dtype (float16, bfloat16, float32 or float64), got {x.dtype}")
+    shape = x.shape
+    if len(shape) != 4:
+        raise ValueError(f"{name} must be 4-D [B, C, H, W], got shape {tuple(shape)}")
     if s is not None:
-        h, w = x.shape[-2:]
-        require(h % s == 0, ValueError, lambda: _not_multiple(name, h, w, s))
-        require(w % s == 0, ValueError, lambda: _not_multiple(name, h, w, s))
+        h, w = shape[2], shape[3]
+        if not (h % s == 0 and w % s == 0):
+            raise ValueError(_not_multiple(name, h, w, s))
     return x
 
 
@@ -60,12 +64,12 @@ def check_patch_size(s) -> int:
 def check_same(name: str, t, ref_name: str, ref: torch.Tensor) -> torch.Tensor:
     """``t`` must match ``ref`` in shape, dtype and device."""
     check_image(name, t)
-    require(t.shape == ref.shape, ValueError, lambda: (
-        f"{name} has shape {tuple(t.shape)}; it must match {ref_name}'s {tuple(ref.shape)}"))
-    require(t.device == ref.device, ValueError, lambda: (
-        f"{name} is on {t.device}; it must be on {ref_name}'s device {ref.device}"))
-    require(t.dtype == ref.dtype, TypeError, lambda: (
-        f"{name} has dtype {t.dtype}; it must match {ref_name}'s {ref.dtype}"))
+    if not t.shape == ref.shape:
+        raise ValueError(f"{name} has shape {tuple(t.shape)}; it must match {ref_name}'s {tuple(ref.shape)}")
+    if t.device != ref.device:
+        raise ValueError(f"{name} is on {t.device}; it must be on {ref_name}'s device {ref.device}")
+    if t.dtype != ref.dtype:
+        raise TypeError(f"{name} has dtype {t.dtype}; it must match {ref_name}'s {ref.dtype}")
     return t
 
 
@@ -100,12 +104,13 @@ def signed64(v: int) -> int:
 
 def _check_vector(name: str, t: torch.Tensor, ref: torch.Tensor, dtype_ok: bool, kind: str, shape_text: str):
     """``t`` is a ``[B]`` tensor on the device of ``ref`` (the ``[B, C, H, W]`` image)."""
-    b = ref.shape[0]
-    require(dtype_ok, TypeError, lambda: f"{name} must be {kind}, got dtype {t.dtype}")
-    require(t.dim() == 1 and t.shape[0] == b, ValueError, lambda: (
-        f"{name} must be {shape_text} [B] = [{b}], got shape {tuple(t.shape)}"))
-    require(t.device == ref.device, ValueError, lambda: (
-        f"{name} is on {t.device}; it must be on the image's device {ref.device}"))
+    if not dtype_ok:
+        raise TypeError(f"{name} must be {kind}, got dtype {t.dtype}")
+    shape = t.shape
+    if not (len(shape) == 1 and shape[0] == ref.shape[0]):
+        raise ValueError(f"{name} must be {shape_text} [B] = [{ref.shape[0]}], got shape {tuple(shape)}")
+    if t.device != ref.device:
+        raise ValueError(f"{name} is on {t.device}; it must be on the image's device {ref.device}")
     return t
 
 
@@ -130,27 +135,26 @@ def per_sample(name: str, value, ref: torch.Tensor, *, positive: bool = False) -
     tensors; for device tensors the check is asynchronous (no host round trip), and it is
     skipped while torch.compile traces. Gradients flow through the conversion.
     """
-    b = ref.shape[0]
     dtype = acc_dtype(ref.dtype)
-    bound = "> 0" if positive else ">= 0"
-    if isinstance(value, torch.Tensor):
-        if value.dim() == 0 and value.dtype in FLOAT_DTYPES:
-            value = value.reshape(1).expand(b)
-        check_per_sample_tensor(name, value, ref)
-        if not torch.compiler.is_compiling():
-            if value.device.type == "cpu" and value.numel() <= HOST_CHECK_MAX:
-                # a batch's few values as Python floats: far cheaper than tensor ops on every call
-                ok = all(v > 0 if positive else v >= 0 for v in value.tolist())  # NaN fails both
-            else:
-                ok = ((value > 0) if positive else (value >= 0)).all()  # NaN fails both
-            if value.device.type == "cpu":
-                if not bool(ok):
-                    raise ValueError(f"{name} must be {bound} everywhere, got {value.tolist()}")
-            else:
-                torch._assert_async(ok, f"{name} must be {bound} everywhere")
-        return value.to(dtype).contiguous()  # as the kernels take it: no conversion after this
-    v = check_real(name, value, low=0.0, low_open=positive)
-    return torch.full((b,), v, dtype=dtype, device=ref.device)
+    if not isinstance(value, torch.Tensor):  # the common case first: a Python number
+        v = check_real(name, value, low=0.0, low_open=positive)
+        return torch.full((ref.shape[0],), v, dtype=dtype, device=ref.device)
+    if value.dim() == 0 and value.dtype in FLOAT_DTYPES:
+        value = value.reshape(1).expand(ref.shape[0])
+    check_per_sample_tensor(name, value, ref)
+    if not torch.compiler.is_compiling():
+        bound = "> 0" if positive else ">= 0"
+        if value.device.type == "cpu" and value.numel() <= HOST_CHECK_MAX:
+            # a batch's few values as Python floats: far cheaper than tensor ops on every call
+            ok = all(v > 0 if positive else v >= 0 for v in value.tolist())  # NaN fails both
+        else:
+            ok = ((value > 0) if positive else (value >= 0)).all()  # NaN fails both
+        if value.device.type == "cpu":
+            if not bool(ok):
+                raise ValueError(f"{name} must be {bound} everywhere, got {value.tolist()}")
+        else:
+            torch._assert_async(ok, f"{name} must be {bound} everywhere")
+    return value.to(dtype).contiguous()  # as the kernels take it: no conversion after this
 
 
 def seed_args(seed, ref: torch.Tensor) -> tuple[int, torch.Tensor | None]:

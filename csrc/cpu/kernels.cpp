@@ -774,7 +774,9 @@ void run(const Params<A>& P) {
     chunk = std::min<int64_t>(nstrips, std::max<int64_t>(4, want));
   }
   const int64_t nchunks = (nstrips + chunk - 1) / chunk, units = planes * nchunks;
-#pragma omp parallel
+  // One unit of work runs on the calling thread: waking the team would cost more than a small
+  // call's whole kernel (and, on a loaded machine, wait for a worker to be scheduled).
+#pragma omp parallel if (units > 1)
   {
     SampleConsts<S, A> sc;
     int64_t sc_b = -1;

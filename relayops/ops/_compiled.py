@@ -39,6 +39,7 @@ except ImportError:
 Mode, DType = _C.Mode, _C.DType
 DTYPE_CODES = {torch.float32: DType.float32, torch.float64: DType.float64, torch.float16: DType.float16,
                torch.bfloat16: DType.bfloat16}
+_DTYPE_INTS = {dtype: int(code) for dtype, code in DTYPE_CODES.items()}  # int() of an enum costs per call
 _U64 = (1 << 64) - 1
 
 # Instruction sets of the CPU kernels, in increasing order: "portable" (the compiler's vector
@@ -88,10 +89,6 @@ CPU_EMULATE_CUDA: bool | str = False
 LAST_EMULATION = None
 
 
-def _view(t: Optional[Tensor]):
-    return (0, 0, 0, 0, 0) if t is None else (t.data_ptr(), *t.stride())
-
-
 def _launch(mode, like: Tensor, s: int, *, x=None, x0=None, xp=None, x0p=None, x0b=None, eps=None, eps2=None,
             sigma=None, sigma_next=None, tau=None, tau_next=None, correction=None, seeds=None, eta=0.0, d_min=0.0,
             alpha=0.0, k=1.0, seed=0, offset=0, noise=True, shift=0) -> Tensor:
@@ -102,14 +99,16 @@ def _launch(mode, like: Tensor, s: int, *, x=None, x0=None, xp=None, x0p=None, x
         return out
     # [B] (correction: [B, s, s]), contiguous, in the accumulation dtype (_library)
     params = (sigma, sigma_next, tau, tau_next, correction)
+    images = (x, x0, xp, x0p, x0b, eps, eps2, out)
     draw = noise and eps is None
     flags = (int(draw), int(noise), int(alpha != 0.0 and (draw or eps2 is not None)), shift)
-    args = (int(mode), int(DTYPE_CODES[out.dtype]), s, tuple(out.shape),
-            [_view(t) for t in (x, x0, xp, x0p, x0b, eps, eps2, out)],
+    args = (int(mode), _DTYPE_INTS[out.dtype], s, tuple(out.shape),
+            # (data pointer, element strides) of each image-shaped tensor; zeros for an absent one
+            [(0, 0, 0, 0, 0) if t is None else (t.data_ptr(), *t.stride()) for t in images],
             [0 if v is None else v.data_ptr() for v in params],
             0 if seeds is None else seeds.data_ptr(), (float(eta), float(d_min), float(alpha), float(k)),
             seed & _U64, offset & _U64, flags)
-    if out.device.type == "cuda":
+    if out.is_cuda:
         if _C_cuda is None:
             raise RuntimeError("relayops._C_cuda is not built; rebuild with nvcc available (RELAYOPS_CUDA=1)")
         with torch.cuda.device(out.device):

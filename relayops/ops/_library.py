@@ -58,50 +58,59 @@ CORRECTION_NOT_DIFFERENTIABLE = ("relay_step is not differentiable with respect 
 _COMPANIONS = ("x0_hat", "x_prop", "x0_hat_prop", "x0_hat_b", "eps", "eps2")  # tensors shaped like the image
 
 
-# Per op: the positions of the image-shaped companions, of the [B] parameters and of the
-# parameters the kernels take in the accumulation dtype (computed once, not on every call).
+# Per op: the position of each argument, of the image-shaped companions, of the [B] parameters
+# and of the parameters the kernels take in the accumulation dtype (computed once, not per call).
 _FIELDS = {name: args._fields for name, args in ARGS.items()}
-_COMPANION_AT = {name: tuple((i, f) for i, f in enumerate(fields) if f in _COMPANIONS)
+_AT = {name: {f: i for i, f in enumerate(fields)} for name, fields in _FIELDS.items()}
+_COMPANION_AT = {name: tuple((i, f, "the image" if f.startswith("eps") else fields[0])
+                             for i, f in enumerate(fields) if f in _COMPANIONS)
                  for name, fields in _FIELDS.items()}
 _PER_SAMPLE_AT = {name: tuple((i, f) for i, f in enumerate(fields) if f in PER_SAMPLE)
                   for name, fields in _FIELDS.items()}
 _ACC_AT = {name: tuple(i for i, f in enumerate(fields) if f in PER_SAMPLE or f == "correction")
            for name, fields in _FIELDS.items()}
+_TENSOR_AT = {name: tuple(i for i, t in enumerate(re.findall(r"(\w+\??) \w+(?=[,)])", schema.split("->")[0]))
+                          if t.startswith("Tensor"))
+              for name, schema in SCHEMAS.items()}
 
 
-def check_args(name: str, args, dtypes=FLOAT_DTYPES, backend: str | None = None):
-    """Check the arguments of op ``name`` (as the schema orders them); returns them by name."""
-    a = ARGS[name](*args)
-    image_name, image = a._fields[0], args[0]
-    require(a.s >= 1, ValueError, lambda: f"s (patch size) must be an int >= 1, got {a.s}")
-    check_image(image_name, image, a.s)
+def check_args(name: str, args, dtypes=FLOAT_DTYPES, backend: str | None = None) -> None:
+    """Check the arguments of op ``name`` (as the schema orders them)."""
+    at = _AT[name]
+    image, s = args[0], args[at["s"]]
+    if not s >= 1:
+        raise ValueError(f"s (patch size) must be an int >= 1, got {s}")
+    check_image(_FIELDS[name][0], image, s)
     check_supported(backend, dtypes, image)
-    for i, field in _COMPANION_AT[name]:
+    for i, field, like in _COMPANION_AT[name]:
         if args[i] is not None:
-            check_same(field, args[i], "the image" if field.startswith("eps") else image_name, image)
+            check_same(field, args[i], like, image)
     for i, field in _PER_SAMPLE_AT[name]:
         check_per_sample_tensor(field, args[i], image)
-    if "seeds" in a._fields:
-        if a.seeds is not None:
-            check_seeds_tensor(a.seeds, image)
-        check_real("alpha", a.alpha, low=0.0)
-        require(a.eps is not None or a.eps2 is None, ValueError, lambda: (
-            "eps2 was given without eps: pass both noise tensors, or neither"))
-        require(a.eps is None or a.eps2 is not None or a.alpha == 0.0, ValueError, lambda: (
-            "eps was given without eps2: pass both (eps2 may be left out only when alpha = 0)"))
-    if "d_min" in a._fields:
-        check_real("d_min", a.d_min, low=0.0, high=1.0)
-    if "eta" in a._fields:
-        check_real("eta", a.eta, low=0.0, high=1.0, high_open=True)
-        require((a.x_prop is None) == (a.x0_hat_prop is None), ValueError, lambda: (
-            "x_prop and x0_hat_prop go together: pass both for the Heun step, or neither"))
-        require((a.x0_hat_b is None) == (a.correction is None), ValueError, lambda: (
-            "x0_hat_b and correction go together: pass both for the second-order step, or neither"))
-        require(a.x0_hat_b is None or a.x_prop is None, ValueError, lambda: (
-            "the Heun step (x_prop, x0_hat_prop) and the second-order step (x0_hat_b, correction) exclude each other"))
-        if a.correction is not None:
-            check_correction(a.correction, image, a.s)
-    return a
+    if "seeds" in at:
+        seeds, eps, eps2, alpha = args[at["seeds"]], args[at["eps"]], args[at["eps2"]], args[at["alpha"]]
+        if seeds is not None:
+            check_seeds_tensor(seeds, image)
+        check_real("alpha", alpha, low=0.0)
+        if eps is None and eps2 is not None:
+            raise ValueError("eps2 was given without eps: pass both noise tensors, or neither")
+        if eps is not None and eps2 is None and alpha != 0.0:
+            raise ValueError("eps was given without eps2: pass both (eps2 may be left out only when alpha = 0)")
+    if "d_min" in at:
+        check_real("d_min", args[at["d_min"]], low=0.0, high=1.0)
+    if "eta" in at:
+        check_real("eta", args[at["eta"]], low=0.0, high=1.0, high_open=True)
+        x_prop, x0_hat_prop = args[at["x_prop"]], args[at["x0_hat_prop"]]
+        x0_hat_b, correction = args[at["x0_hat_b"]], args[at["correction"]]
+        if (x_prop is None) != (x0_hat_prop is None):
+            raise ValueError("x_prop and x0_hat_prop go together: pass both for the Heun step, or neither")
+        if (x0_hat_b is None) != (correction is None):
+            raise ValueError("x0_hat_b and correction go together: pass both for the second-order step, or neither")
+        if x0_hat_b is not None and x_prop is not None:
+            raise ValueError("the Heun step (x_prop, x0_hat_prop) and the second-order step (x0_hat_b, correction) "
+                             "exclude each other")
+        if correction is not None:
+            check_correction(correction, image, s)
 
 
 def check_correction(t, image: torch.Tensor, s: int) -> torch.Tensor:
@@ -119,9 +128,9 @@ def check_correction(t, image: torch.Tensor, s: int) -> torch.Tensor:
 
 def check_supported(backend: str | None, dtypes, image: torch.Tensor) -> None:
     """The backend's storage dtypes (Triton has no float64)."""
-    require(image.dtype in dtypes, TypeError, lambda: (
-        f"the {backend!r} backend supports {', '.join(str(d).replace('torch.', '') for d in dtypes)} tensors, "
-        f"got {image.dtype}; use backend='reference' (or 'cpu'/'cuda' where built) for it"))
+    if image.dtype not in dtypes:
+        raise TypeError(f"the {backend!r} backend supports {', '.join(str(d).replace('torch.', '') for d in dtypes)} "
+                        f"tensors, got {image.dtype}; use backend='reference' (or 'cpu'/'cuda' where built) for it")
 
 
 def _kernel_args(name: str, args: tuple) -> tuple:
@@ -129,16 +138,17 @@ def _kernel_args(name: str, args: tuple) -> tuple:
     the accumulation dtype of the image, per-sample seeds contiguous. The public ops already pass
     them so (no tensor op then)."""
     acc = acc_dtype(args[0].dtype)
-    out = list(args)
+    out = None  # a copy of args only when something converts
     for i in _ACC_AT[name]:
-        v = out[i]
+        v = args[i]
         if v is not None and (v.dtype != acc or not v.is_contiguous()):
+            out = out or list(args)
             out[i] = v.to(acc).contiguous()
-    if "seeds" in _FIELDS[name]:
-        i = _FIELDS[name].index("seeds")
-        if out[i] is not None and not out[i].is_contiguous():
-            out[i] = out[i].contiguous()
-    return tuple(out)
+    i = _AT[name].get("seeds")
+    if i is not None and args[i] is not None and not args[i].is_contiguous():
+        out = out or list(args)
+        out[i] = args[i].contiguous()
+    return args if out is None else tuple(out)
 
 
 def _in_fake_layout(result: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
@@ -166,17 +176,19 @@ _LIBRARIES: list = []
 _DISPATCH_KEYS = {"cpu": "CPU", "cuda": "CUDA"}
 
 
-def _needs_dispatcher(args) -> bool:
+def _needs_dispatcher(args, tensor_at) -> bool:
     """Whether a call must go through torch's dispatcher: while torch.compile traces, under a
     dispatch or function mode (fake tensors, opcheck, functorch transforms), with a tensor
     subclass, or when autograd records the call. Otherwise the public ops call the checked
     forward function directly, which is what the dispatcher would reach (about 10-20 us less
-    per call on a CPU, most of it converting every argument to and from the boxed form twice)."""
+    per call on a CPU, most of it converting every argument to and from the boxed form twice).
+    ``tensor_at``: the positions of the schema's tensor arguments, the only ones looked at."""
     if (torch.compiler.is_compiling() or torch._C._len_torch_dispatch_stack()
             or torch._C._is_torch_function_mode_enabled() or torch._C._are_functorch_transforms_active()):
         return True
     grad = torch.is_grad_enabled()
-    for v in args:
+    for i in tensor_at:
+        v = args[i]
         if isinstance(v, torch.Tensor) and (type(v) is not torch.Tensor or (grad and v.requires_grad)):
             return True
     return False
@@ -188,13 +200,14 @@ class Op:
     else ``torch.ops.<namespace>.<name>`` (autograd, torch.compile, modes). Either way the
     arguments are checked once, by the forward function (or by the fake one while tracing)."""
 
-    __slots__ = ("name", "forward", "packet")
+    __slots__ = ("name", "forward", "packet", "tensor_at")
 
     def __init__(self, name: str, forward: Callable, packet):
         self.name, self.forward, self.packet = name, forward, packet
+        self.tensor_at = _TENSOR_AT[name]
 
     def __call__(self, *args):
-        if _needs_dispatcher(args):
+        if _needs_dispatcher(args, self.tensor_at):
             return self.packet(*args)
         return self.forward(*args)
 
@@ -215,9 +228,10 @@ def define_ops(namespace: str, kernels: dict[str, Callable], *, backend: str, de
     packets = getattr(torch.ops, namespace)
     table = {}
     for name, schema in SCHEMAS.items():
-        def forward(*args, _name=name, _kernel=kernels[name], _fallback=getattr(reference, name)):
-            a = check_args(_name, args, dtypes, backend)
-            if a.s > max_s:
+        def forward(*args, _name=name, _kernel=kernels[name], _fallback=getattr(reference, name),
+                    _s=_AT[name]["s"]):
+            check_args(_name, args, dtypes, backend)
+            if args[_s] > max_s:
                 return _in_fake_layout(_fallback(*args), args[0])
             return _in_fake_layout(_kernel(*_kernel_args(_name, args)), args[0])
 

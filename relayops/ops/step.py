@@ -46,8 +46,8 @@ def relay_step(x: torch.Tensor, x0_hat: torch.Tensor, sigma, sigma_next, tau, ta
     sigma_next_b = per_sample("sigma_next", sigma_next, x, positive=True)
     tau_b = per_sample("tau", tau, x)
     tau_next_b = per_sample("tau_next", tau_next, x)
-    if torch.is_grad_enabled() and any(isinstance(v, torch.Tensor) and v.requires_grad
-                                       for v in (sigma, sigma_next, tau, tau_next)):
+    if torch.is_grad_enabled() and (sigma_b.requires_grad or sigma_next_b.requires_grad or tau_b.requires_grad
+                                    or tau_next_b.requires_grad):  # the conversions keep requires_grad
         raise NotImplementedError(STEP_NOT_DIFFERENTIABLE)
     if correction is not None:
         if torch.is_grad_enabled() and isinstance(correction, torch.Tensor) and correction.requires_grad:
