@@ -40,8 +40,7 @@ toolchain:
 	  echo "no qemu-aarch64: the aarch64 run test will skip"
 
 # The tests: ruff, the build and the toolchain side by side (apt-get waits on the network and the
-# disk while the compiler takes the cores), then pytest on PYTEST_WORKERS processes (pytest-xdist;
-# tests that share an expensive module fixture run on one worker: tests/conftest.py).
+# disk while the compiler takes the cores), then pytest on PYTEST_WORKERS processes (pytest-xdist).
 # The CUDA module is built here for TEST_CUDA_ARCHS only: the oldest family setup.py supports
 # (75, Turing: the pre-Ampere branches of csrc/include) and sm_90 (Hopper: the Ampere-and-later
 # branches, and the machine code tests/test_gpu_model.py reads). Every CUDA source still
@@ -52,7 +51,7 @@ TEST_CUDA_ARCHS ?= 75,90
 PYTEST_WORKERS ?= 2
 test: setup
 	$(MAKE) --no-print-directory -j2 lint toolchain build RELAYOPS_CUDA_ARCHS=$${RELAYOPS_CUDA_ARCHS:-$(TEST_CUDA_ARCHS)}
-	$(BIN)/python -m pytest -n $(PYTEST_WORKERS) --dist loadgroup
+	$(BIN)/python -m pytest -n $(PYTEST_WORKERS)
 
 # Long reliability runs (the CI suite runs bounded versions of each; docs/reliability.md).
 # fuzz: hypothesis, FUZZ_EXAMPLES random examples per test (seed SEED), statistics printed.

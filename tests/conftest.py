@@ -15,28 +15,12 @@ torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 
 
 def pytest_collection_modifyitems(config, items):
-    for item in items:
-        _group_by_shared_fixture(item)
     if torch.cuda.is_available():
         return
     skip = pytest.mark.skip(reason="needs a CUDA GPU")
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
-
-
-def _group_by_shared_fixture(item):
-    """Under pytest-xdist (`make test`: two workers, ``--dist loadgroup``) the tests of a file that
-    use module-scoped fixtures of that file (the aarch64 build, the kernel tables, a trained
-    network) run on one worker, which builds each fixture once; the other tests go to whichever
-    worker is free."""
-    defs = getattr(getattr(item, "_fixtureinfo", None), "name2fixturedefs", {})
-    module = getattr(getattr(item, "module", None), "__name__", None)
-    for name in item.fixturenames:
-        fixture = defs[name][-1] if defs.get(name) else None
-        if fixture is not None and fixture.scope == "module" and fixture.func.__module__ == module:
-            item.add_marker(pytest.mark.xdist_group(module))
-            return
 
 
 @pytest.fixture
