@@ -11,7 +11,8 @@
   is built for each, plus PTX of the newest, which later GPUs compile at first launch.
 
 The C++ sources of an extension compile in parallel, one per core (``RELAYOPS_BUILD_JOBS=N``
-for N). A rebuild compiles only the sources whose object is older than the source or one of the
+for N), and nvcc compiles the .cu files meanwhile, beside ``relayops._C``'s C++ sources. A
+rebuild compiles only the sources whose object is older than the source or one of the
 headers it includes (the compiler's dependency files, ``-MMD``), or whose flags changed; an
 editable install (``pip install -e .``) keeps its objects in build/ too, so ``setup.py build_ext
 --inplace`` after it compiles nothing. ``RELAYOPS_BUILD_OPT`` replaces the optimisation flags
@@ -28,6 +29,7 @@ import shutil
 import subprocess
 import sys
 import sysconfig
+from concurrent.futures import ThreadPoolExecutor
 
 import pybind11
 from pybind11.setup_helpers import ParallelCompile
@@ -132,6 +134,14 @@ class BuildExt(build_ext):
         if self.editable_mode:  # the objects where `setup.py build_ext` looks for them, not in a temporary folder
             self.build_temp = os.path.join("build", f"temp.{sysconfig.get_platform()}-{sys.implementation.cache_tag}")
 
+    def build_extensions(self):
+        # nvcc compiles the CUDA module's .cu files in a thread while relayops._C's C++ sources
+        # compile: the C++ build ends with one source compiling alone, and nvcc takes the idle core.
+        with ThreadPoolExecutor(max_workers=1) as pool:
+            self._cuda_compiles = {ext.name: pool.submit(self._compile_cuda, ext, self.force)
+                                   for ext in self.extensions if any(s.endswith(".cu") for s in ext.sources)}
+            super().build_extensions()
+
     def build_extension(self, ext):
         # The C++ objects are stale, although newer than their sources, when the flags, macros or
         # sources changed (another RELAYOPS_BUILD_OPT, say): a stamp beside them records those.
@@ -148,7 +158,9 @@ class BuildExt(build_ext):
                     os.remove(obj)
         # setuptools' up-to-date check sees neither the flags nor the nvcc objects: relink then.
         force = self.force
-        self.force = force or self._compile_cuda(ext) or changed
+        compiled = getattr(self, "_cuda_compiles", {}).pop(ext.name, None)
+        cuda_rebuilt = compiled.result() if compiled is not None else self._compile_cuda(ext, force)
+        self.force = force or cuda_rebuilt or changed
         compile_one = self.compiler._compile
 
         def compile_with_source_flags(obj, src, src_ext, cc_args, extra_postargs, pp_opts):
@@ -164,19 +176,20 @@ class BuildExt(build_ext):
         with open(stamp, "w") as f:
             f.write(flags)
 
-    def _compile_cuda(self, ext):
-        """Compiles ext's .cu sources with nvcc where they changed and hands their objects to the
-        link; True when one was compiled."""
+    def _compile_cuda(self, ext, force):
+        """Compiles ext's .cu sources with nvcc where they changed (all of them with ``force``) and
+        hands their objects to the link; True when one was compiled."""
         cu_sources = [s for s in ext.sources if s.endswith(".cu")]
         rebuilt = False
         if cu_sources:
+            os.makedirs(self.build_temp, exist_ok=True)
             nvcc = find_nvcc()
             archs = cuda_archs(nvcc)
             objects = []
             for src in cu_sources:
                 # the architectures are in the name: changing RELAYOPS_CUDA_ARCHS rebuilds
                 obj = os.path.join(self.build_temp, f"{os.path.basename(src)}.sm_{'_'.join(archs)}.o")
-                if self.force or not os.path.exists(obj) or _newer_sources(src, obj):
+                if force or not os.path.exists(obj) or _newer_sources(src, obj):
                     cmd = [nvcc, "-c", src, "-o", obj, "-O3", "-std=c++17", "--threads", "0",
                            "-Xcompiler", "-fPIC", *[f"-I{d}" for d in ext.include_dirs], *gencode_flags(archs)]
                     print(" ".join(cmd))
