@@ -146,6 +146,17 @@ def _instructions(accesses):
     return groups
 
 
+def _vector_group_sectors(group, where):
+    """One warp instruction's accesses: each 128 bits wide and all loads or all stores; returns
+    (the number of bytes it needs, the number of 32-byte sectors those bytes lie in)."""
+    assert {a[2] for a in group} == {16}, f"{where}: widths {({a[2] for a in group})}"
+    assert len({a[3] for a in group}) == 1
+    needed = set()
+    for _, addr, nbytes, _ in group:
+        needed.update(range(addr, addr + nbytes))
+    return len(needed), len({b // 32 for b in needed})
+
+
 def _record(name, x, s, monkeypatch):
     monkeypatch.setattr(compiled, "CPU_EMULATE_CUDA", "record")
     _call(name, x, s, torch.tensor([0.4, 1.1]))("cpu")
@@ -163,14 +174,9 @@ def test_float32_s4_moves_whole_sectors_with_128_bit_accesses(name, monkeypatch)
     path, accesses = _record(name, x, 4, monkeypatch)
     assert path == expected_path(name, 4, torch.float32)
     for (warp, step, k), group in _instructions(accesses).items():
-        assert {a[2] for a in group} == {16}, f"warp {warp} step {step} access {k}: widths {({a[2] for a in group})}"
-        assert len({a[3] for a in group}) == 1
-        needed = set()
-        for _, addr, nbytes, _ in group:
-            needed.update(range(addr, addr + nbytes))
-        sectors = {b // 32 for b in needed}
-        assert len(sectors) == math.ceil(len(needed) / 32), (
-            f"{name}: warp {warp} step {step} access {k} touches {len(sectors)} sectors for {len(needed)} bytes")
+        needed, sectors = _vector_group_sectors(group, f"{name}: warp {warp} step {step} access {k}")
+        assert sectors == math.ceil(needed / 32), (
+            f"{name}: warp {warp} step {step} access {k} touches {sectors} sectors for {needed} bytes")
 
 
 @pytest.mark.parametrize("s", (3, 4, 5, 8))
@@ -296,16 +302,11 @@ def test_noise_ops_move_whole_sectors_with_128_bit_accesses(name, monkeypatch):
     touch one sector more."""
     _, _, accesses = _record_case(name, (1, 2, 12, 4 * 40, 4), monkeypatch)
     for (warp, step, k), group in _instructions(accesses).items():
-        assert {a[2] for a in group} == {16}, f"{name}: warp {warp} step {step} access {k}"
-        assert len({a[3] for a in group}) == 1
-        needed = set()
-        for _, addr, nbytes, _ in group:
-            needed.update(range(addr, addr + nbytes))
-        sectors = {b // 32 for b in needed}
+        needed, sectors = _vector_group_sectors(group, f"{name}: warp {warp} step {step} access {k}")
         supplier = any(lane == 0 for lane, *_ in group)
         assert not supplier or name.endswith("_given"), f"{name}: lane 0 (the supplier) accessed memory"
-        assert len(sectors) <= math.ceil(len(needed) / 32) + supplier, (
-            f"{name}: warp {warp} step {step} access {k} touches {len(sectors)} sectors for {len(needed)} bytes")
+        assert sectors <= math.ceil(needed / 32) + supplier, (
+            f"{name}: warp {warp} step {step} access {k} touches {sectors} sectors for {needed} bytes")
 
 
 @pytest.mark.parametrize("name", RECORDED)
