@@ -147,6 +147,7 @@ class RelayScheduler(SchedulerMixin, ConfigMixin):
         self.num_inference_steps = len(grid) - 1  # the steps taken
         self.grid = grid
         levels = sampling.denoiser_levels(grid, c.solver, **(self._churn() if self.is_base else {}))
+        self._levels = levels  # host floats: the per-step checks read these, not the device tensor
         self.timesteps = torch.tensor(levels, dtype=torch.float64, device=device)
         self.sigmas = torch.tensor(grid, dtype=torch.float64, device=device)
         self._reset()
@@ -210,7 +211,7 @@ class RelayScheduler(SchedulerMixin, ConfigMixin):
             self._expect(next(self._calls)[1], 0)
             self._index = 0
         level = float(timestep.item() if isinstance(timestep, torch.Tensor) else timestep)
-        want = float(self.timesteps[self._index])
+        want = self._levels[self._index]
         if level != want:
             raise ValueError(f"step {self._index} expects timestep {want} (timesteps[{self._index}]), got {level}")
         if model_output.shape != sample.shape:
@@ -231,9 +232,8 @@ class RelayScheduler(SchedulerMixin, ConfigMixin):
     def _expect(self, level: float, index: int) -> None:
         """The solver's next call must be the one ``timesteps`` announced (they come from the
         same grid; this guards the two against drifting apart)."""
-        if index >= len(self.timesteps) or level != float(self.timesteps[index]):
-            raise AssertionError(f"solver call {index} at level {level}; timesteps announced "
-                                 f"{self.timesteps.tolist()}")
+        if index >= len(self._levels) or level != self._levels[index]:
+            raise AssertionError(f"solver call {index} at level {level}; timesteps announced {self._levels}")
 
     def _solver_calls(self, x: torch.Tensor):
         c = self.config
